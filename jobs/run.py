@@ -1,0 +1,207 @@
+"""The driver of one run: validate everything that can fail early, stream the Ray Data pipeline, commit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.documents import ReadDocument, list_documents
+from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, resolve_image_geometry
+from pipeline.rasterize import RasterizeDocument
+from pipeline.rows import Status
+from pipeline.sink import RunWriter
+
+log = logging.getLogger("docqa")
+
+VERSIONED_PACKAGES = ("docqa", "ray", "torch", "transformers", "pymupdf", "pdf2image", "pyarrow")
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunStats:
+    """Counts kept as result batches arrive: drives the progress line and the final summary."""
+
+    total_documents: int
+    started: float = field(default_factory=time.monotonic)
+    document_status: dict[str, str] = field(default_factory=dict)  # worst status seen per document
+    page_status: Counter[str] = field(default_factory=Counter)
+    answers: int = 0
+    rows: int = 0
+    _pages_seen: set[tuple[str, int]] = field(default_factory=set)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        columns = table.select(["document", "page_number", "question_id", "status"]).to_pydict()
+        for document, page, question, status in zip(*columns.values(), strict=True):
+            if status == Status.OK and question is not None:
+                self.answers += 1
+            if page is not None and (document, page) not in self._pages_seen:
+                self._pages_seen.add((document, page))
+                self.page_status[status] += 1
+            previous = self.document_status.get(document, Status.OK.value)
+            self.document_status[document] = status if previous == Status.OK else previous
+
+    @property
+    def pages(self) -> int:
+        return sum(self.page_status.values())
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def progress_line(self) -> str:
+        rate = self.pages / self.elapsed if self.elapsed > 0 else 0.0
+        return (
+            f"documents {len(self.document_status)}/{self.total_documents} · pages {self.pages} · "
+            f"answers {self.answers} · {rate:.2f} pages/s · {self.elapsed:.0f}s"
+        )
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "documents": dict(sorted(Counter(self.document_status.values()).items())),
+            "pages": dict(sorted(self.page_status.items())),
+            "answers": self.answers,
+            "rows": self.rows,
+        }
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    record_path: str
+    output: str
+    counts: dict[str, Any]
+    wall_s: float
+
+    def text(self) -> str:
+        documents = self.counts["documents"]
+        ok = documents.get(Status.OK.value, 0)
+        failed = {status: n for status, n in documents.items() if status != Status.OK}
+        failed_text = ", ".join(f"{n} {status}" for status, n in failed.items()) or "none"
+        pages = sum(self.counts["pages"].values())
+        return (
+            f"run {self.run_id} committed\n"
+            f"  documents: {ok + sum(failed.values())} ({ok} ok; failed: {failed_text})\n"
+            f"  pages: {pages} ({self.counts['pages'].get(Status.OK.value, 0)} ok) · answers: {self.counts['answers']}"
+            f" · rows: {self.counts['rows']}\n"
+            f"  wall time: {self.wall_s:.1f}s ({pages / max(self.wall_s, 1e-9):.2f} pages/s)\n"
+            f"  output: {self.record_path.rsplit('/', 1)[0]}"
+        )
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def check_model(config: JobConfig) -> str | None:
+    """Fail before any work if the checkpoint is not an Idefics2 one; returns its resolved commit, if any."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.model.id, revision=config.model.revision)
+    except Exception as error:
+        from pipeline.images import model_load_hint
+
+        raise ModelLoadError(model_load_hint(config.model.id, error)) from error
+    if model_config.model_type != "idefics2":
+        raise ModelLoadError(f"{config.model.id} is a {model_config.model_type!r} checkpoint, not idefics2")
+    return getattr(model_config, "_commit_hash", None)
+
+
+def build_dataset(config: JobConfig, geometry: ImageGeometry, documents: list[dict[str, Any]], run_id: str):
+    """The Ray Data plan: read → rasterize → split (CPU tasks) → Idefics2 actor pool, streamed end to end."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from actors.idefics2 import Idefics2Predictor
+
+    pool = config.actors
+    # The same explicit resources on every CPU stage fuse them into one task; the memory reservation also
+    # keeps Ray from fusing them into the actor, where they would hold up the GPU.
+    cpu_stage = {"num_cpus": 1, "memory": config.render.task_memory_mb * 1024 * 1024}
+    return (
+        ray.data.from_items(documents, override_num_blocks=max(1, min(len(documents), 1000)))
+        .map(ReadDocument(config.limits), **cpu_stage)
+        .flat_map(RasterizeDocument(config, geometry), **cpu_stage)
+        .map(SplitPage(geometry), **cpu_stage)
+        .map_batches(
+            Idefics2Predictor,
+            fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
+            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_gpus=pool.num_gpus_per_actor,
+            num_cpus=pool.num_cpus_per_actor,
+            batch_size=pool.batch_size,
+            batch_format="numpy",
+        )
+    )
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS when set, else start (or reuse) a local Ray instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=True)
+
+
+def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
+    started_at = datetime.now(UTC)
+    run_id = config.run_id or new_run_id(started_at)
+    geometry = resolve_image_geometry(config.model, config.render)
+    model_commit = check_model(config)
+    documents = [document.as_row() for document in list_documents(config.input)]
+    writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}")
+    log.info("run %s: %d documents from %s → %s", run_id, len(documents), config.input, writer.directory)
+
+    ensure_ray()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    stats = RunStats(total_documents=len(documents))
+    last_report = time.monotonic()
+    for batch in build_dataset(config, geometry, documents, run_id).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        writer.write(batch)
+        stats.add(batch)
+        if time.monotonic() - last_report >= progress_interval_s:
+            log.info("%s", stats.progress_line())
+            last_report = time.monotonic()
+    log.info("%s", stats.progress_line())
+
+    finished_at = datetime.now(UTC)
+    record = {
+        "run_id": run_id,
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+        "duration_s": round((finished_at - started_at).total_seconds(), 3),
+        "input": config.input,
+        "output": config.output,
+        "config": config.redacted(),
+        "model": {"id": config.model.id, "revision": config.model.revision, "commit": model_commit},
+        "image_geometry": geometry.__dict__,
+        "versions": package_versions(),
+        "counts": stats.counts(),
+    }
+    record_path = writer.commit(record)
+    return RunSummary(run_id, record_path, config.output, stats.counts(), stats.elapsed)

@@ -1,0 +1,68 @@
+"""Sample documents for the demo and the tests: invoices and reports of several page sizes, plus a few bad files."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import pymupdf
+
+PAGE_SIZES = {"letter": (612, 792), "a4": (595, 842), "a4-landscape": (842, 595)}
+
+
+def invoice_pdf(number: int, pages: int, page_size: tuple[float, float]) -> bytes:
+    """A small text invoice; deterministic for a given number."""
+    rng = random.Random(number)
+    document = pymupdf.open()
+    total = 0.0
+    for page_number in range(1, pages + 1):
+        page = document.new_page(width=page_size[0], height=page_size[1])
+        lines = [f"ACME Supplies Ltd. - Invoice INV-{number:04d}", f"Page {page_number} of {pages}", ""]
+        for item in range(rng.randint(4, 9)):
+            amount = round(rng.uniform(5, 500), 2)
+            total += amount
+            lines.append(f"Item {page_number}.{item + 1}  widget type {rng.choice('ABCDEFG')}   ${amount:,.2f}")
+        if page_number == pages:
+            lines += ["", f"Date: 2026-11-{rng.randint(1, 28):02d}", f"TOTAL DUE: ${total:,.2f}"]
+        page.insert_text((50, 72), "\n".join(lines), fontsize=13, fontname="helv")
+        page.draw_rect(pymupdf.Rect(40, 50, page_size[0] - 40, 70 + 18 * len(lines)), color=(0.2, 0.2, 0.6))
+    data = document.tobytes()
+    document.close()
+    return data
+
+
+def write_samples(directory: str | Path, count: int = 6, with_bad_files: bool = True) -> list[Path]:
+    """Write ``count`` invoices (1-3 pages, mixed sizes) and, optionally, a truncated PDF, a non-PDF and an empty file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = list(PAGE_SIZES.values())
+    written = []
+    for number in range(1, count + 1):
+        path = directory / f"invoice-{number:03d}.pdf"
+        path.write_bytes(invoice_pdf(number, pages=1 + number % 3, page_size=sizes[number % len(sizes)]))
+        written.append(path)
+    if with_bad_files:
+        truncated = invoice_pdf(999, 2, sizes[0])
+        bad = {
+            "truncated.pdf": truncated[: len(truncated) // 3],
+            "not-a-pdf.pdf": b"<html><body>this is not a PDF</body></html>\n",
+            "empty.pdf": b"",
+        }
+        for name, data in bad.items():
+            (directory / name).write_bytes(data)
+            written.append(directory / name)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write sample PDFs for the docqa demo.")
+    parser.add_argument("directory")
+    parser.add_argument("--count", type=int, default=6)
+    args = parser.parse_args()
+    for path in write_samples(args.directory, args.count):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

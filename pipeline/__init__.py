@@ -1,0 +1,1 @@
+"""Ray Data stages of docqa: list → read → rasterize → split → (actor) → rows → Parquet."""

@@ -1,0 +1,185 @@
+"""The job config: one validated model, loaded from YAML and overridable field by field from the CLI."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.pages import PageRange, parse_page_selection, selection_contains
+
+DEFAULT_MODEL_ID = "HuggingFaceM4/idefics2-8b"
+TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
+
+
+class ConfigError(ValueError):
+    """An invalid job config; the message names each bad field and what is wrong with it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuestionTemplate(_Strict):
+    """One question asked of every page it applies to."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Alias of the question; a column name in tables.")
+    text: str = Field(min_length=1, description="Question, may use {file_name}, {page_number}, {num_pages}.")
+    pages: str | int | list[str | int] = Field("all", description='all, first, last, or ranges such as "1-3,-1".')
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    prompt_format: Literal["chat", "raw"] = "chat"
+
+    @field_validator("text")
+    @classmethod
+    def _known_variables(cls, text: str) -> str:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        except ValueError as error:
+            raise ValueError(f"malformed template ({error}); write literal braces as {{{{ and }}}}") from None
+        unknown = sorted({name for name in names if name not in TEMPLATE_VARIABLES})
+        if unknown:
+            raise ValueError(f"unknown template variable(s) {unknown}; known: {list(TEMPLATE_VARIABLES)}")
+        return text
+
+    @field_validator("pages")
+    @classmethod
+    def _valid_pages(cls, pages: str | int | list[str | int]) -> str | int | list[str | int]:
+        parse_page_selection(pages)
+        return pages
+
+    @property
+    def page_ranges(self) -> tuple[PageRange, ...]:
+        return parse_page_selection(self.pages)
+
+    def applies_to(self, page_number: int, num_pages: int) -> bool:
+        return selection_contains(self.page_ranges, page_number, num_pages)
+
+    def question(self, file_name: str, page_number: int, num_pages: int) -> str:
+        """The question text with its variables filled in."""
+        return self.text.format(file_name=file_name, page_number=page_number, num_pages=num_pages)
+
+    def prompt(self, question: str) -> str:
+        """The model prompt: Idefics2's chat turn for instruct checkpoints, or the image then the text for base ones."""
+        if self.prompt_format == "chat":
+            return f"User:<image>{question}<end_of_utterance>\nAssistant:"
+        return f"<image>{question}"
+
+
+class ModelConfig(_Strict):
+    id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local checkpoint directory.")
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class RenderConfig(_Strict):
+    backend: Literal["pymupdf", "pdf2image"] = "pymupdf"
+    image_splitting: bool | None = Field(None, description="4 crops + the whole page; null keeps the checkpoint's.")
+    task_memory_mb: int = Field(
+        1024, ge=64, description="Memory Ray reserves per read/render/split task; bounds concurrent renders per node."
+    )
+
+
+class LimitsConfig(_Strict):
+    max_pages_per_document: int = Field(2000, ge=1)
+    max_pixels_per_page: int = Field(16_000_000, ge=1)
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+
+
+class ActorPoolConfig(_Strict):
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="Pages per actor call; all their questions are answered together.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ActorPoolConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below min_actors ({self.min_actors})")
+        return self
+
+
+class JobConfig(_Strict):
+    input: str = Field(min_length=1, description="Folder, file or glob of PDFs.")
+    output: str = Field(min_length=1, description="Folder the runs are written under.")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    questions: list[QuestionTemplate] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    render: RenderConfig = RenderConfig()
+    limits: LimitsConfig = LimitsConfig()
+    actors: ActorPoolConfig = ActorPoolConfig()
+
+    @field_validator("questions")
+    @classmethod
+    def _unique_ids(cls, questions: list[QuestionTemplate]) -> list[QuestionTemplate]:
+        ids = [question.id for question in questions]
+        duplicates = sorted({qid for qid in ids if ids.count(qid) > 1})
+        if duplicates:
+            raise ValueError(f"question ids must be unique; repeated: {duplicates}")
+        return questions
+
+    def selected_pages(self, num_pages: int) -> list[int]:
+        """Pages that at least one question applies to; only these are rendered."""
+        return [
+            page
+            for page in range(1, num_pages + 1)
+            if any(question.applies_to(page, num_pages) for question in self.questions)
+        ]
+
+    def questions_for_page(self, page_number: int, num_pages: int) -> list[QuestionTemplate]:
+        return [question for question in self.questions if question.applies_to(page_number, num_pages)]
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as written to run records: plain JSON values, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(config)"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load the YAML config at ``path`` and apply dotted overrides (``{"model.dtype": "float32"}``)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of fields, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        try:
+            _set_dotted(tree, dotted, value)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ConfigError(f"cannot override {dotted!r}: no such field in the config") from None
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None

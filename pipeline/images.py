@@ -1,0 +1,175 @@
+"""Stage 4: split each page into the sub-images Idefics2 consumes, exactly as its image processor does.
+
+Idefics2's processor (PIL backend) splits an image into 4 crops plus the whole image when splitting is
+on, then resizes each so its longest edge is at most ``longest_edge`` and no edge is below
+``shortest_edge`` (bilinear), then rescales by 1/255, normalizes and pads. This stage does the split and
+the resize on the CPU and keeps uint8; the actor does the cheap rescale/normalize/pad (``PixelNormalizer``)
+so that images travel through Ray's object store as raw uint8, four times smaller than float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import ModelConfig, RenderConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint (or its processor) could not be loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The image rules of a checkpoint's processor, resolved once on the driver."""
+
+    longest_edge: int
+    shortest_edge: int
+    splitting: bool
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def render_longest_edge(self) -> int:
+        """Longest edge worth rendering: the processor keeps ``longest_edge``, per crop when splitting."""
+        return self.longest_edge * (2 if self.splitting else 1)
+
+
+def model_load_hint(model_id: str, error: Exception) -> str:
+    return (
+        f"cannot load model {model_id!r}: {type(error).__name__}: {error}\n"
+        "If this machine has no access to the Hugging Face Hub, download the checkpoint elsewhere and pass its "
+        "local directory with --model PATH (or model.id in the config), or build the offline test model with "
+        "`docqa model tiny PATH` and pass --model PATH."
+    )
+
+
+def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
+    """Read the checkpoint's image processor settings; fails fast (before any work) if it cannot be loaded."""
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model.id, revision=model.revision)
+    except Exception as error:
+        raise ModelLoadError(model_load_hint(model.id, error)) from error
+    size = processor.size
+    longest = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+    shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+    unsupported = [
+        name
+        for name, ok in [
+            ("do_resize", processor.do_resize),
+            ("do_rescale", processor.do_rescale),
+            ("do_normalize", processor.do_normalize),
+            ("resample=bilinear", processor.resample in (PILImageResampling.BILINEAR, 2, None)),
+        ]
+        if not ok
+    ]
+    if not longest or not shortest or unsupported:
+        raise ModelLoadError(f"{model.id}: unsupported image processor settings {unsupported or size}")
+    splitting = processor.do_image_splitting if render.image_splitting is None else render.image_splitting
+    mean, std = processor.image_mean, processor.image_std
+    return ImageGeometry(
+        longest_edge=int(longest),
+        shortest_edge=int(shortest),
+        splitting=bool(splitting),
+        rescale_factor=float(processor.rescale_factor),
+        mean=tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
+        std=tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)),
+    )
+
+
+def resized_size(height: int, width: int, geometry: ImageGeometry) -> tuple[int, int]:
+    """Idefics2's resize rule: cap the longest edge (keeping the aspect ratio), then floor both edges."""
+    aspect_ratio = width / height
+    if width >= height and width > geometry.longest_edge:
+        width = geometry.longest_edge
+        height = int(width / aspect_ratio)
+    elif height > width and height > geometry.longest_edge:
+        height = geometry.longest_edge
+        width = int(height * aspect_ratio)
+    return max(height, geometry.shortest_edge), max(width, geometry.shortest_edge)
+
+
+def split_page(image: np.ndarray, geometry: ImageGeometry) -> list[np.ndarray]:
+    """(H, W, 3) uint8 page → the uint8 sub-images the model sees: 4 crops + the page, or the page alone."""
+    height, width = image.shape[:2]
+    if geometry.splitting:
+        mid_h, mid_w = height // 2, width // 2
+        parts = [image[:mid_h, :mid_w], image[:mid_h, mid_w:], image[mid_h:, :mid_w], image[mid_h:, mid_w:], image]
+    else:
+        parts = [image]
+    out = []
+    for part in parts:
+        target = resized_size(part.shape[0], part.shape[1], geometry)
+        if target != part.shape[:2]:
+            part = np.asarray(Image.fromarray(np.ascontiguousarray(part)).resize(target[::-1], Image.BILINEAR))
+        out.append(np.ascontiguousarray(part))
+    return out
+
+
+def pack_images(images: list[np.ndarray]) -> tuple[bytes, list[int]]:
+    """uint8 (H, W, 3) arrays → one raw buffer and their [h0, w0, h1, w1, ...] shapes (no PNG, no copies of note)."""
+    return b"".join(image.tobytes() for image in images), [dim for image in images for dim in image.shape[:2]]
+
+
+def unpack_images(buffer: bytes, shapes: list[int] | np.ndarray) -> list[np.ndarray]:
+    flat = np.frombuffer(buffer, dtype=np.uint8)
+    images, offset = [], 0
+    for height, width in zip(shapes[0::2], shapes[1::2], strict=True):
+        count = int(height) * int(width) * 3
+        images.append(flat[offset : offset + count].reshape(int(height), int(width), 3))
+        offset += count
+    return images
+
+
+class SplitPage:
+    """Ray Data stage: a rendered page row → the same row with its packed sub-images instead of the page."""
+
+    def __init__(self, geometry: ImageGeometry) -> None:
+        self.geometry = geometry
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {key: value for key, value in row.items() if key not in ("image", "height", "width")}
+        out.update(sub_images=b"", sub_image_shapes=[], split_ms=0.0)
+        if row["image"]:
+            started = time.perf_counter()
+            [page] = unpack_images(row["image"], [row["height"], row["width"]])
+            out["sub_images"], out["sub_image_shapes"] = pack_images(split_page(page, self.geometry))
+            out["split_ms"] = (time.perf_counter() - started) * 1000
+        return out
+
+
+class PixelNormalizer:
+    """Rescale + normalize + pad, bit-identical to Idefics2's processor: a per-channel lookup table of the
+    256 possible uint8 values, computed with the processor's own float64-then-float32 arithmetic."""
+
+    def __init__(self, geometry: ImageGeometry) -> None:
+        levels = (np.arange(256, dtype=np.float64) * geometry.rescale_factor).astype(np.float32)
+        mean = np.array(geometry.mean, dtype=np.float32)[:, None]
+        std = np.array(geometry.std, dtype=np.float32)[:, None]
+        self.table = ((levels[None, :] - mean) / std).astype(np.float32)  # (3, 256)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (3, H, W) float32."""
+        return self.table[np.arange(3)[:, None, None], image.transpose(2, 0, 1)]
+
+    def batch(self, pages: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Pages of sub-images → pixel_values (pages, images, 3, H, W) and pixel_attention_mask, zero padded."""
+        count = max(len(images) for images in pages)
+        height = max(image.shape[0] for images in pages for image in images)
+        width = max(image.shape[1] for images in pages for image in images)
+        values = np.zeros((len(pages), count, 3, height, width), dtype=np.float32)
+        mask = np.zeros((len(pages), count, height, width), dtype=np.int64)
+        for i, images in enumerate(pages):
+            for j, image in enumerate(images):
+                h, w = image.shape[:2]
+                values[i, j, :, :h, :w] = self.normalize(image)
+                mask[i, j, :h, :w] = 1
+        return values, mask
