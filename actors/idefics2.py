@@ -76,7 +76,7 @@ class Idefics2Engine:
 
     @torch.inference_mode()
     def encode_pages(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        """Vision encoder + perceiver, once per page: (sub-images × latents, hidden) features per page."""
+        """Vision encoder + perceiver, once per page: (sub-images * latents, hidden) features per page."""
         values, mask = self.normalizer.batch(pages)
         output = self.model.model.get_image_features(
             pixel_values=torch.from_numpy(values).to(self.device),

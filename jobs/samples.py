@@ -33,7 +33,7 @@ def invoice_pdf(number: int, pages: int, page_size: tuple[float, float]) -> byte
 
 
 def write_samples(directory: str | Path, count: int = 6, with_bad_files: bool = True) -> list[Path]:
-    """Write ``count`` invoices (1-3 pages, mixed sizes) and, optionally, a truncated PDF, a non-PDF and an empty file."""
+    """Write ``count`` invoices (1-3 pages, mixed sizes) and, optionally, a truncated, a non-PDF and an empty file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sizes = list(PAGE_SIZES.values())

@@ -1,4 +1,4 @@
-"""Statuses and the output row schema: one row per document × page × question, or one row saying why not."""
+"""Statuses and the output row schema: one row per document x page x question, or one row saying why not."""
 
 from __future__ import annotations
 
