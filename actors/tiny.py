@@ -26,15 +26,29 @@ TINY_WEIGHT_STD = 0.2
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 
 
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte → printable-unicode mapping used by byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return symbols
+
+
 def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (every byte is a token, no merges) with Idefics2's special tokens."""
+    """A byte-level BPE tokenizer over printable ASCII (one token per character, no merges; anything else is
+    <unk>) with Idefics2's special tokens, so that even random answers decode to readable text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    symbols = _byte_symbols()
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in sorted(byte_alphabet):
-        vocab[symbol] = len(vocab)
+    for byte in [ord("\n"), *range(ord(" "), ord("~") + 1)]:
+        vocab[symbols[byte]] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.pages import parse_page_selection, selection_contains
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+MINIMAL = {"input": "in", "output": "out", "questions": [{"id": "q", "text": "What?"}]}
+
+
+@pytest.mark.parametrize("name", ["invoice.yaml", "transcribe.yaml"])
+def test_shipped_examples_are_valid(name: str) -> None:
+    config = load_config(EXAMPLES / name)
+    assert config.model.id == "HuggingFaceM4/idefics2-8b"
+    assert config.questions
+
+
+@pytest.mark.parametrize(
+    ("spec", "num_pages", "expected"),
+    [
+        ("all", 4, [1, 2, 3, 4]),
+        ("first", 4, [1]),
+        ("last", 4, [4]),
+        ("1-3,-1", 10, [1, 2, 3, 10]),
+        ("1-3,-1", 2, [1, 2]),
+        ("-2--1", 5, [4, 5]),
+        ([2, "4-5"], 6, [2, 4, 5]),
+        (3, 2, []),
+    ],
+)
+def test_page_selection(spec, num_pages: int, expected: list[int]) -> None:
+    ranges = parse_page_selection(spec)
+    assert [page for page in range(1, num_pages + 1) if selection_contains(ranges, page, num_pages)] == expected
+
+
+@pytest.mark.parametrize("spec", ["0", "3-1", "1-x", "", "first,", "one"])
+def test_bad_page_selection_is_rejected(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_page_selection(spec)
+
+
+def test_template_variables_and_prompt_formats() -> None:
+    config = load_config(
+        None,
+        {
+            **MINIMAL,
+            "questions": [
+                {"id": "a", "text": "Page {page_number}/{num_pages} of {file_name}?"},
+                {"id": "b", "text": "Question: total? Answer:", "prompt_format": "raw"},
+            ],
+        },
+    )
+    chat, raw = config.questions
+    question = chat.question("inv.pdf", 2, 5)
+    assert question == "Page 2/5 of inv.pdf?"
+    assert chat.prompt(question) == "User:<image>Page 2/5 of inv.pdf?<end_of_utterance>\nAssistant:"
+    assert raw.prompt(raw.question("x", 1, 1)) == "<image>Question: total? Answer:"
+
+
+def test_invalid_config_names_every_bad_field(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "input: in\noutput: out\n"
+        "questions:\n  - {id: total, text: 'Total {amount}?', pages: '1-x'}\n  - {id: total, text: ok}\n"
+        "model: {dtype: float8}\nactors: {min_actors: 3, max_actors: 1}\nunknown_field: 1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    for expected in [
+        "questions.0.text: unknown template variable(s) ['amount']",
+        "questions.0.pages: invalid page range '1-x'",
+        "model.dtype",
+        "actors: max_actors (1) is below min_actors (3)",
+        "unknown_field: Extra inputs are not permitted",
+    ]:
+        assert expected in message
+
+
+def test_duplicate_question_ids_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"question ids must be unique; repeated: \['q'\]"):
+        load_config(None, {**MINIMAL, "questions": [{"id": "q", "text": "a"}, {"id": "q", "text": "b"}]})
+
+
+def test_cli_style_overrides_reach_nested_fields(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\nquestions: [{id: q, text: 'What?'}]\n")
+    config = load_config(
+        path, {"model.id": "/models/x", "actors.batch_size": 8, "questions.0.max_new_tokens": 5, "input": "other"}
+    )
+    assert (config.model.id, config.actors.batch_size, config.questions[0].max_new_tokens, config.input) == (
+        "/models/x",
+        8,
+        5,
+        "other",
+    )
+    with pytest.raises(ConfigError, match=r"cannot override 'questions\.7\.text'"):
+        load_config(path, {"questions.7.text": "x"})
+
+
+def test_unreadable_and_non_mapping_configs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")

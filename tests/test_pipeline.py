@@ -1,0 +1,177 @@
+"""The whole pipeline through real Ray and real Parquet, driven by the `docqa` CLI as a user runs it."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pymupdf
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from jobs.cli import main
+from pipeline.config import ModelConfig, RenderConfig, load_config
+from pipeline.images import resolve_image_geometry
+from pipeline.rasterize import open_pdf
+from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.sink import RUN_RECORD, committed_runs, read_committed
+from tests.reference import reference_answer
+
+JOB = """
+input: unused
+output: unused
+questions:
+  - {id: number, text: "What is the invoice number?", pages: first, max_new_tokens: 8}
+  - {id: total, text: "What is the total on page {page_number} of {num_pages}?", pages: last, max_new_tokens: 10}
+  - {id: every, text: "Transcribe {file_name}.", pages: all, max_new_tokens: 6}
+actors: {batch_size: 3}
+"""
+BAD_FILES = {"truncated.pdf", "not-a-pdf.pdf", "empty.pdf"}
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("job") / "job.yaml"
+    path.write_text(JOB)
+    return path
+
+
+def _run(job_file: Path, inputs: Path, output: Path, model: Path, *extra: str) -> int:
+    return main(
+        [
+            "run",
+            "--config",
+            str(job_file),
+            "--input",
+            str(inputs),
+            "--output",
+            str(output),
+            "--model",
+            str(model),
+            *extra,
+        ]
+    )
+
+
+def _expected_rows(job_file: Path, inputs: Path) -> dict[str, int]:
+    """Rows per document computed independently: pages x applicable questions, or 1 for a document that fails."""
+    config = load_config(job_file)
+    expected = {}
+    for path in sorted(inputs.iterdir()):
+        data = path.read_bytes()
+        pages = pymupdf.open(stream=data, filetype="pdf").page_count if data.startswith(b"%PDF-") else 0
+        expected[str(path.resolve())] = (
+            sum(len(config.questions_for_page(page, pages)) for page in range(1, pages + 1)) or 1
+        )
+    return expected
+
+
+# MuPDF repairs the truncated sample (its first page survives); poppler refuses it.
+BACKEND_DOCUMENTS = {
+    "pymupdf": {"empty": 1, "not_pdf": 1, "ok": 5},
+    "pdf2image": {"corrupt": 1, "empty": 1, "not_pdf": 1, "ok": 4},
+}
+
+
+@pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])
+def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
+    ray_session, tiny_model: Path, sample_pdfs: Path, job_file: Path, tmp_path: Path, capsys, backend: str
+) -> None:
+    output = tmp_path / "out"
+    assert _run(job_file, sample_pdfs, output, tiny_model, "--run-id", "r1", "--set", f"render.backend={backend}") == 0
+    summary = capsys.readouterr().out
+    documents = BACKEND_DOCUMENTS[backend]
+    failed = ", ".join(f"{n} {status}" for status, n in documents.items() if status != "ok")
+    assert "run r1 committed" in summary and f"documents: 7 ({documents['ok']} ok; failed: {failed})" in summary
+    assert str(output) in summary
+
+    table = read_committed(str(output))
+    assert table.schema == OUTPUT_SCHEMA
+    rows_per_document = {
+        doc: n
+        for doc, n in zip(
+            *table.group_by("document").aggregate([("document", "count")]).to_pydict().values(), strict=True
+        )
+    }
+    expected = _expected_rows(job_file, sample_pdfs)
+    if backend == "pdf2image":
+        expected[str((sample_pdfs / "truncated.pdf").resolve())] = 1
+    assert rows_per_document == expected
+    rows = table.to_pylist()
+    status_of = {Path(row["document"]).name: row["status"] for row in rows}
+    assert status_of["empty.pdf"] == Status.EMPTY and status_of["not-a-pdf.pdf"] == Status.NOT_PDF
+    for row in rows:
+        assert row["run_id"] == "r1" and row["model_id"] == str(tiny_model)
+        if row["status"] == Status.OK:
+            assert row["answer"] is not None and 0 < row["confidence"] <= 1 and row["generated_tokens"] >= 1
+            assert row["page_number"] >= 1 and row["num_pages"] >= row["page_number"] and len(row["sha256"]) == 64
+            assert row["render_ms"] > 0 and row["model_ms"] > 0
+        else:
+            assert row["error"] and row["answer"] is None and row["question_id"] is None
+
+    [record] = committed_runs(str(output))
+    assert record["run_id"] == "r1" and record["counts"]["rows"] == len(rows)
+    assert record["counts"]["documents"] == documents
+    assert record["config"]["render"]["backend"] == backend and record["versions"]["transformers"].startswith("5.")
+    assert sum(pq.read_metadata(f"{record['directory']}/{name}").num_rows for name in record["files"]) == len(rows)
+
+
+def test_pipeline_answers_equal_the_naive_reference(
+    ray_session, tiny_model: Path, sample_pdfs: Path, job_file: Path, tmp_path: Path
+) -> None:
+    """§5(a) end to end: every answer in the Parquet equals processor + generate on the same rendered page."""
+    output = tmp_path / "out"
+    assert _run(job_file, sample_pdfs, output, tiny_model) == 0
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    geometry = resolve_image_geometry(ModelConfig(id=str(tiny_model)), RenderConfig())
+    config = load_config(job_file)
+    checked = 0
+    for row in read_committed(str(output)).to_pylist():
+        if row["status"] != Status.OK:
+            continue
+        page = open_pdf(Path(row["document"]).read_bytes(), "pymupdf").render(
+            row["page_number"], geometry.render_longest_edge
+        )
+        template = next(q for q in config.questions if q.id == row["question_id"])
+        prompt = template.prompt(row["question"])
+        assert (row["answer"], row["generated_tokens"]) == reference_answer(
+            processor, model, page, prompt, template.max_new_tokens
+        )
+        checked += 1
+    assert checked >= 20
+
+
+def test_committed_runs_are_never_overwritten_and_uncommitted_ones_are_invisible(
+    ray_session, tiny_model: Path, sample_pdfs: Path, job_file: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "out"
+    assert _run(job_file, sample_pdfs, output, tiny_model, "--run-id", "keep") == 0
+    before = read_committed(str(output))
+    assert _run(job_file, sample_pdfs, output, tiny_model, "--run-id", "keep") == 1
+    assert "already committed" in capsys.readouterr().err
+    assert read_committed(str(output)).equals(before)
+
+    # What a run that died before its commit leaves behind: data files, no run record.
+    [record] = committed_runs(str(output))
+    crashed = Path(record["directory"]).parent / "crashed"
+    crashed.mkdir()
+    pq.write_table(before, crashed / "part-00000.parquet")
+    assert [r["run_id"] for r in committed_runs(str(output))] == ["keep"]
+    assert read_committed(str(output)).num_rows == before.num_rows
+    assert json.loads((Path(record["directory"]) / RUN_RECORD).read_text())["run_id"] == "keep"
+
+
+def test_bad_config_and_unloadable_model_fail_before_any_work(
+    ray_session, tiny_model: Path, sample_pdfs: Path, job_file: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "out"
+    assert _run(job_file, sample_pdfs, output, tiny_model, "--set", "actors.batch_size=0") == 2
+    assert "actors.batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+    code = main(["run", "--config", str(job_file), "--input", str(sample_pdfs), "--output", str(output)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot load model 'HuggingFaceM4/idefics2-8b'" in err and "docqa model tiny PATH" in err
+    assert _run(job_file, tmp_path / "missing", output, tiny_model) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not output.exists()

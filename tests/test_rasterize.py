@@ -1,0 +1,129 @@
+"""Stages 2-3 without Ray: reading, opening by content, rendering only what is asked, and every failure as a row."""
+
+from pathlib import Path
+
+import numpy as np
+import pymupdf
+import pytest
+
+from jobs.samples import invoice_pdf
+from pipeline.config import load_config
+from pipeline.documents import InputError, ReadDocument, list_documents
+from pipeline.images import ImageGeometry
+from pipeline.rasterize import RasterizeDocument
+from pipeline.rows import Status
+
+GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+
+
+def _config(backend: str = "pymupdf", pages="all", **limits):
+    return load_config(
+        None,
+        {
+            "input": "in",
+            "output": "out",
+            "questions": [{"id": "q", "text": "What?", "pages": pages}],
+            "render": {"backend": backend},
+            "limits": limits,
+        },
+    )
+
+
+def _pdf(pages: int, size=(612, 792), **save) -> bytes:
+    document = pymupdf.open()
+    for number in range(pages):
+        page = document.new_page(width=size[0], height=size[1])
+        page.insert_text((40, 60), f"page {number + 1}")
+    return document.tobytes(**save)
+
+
+def _rasterize(data: bytes, config) -> list[dict]:
+    row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "h", "data": data, "status": "ok", "error": ""}
+    return RasterizeDocument(config, GEOMETRY)(row)
+
+
+@pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])
+def test_renders_at_the_resolution_the_model_keeps(backend: str) -> None:
+    document = pymupdf.open(stream=_pdf(1, (612, 792)))
+    document.new_page(width=842, height=595).insert_text((40, 60), "landscape page")
+    rows = _rasterize(document.tobytes(), _config(backend))
+    assert [(row["page_number"], row["height"], row["width"]) for row in rows] == [(1, 896, 693), (2, 634, 896)]
+    for row in rows:
+        assert row["status"] == Status.OK and row["num_pages"] == 2
+        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+        assert image.min() < 128 < image.max()  # the text is there: dark glyphs on a white page
+
+
+def test_both_backends_render_the_same_page() -> None:
+    data = invoice_pdf(7, 1, (595, 842))
+    (pymu,) = _rasterize(data, _config("pymupdf"))
+    (poppler,) = _rasterize(data, _config("pdf2image"))
+    assert (pymu["height"], pymu["width"]) == (poppler["height"], poppler["width"])
+    a = np.frombuffer(pymu["image"], np.uint8).astype(int)
+    b = np.frombuffer(poppler["image"], np.uint8).astype(int)
+    assert np.abs(a - b).mean() < 8  # two rasterizers, same page: anti-aliasing differs, content does not
+
+
+def test_only_pages_some_question_applies_to_are_rendered() -> None:
+    data = _pdf(300)
+    rows = _rasterize(data, _config(pages="first"))
+    assert [(row["page_number"], row["num_pages"]) for row in rows] == [(1, 300)]
+    rows = _rasterize(data, _config(pages="1-2,-1"))
+    assert [row["page_number"] for row in rows] == [1, 2, 300]
+
+
+def _encrypted() -> bytes:
+    return _pdf(1, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="secret", owner_pw="owner")
+
+
+@pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])
+@pytest.mark.parametrize(
+    ("make", "status"),
+    [
+        (lambda: b"", Status.EMPTY),
+        (lambda: b"<html>not a pdf</html>", Status.NOT_PDF),
+        (lambda: b"%PDF-1.7\n" + bytes(range(256)) * 8, Status.CORRUPT),
+        (_encrypted, Status.ENCRYPTED),
+    ],
+)
+def test_bad_documents_become_one_row_with_a_reason(backend: str, make, status: Status) -> None:
+    rows = _rasterize(make(), _config(backend))
+    assert len(rows) == 1
+    assert rows[0]["status"] == status and rows[0]["error"] and rows[0]["image"] == b""
+
+
+def test_limits_are_checked_before_rendering() -> None:
+    [row] = _rasterize(_pdf(5), _config(max_pages_per_document=4))
+    assert (row["status"], row["num_pages"]) == (Status.TOO_MANY_PAGES, 5)
+    rows = _rasterize(_pdf(2), _config(max_pixels_per_page=896 * 600))
+    assert [row["status"] for row in rows] == [Status.PAGE_TOO_LARGE] * 2
+    assert "over limits.max_pixels_per_page" in rows[0]["error"]
+
+
+def test_no_applicable_pages_is_reported() -> None:
+    [row] = _rasterize(_pdf(2), _config(pages="5"))
+    assert row["status"] == Status.NO_APPLICABLE_PAGES and "2 page(s)" in row["error"]
+
+
+def test_read_stage_hashes_and_enforces_the_size_limit(tmp_path: Path) -> None:
+    path = tmp_path / "a.pdf"
+    path.write_bytes(_pdf(1))
+    [ref] = list_documents(str(tmp_path))
+    row = ReadDocument(_config().limits)(ref.as_row())
+    assert row["status"] == "ok" and len(row["sha256"]) == 64 and row["data"] == path.read_bytes()
+    row = ReadDocument(_config(max_file_bytes=10).limits)(ref.as_row())
+    assert row["status"] == Status.FILE_TOO_LARGE and row["data"] == b""
+    path.unlink()
+    assert ReadDocument(_config().limits)(ref.as_row())["status"] == Status.READ_ERROR
+
+
+def test_listing(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ["b.pdf", "a.bin", "sub/c"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(ref.uri).name for ref in list_documents(str(tmp_path))] == ["a.bin", "b.pdf", "c"]
+    assert [Path(ref.uri).name for ref in list_documents(f"{tmp_path}/*.pdf")] == ["b.pdf"]
+    with pytest.raises(InputError, match="does not exist"):
+        list_documents(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match="no files found"):
+        list_documents(f"{tmp_path}/*.tiff")
