@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, JobConfig, QuestionTemplate, load_config
+from pipeline.rows import OUTPUT_SCHEMA, Status
 from pipeline.pages import parse_page_selection, selection_contains
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -105,3 +107,22 @@ def test_unreadable_and_non_mapping_configs(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _field_paths(annotation, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def test_readme_documents_every_config_field_and_status() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [path for path in _field_paths(JobConfig) + _field_paths(QuestionTemplate) if f"`{path}`" not in readme]
+    missing += [f"status {status}" for status in Status if f"`{status.value}`" not in readme]
+    missing += [f"column {name}" for name in OUTPUT_SCHEMA.names if f"`{name}`" not in readme]
+    assert not missing
