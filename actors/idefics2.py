@@ -150,6 +150,8 @@ class Idefics2Predictor:
             "run_id": self.run_id,
             "document": batch["uri"][i],
             "file_size": int(batch["file_size"][i]),
+            "etag": batch["etag"][i] or None,
+            "version_id": batch["version_id"][i] or None,
             "sha256": batch["sha256"][i] or None,
             "page_number": int(batch["page_number"][i]) or None,
             "num_pages": int(batch["num_pages"][i]) or None,

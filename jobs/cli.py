@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.documents import InputError
 from pipeline.images import ModelLoadError
 from pipeline.sink import RunExistsError
+from pipeline.storage import InputError, StorageError
 
 
 def _parse_assignment(text: str) -> tuple[str, Any]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 2
-    except (InputError, ModelLoadError, RunExistsError) as error:
+    except (InputError, ModelLoadError, RunExistsError, StorageError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 1
 

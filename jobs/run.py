@@ -16,11 +16,12 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.documents import ReadDocument, list_documents
+from pipeline.documents import DocumentListing, ReadDocument
 from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, resolve_image_geometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import Status
 from pipeline.sink import RunWriter
+from pipeline.storage import StorageError, check_bucket, check_input, is_s3
 
 log = logging.getLogger("docqa")
 
@@ -35,7 +36,6 @@ def new_run_id(now: datetime) -> str:
 class RunStats:
     """Counts kept as result batches arrive: drives the progress line and the final summary."""
 
-    total_documents: int
     started: float = field(default_factory=time.monotonic)
     document_status: dict[str, str] = field(default_factory=dict)  # worst status seen per document
     page_status: Counter[str] = field(default_factory=Counter)
@@ -66,7 +66,7 @@ class RunStats:
     def progress_line(self) -> str:
         rate = self.pages / self.elapsed if self.elapsed > 0 else 0.0
         return (
-            f"documents {len(self.document_status)}/{self.total_documents} · pages {self.pages} · "
+            f"documents {len(self.document_status)} · pages {self.pages} · "
             f"answers {self.answers} · {rate:.2f} pages/s · {self.elapsed:.0f}s"
         )
 
@@ -128,7 +128,7 @@ def check_model(config: JobConfig) -> str | None:
     return getattr(model_config, "_commit_hash", None)
 
 
-def build_dataset(config: JobConfig, geometry: ImageGeometry, documents: list[dict[str, Any]], run_id: str):
+def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str):
     """The Ray Data plan: read → rasterize → split (CPU tasks) → Idefics2 actor pool, streamed end to end."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -140,8 +140,8 @@ def build_dataset(config: JobConfig, geometry: ImageGeometry, documents: list[di
     # keeps Ray from fusing them into the actor, where they would hold up the GPU.
     cpu_stage = {"num_cpus": 1, "memory": config.render.task_memory_mb * 1024 * 1024}
     return (
-        ray.data.from_items(documents, override_num_blocks=max(1, min(len(documents), 1000)))
-        .map(ReadDocument(config.limits), **cpu_stage)
+        ray.data.read_datasource(DocumentListing(config.input, config.storage))
+        .map(ReadDocument(config.limits, config.storage), **cpu_stage)
         .flat_map(RasterizeDocument(config, geometry), **cpu_stage)
         .map(SplitPage(geometry), **cpu_stage)
         .map_batches(
@@ -169,19 +169,22 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
     run_id = config.run_id or new_run_id(started_at)
     geometry = resolve_image_geometry(config.model, config.render)
     model_commit = check_model(config)
-    documents = [document.as_row() for document in list_documents(config.input)]
-    writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}")
-    log.info("run %s: %d documents from %s → %s", run_id, len(documents), config.input, writer.directory)
+    check_input(config.input, config.storage)
+    if is_s3(config.output):
+        check_bucket(config.output, config.storage)
+    try:
+        writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}", config.storage)
+    except OSError as error:
+        raise StorageError(f"cannot write to output {config.output}: {error}") from None
+    log.info("run %s: %s → %s", run_id, config.input, writer.directory)
 
     ensure_ray()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    stats = RunStats(total_documents=len(documents))
+    stats = RunStats()
     last_report = time.monotonic()
-    for batch in build_dataset(config, geometry, documents, run_id).iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
+    for batch in build_dataset(config, geometry, run_id).iter_batches(batch_format="pyarrow", batch_size=None):
         writer.write(batch)
         stats.add(batch)
         if time.monotonic() - last_report >= progress_interval_s:

@@ -103,15 +103,28 @@ class ActorPoolConfig(_Strict):
         return self
 
 
+class StorageConfig(_Strict):
+    """Object storage client settings (S3 and S3-compatible stores). Credentials come from the standard AWS
+    chain (environment, profile, instance role), never from this file."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL or AWS.")
+    region: str | None = None
+    max_attempts: int = Field(10, ge=1, le=50, description="Per request, standard retry mode (throttling, 5xx).")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+    max_pool_connections: int = Field(32, ge=1)
+
+
 class JobConfig(_Strict):
-    input: str = Field(min_length=1, description="Folder, file or glob of PDFs.")
-    output: str = Field(min_length=1, description="Folder the runs are written under.")
+    input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
+    output: str = Field(min_length=1, description="Folder or s3:// prefix the runs are written under.")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     questions: list[QuestionTemplate] = Field(min_length=1)
     model: ModelConfig = ModelConfig()
     render: RenderConfig = RenderConfig()
     limits: LimitsConfig = LimitsConfig()
     actors: ActorPoolConfig = ActorPoolConfig()
+    storage: StorageConfig = StorageConfig()
 
     @field_validator("questions")
     @classmethod

@@ -1,82 +1,83 @@
-"""Stages 1-2: list the input documents, then read each one's bytes (inside the pipeline, not on the driver)."""
+"""Stages 1-2: list the input documents (streamed, inside Ray), then read each one's bytes in the pipeline."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-from pyarrow import fs as pafs
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.config import LimitsConfig
+from pipeline.config import LimitsConfig, StorageConfig
 from pipeline.rows import Status
+from pipeline.storage import iter_documents, read_object
 
-
-class InputError(ValueError):
-    """The input location does not exist or holds no files."""
-
-
-@dataclass(frozen=True)
-class DocumentRef:
-    """A document found by listing: where it is and how big it is."""
-
-    uri: str
-    size: int
-
-    def as_row(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def list_documents(input_uri: str) -> list[DocumentRef]:
-    """Every file under a folder (recursively), matching a glob, or the one file named; sorted by URI."""
-    if any(char in input_uri for char in "*?["):
-        paths = [Path(p) for p in glob.glob(os.path.expanduser(input_uri), recursive=True)]
-    else:
-        root = Path(input_uri).expanduser()
-        if root.is_dir():
-            paths = [p for p in root.rglob("*")]
-        elif root.is_file():
-            paths = [root]
-        else:
-            raise InputError(f"input {input_uri} does not exist")
-    files = sorted(p.resolve() for p in paths if p.is_file())
-    if not files:
-        raise InputError(f"no files found at input {input_uri}")
-    return [DocumentRef(uri=str(p), size=p.stat().st_size) for p in files]
-
-
-def _filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
+REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
 
 
 def file_name_of(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-class ReadDocument:
-    """Reads a listed document's bytes and hashes them; refuses files over the size limit without reading them."""
+class DocumentListing(Datasource):
+    """The input listing as a Ray Data source: one read task pages through the listing and emits one block
+    per document as it goes, so the driver never holds the listing and work starts on the first page."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, input_uri: str, storage: StorageConfig) -> None:
+        super().__init__()
+        self.input_uri = input_uri
+        self.storage = storage
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def _blocks(self) -> Iterator[pa.Table]:
+        for ref in iter_documents(self.input_uri, self.storage):
+            yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(self._blocks, metadata, schema=REF_SCHEMA, per_task_row_limit=per_task_row_limit)]
+
+
+def _too_large(size: int, limit: int) -> dict[str, str]:
+    return {"status": Status.FILE_TOO_LARGE.value, "error": f"file is {size} bytes, over limits.max_file_bytes={limit}"}
+
+
+class ReadDocument:
+    """Reads a listed document's bytes and hashes them; refuses files over the size limit without reading
+    them. The ETag and version id recorded are the ones returned with the bytes that were hashed."""
+
+    def __init__(self, limits: LimitsConfig, storage: StorageConfig) -> None:
         self.limits = limits
+        self.storage = storage
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        uri, size = row["uri"], int(row["size"])
-        out = {"uri": uri, "file_size": size, "sha256": "", "data": b"", "status": Status.OK.value, "error": ""}
-        if size > self.limits.max_file_bytes:
-            out.update(
-                status=Status.FILE_TOO_LARGE.value,
-                error=f"file is {size} bytes, over limits.max_file_bytes={self.limits.max_file_bytes}",
-            )
-            return out
+        uri = row["uri"]
+        out = {
+            "uri": uri,
+            "file_size": int(row["size"]),
+            "etag": row["etag"] or "",
+            "version_id": "",
+            "sha256": "",
+            "data": b"",
+            "status": Status.OK.value,
+            "error": "",
+        }
+        limit = self.limits.max_file_bytes
+        if out["file_size"] > limit:
+            return {**out, **_too_large(out["file_size"], limit)}
         try:
-            filesystem, path = _filesystem_for(uri)
-            with filesystem.open_input_stream(path) as stream:
-                data = stream.read()
-        except OSError as error:
-            out.update(status=Status.READ_ERROR.value, error=f"cannot read {uri}: {error}")
+            read = read_object(uri, self.storage, limit)
+        except Exception as error:  # noqa: BLE001 - any storage failure becomes this document's row
+            from pipeline.storage import describe_client_error
+
+            out.update(status=Status.READ_ERROR.value, error=describe_client_error(error, f"cannot read {uri}"))
             return out
-        out.update(data=data, file_size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        out.update(file_size=read.size, etag=read.etag or out["etag"], version_id=read.version_id or "")
+        if read.size > limit:
+            return {**out, **_too_large(read.size, limit)}
+        out.update(data=read.data, sha256=hashlib.sha256(read.data).hexdigest())
         return out

@@ -15,11 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import JobConfig
-from pipeline.documents import file_name_of
 from pipeline.images import ImageGeometry
 from pipeline.rows import Status
 
 PDF_MAGIC = b"%PDF-"
+DOCUMENT_FIELDS = ("uri", "file_size", "etag", "version_id", "sha256")  # carried from the read stage to the rows
 PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
 
 
@@ -148,9 +148,7 @@ class RasterizeDocument:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         base = {
-            "uri": row["uri"],
-            "file_size": row["file_size"],
-            "sha256": row["sha256"],
+            **{field: row[field] for field in DOCUMENT_FIELDS},
             "num_pages": 0,
             "page_number": 0,
             "status": row["status"],
@@ -211,6 +209,3 @@ class RasterizeDocument:
                 }
             )
         return rows
-
-
-__all__ = ["DocumentError", "RasterizeDocument", "file_name_of", "open_pdf"]

@@ -30,6 +30,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("document", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),
+        pa.field("etag", pa.string()),
+        pa.field("version_id", pa.string()),
         pa.field("sha256", pa.string()),
         pa.field("page_number", pa.int32()),
         pa.field("num_pages", pa.int32()),

@@ -19,21 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from pipeline.config import StorageConfig
 from pipeline.rows import OUTPUT_SCHEMA
+from pipeline.storage import filesystem_for
 
 RUN_RECORD = "_run.json"
 
 
 class RunExistsError(RuntimeError):
     """A committed run with this id already exists; it is never overwritten."""
-
-
-def output_filesystem(output: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in output:
-        from pathlib import Path
-
-        output = str(Path(output).expanduser().resolve())
-    return pafs.FileSystem.from_uri(output)
 
 
 def run_directory(root: str, run_date: str, run_id: str) -> str:
@@ -43,14 +37,16 @@ def run_directory(root: str, run_date: str, run_id: str) -> str:
 class RunWriter:
     """Buffers result batches into Parquet files of ``rows_per_file`` rows, then commits the run record."""
 
-    def __init__(self, output: str, run_id: str, run_date: str, rows_per_file: int = 50_000) -> None:
-        self.filesystem, root = output_filesystem(output)
+    def __init__(
+        self, output: str, run_id: str, run_date: str, storage: StorageConfig, rows_per_file: int = 50_000
+    ) -> None:
+        self.filesystem, root = filesystem_for(output, storage)
         self.directory = run_directory(root, run_date, run_id)
         self.rows_per_file = rows_per_file
         self.files: list[str] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        for record in committed_runs(output):
+        for record in committed_runs(output, storage):
             if record["run_id"] == run_id:
                 raise RunExistsError(f"run {run_id!r} is already committed in {record['directory']}; pick another id")
         # Files left by an earlier attempt of this run id that never committed: nobody reads them.
@@ -82,9 +78,9 @@ class RunWriter:
         return path
 
 
-def committed_runs(output: str) -> list[dict[str, Any]]:
+def committed_runs(output: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
     """Run records of the committed runs under ``output``, oldest first, each with its ``directory``."""
-    filesystem, root = output_filesystem(output)
+    filesystem, root = filesystem_for(output, storage or StorageConfig())
     selector = pafs.FileSelector(f"{root.rstrip('/')}/runs", recursive=True, allow_not_found=True)
     records = []
     for info in filesystem.get_file_info(selector):
@@ -95,12 +91,12 @@ def committed_runs(output: str) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: (record["started_at"], record["run_id"]))
 
 
-def read_committed(output: str, run_id: str | None = None) -> pa.Table:
+def read_committed(output: str, run_id: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
     """All rows of the committed runs (or of one), never of an uncommitted run."""
-    filesystem, _ = output_filesystem(output)
+    filesystem, _ = filesystem_for(output, storage or StorageConfig())
     paths = [
         f"{record['directory']}/{name}"
-        for record in committed_runs(output)
+        for record in committed_runs(output, storage)
         if run_id is None or record["run_id"] == run_id
         for name in record["files"]
     ]

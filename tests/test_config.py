@@ -4,8 +4,8 @@ import pytest
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, JobConfig, QuestionTemplate, load_config
-from pipeline.rows import OUTPUT_SCHEMA, Status
 from pipeline.pages import parse_page_selection, selection_contains
+from pipeline.rows import OUTPUT_SCHEMA, Status
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MINIMAL = {"input": "in", "output": "out", "questions": [{"id": "q", "text": "What?"}]}

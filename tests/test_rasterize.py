@@ -7,11 +7,12 @@ import pymupdf
 import pytest
 
 from jobs.samples import invoice_pdf
-from pipeline.config import load_config
-from pipeline.documents import InputError, ReadDocument, list_documents
+from pipeline.config import StorageConfig, load_config
+from pipeline.documents import ReadDocument
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import Status
+from pipeline.storage import InputError, check_input, iter_documents
 
 GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
 
@@ -39,6 +40,7 @@ def _pdf(pages: int, size=(612, 792), **save) -> bytes:
 
 def _rasterize(data: bytes, config) -> list[dict]:
     row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "h", "data": data, "status": "ok", "error": ""}
+    row.update(etag="", version_id="")
     return RasterizeDocument(config, GEOMETRY)(row)
 
 
@@ -108,22 +110,26 @@ def test_no_applicable_pages_is_reported() -> None:
 def test_read_stage_hashes_and_enforces_the_size_limit(tmp_path: Path) -> None:
     path = tmp_path / "a.pdf"
     path.write_bytes(_pdf(1))
-    [ref] = list_documents(str(tmp_path))
-    row = ReadDocument(_config().limits)(ref.as_row())
+    [ref] = iter_documents(str(tmp_path), StorageConfig())
+    row = ReadDocument(_config().limits, StorageConfig())(ref.as_row())
     assert row["status"] == "ok" and len(row["sha256"]) == 64 and row["data"] == path.read_bytes()
-    row = ReadDocument(_config(max_file_bytes=10).limits)(ref.as_row())
+    row = ReadDocument(_config(max_file_bytes=10).limits, StorageConfig())(ref.as_row())
     assert row["status"] == Status.FILE_TOO_LARGE and row["data"] == b""
     path.unlink()
-    assert ReadDocument(_config().limits)(ref.as_row())["status"] == Status.READ_ERROR
+    assert ReadDocument(_config().limits, StorageConfig())(ref.as_row())["status"] == Status.READ_ERROR
 
 
 def test_listing(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     for name in ["b.pdf", "a.bin", "sub/c"]:
         (tmp_path / name).write_bytes(b"x")
-    assert [Path(ref.uri).name for ref in list_documents(str(tmp_path))] == ["a.bin", "b.pdf", "c"]
-    assert [Path(ref.uri).name for ref in list_documents(f"{tmp_path}/*.pdf")] == ["b.pdf"]
+    storage = StorageConfig()
+    assert [Path(ref.uri).name for ref in iter_documents(str(tmp_path), storage)] == ["a.bin", "b.pdf", "c"]
+    assert [Path(ref.uri).name for ref in iter_documents(f"{tmp_path}/*.pdf", storage)] == ["b.pdf"]
+    (tmp_path / "list.txt").write_text(f"# documents\n{tmp_path}/b.pdf\n\ns3://bucket/key without suffix\n")
+    refs = list(iter_documents(str(tmp_path / "list.txt"), storage))
+    assert [(ref.uri, ref.size) for ref in refs] == [(f"{tmp_path}/b.pdf", -1), ("s3://bucket/key without suffix", -1)]
     with pytest.raises(InputError, match="does not exist"):
-        list_documents(str(tmp_path / "nope"))
+        check_input(str(tmp_path / "nope"), storage)
     with pytest.raises(InputError, match="no files found"):
-        list_documents(f"{tmp_path}/*.tiff")
+        check_input(f"{tmp_path}/*.tiff", storage)

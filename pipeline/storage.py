@@ -1,0 +1,211 @@
+"""Local folders and S3 (or S3-compatible stores) behind one interface: list, read, and a pyarrow filesystem.
+
+boto3 lists and reads objects (it reports each object's ETag and VersionId); pyarrow's S3FileSystem writes
+and reads Parquet. Both get the same settings from ``StorageConfig``: standard retry mode (throttling such
+as 503 SlowDown and transient 5xx are retried with backoff), connect/read timeouts, a connection pool.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pyarrow import fs as pafs
+
+from pipeline.config import StorageConfig
+
+GLOB_CHARS = "*?["
+URI_LIST_SUFFIX = ".txt"
+
+
+class InputError(ValueError):
+    """The input location does not exist or holds no files."""
+
+
+class StorageError(RuntimeError):
+    """Object storage is unreachable, a bucket is missing, or access is denied; the message says which."""
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    """A document found by listing. ``size`` is -1 when unknown (a URI from a list file)."""
+
+    uri: str
+    size: int
+    etag: str | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ObjectBytes:
+    data: bytes
+    size: int
+    etag: str | None
+    version_id: str | None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def endpoint_of(storage: StorageConfig) -> str | None:
+    return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def s3_client(storage: StorageConfig):
+    """One boto3 client per process and settings (clients are thread-safe and pool their connections)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_of(storage),
+        region_name=storage.region,
+        config=Config(
+            retries={"mode": "standard", "max_attempts": storage.max_attempts},
+            connect_timeout=storage.connect_timeout_s,
+            read_timeout=storage.read_timeout_s,
+            max_pool_connections=storage.max_pool_connections,
+            s3={"addressing_style": "path"} if endpoint_of(storage) else {},
+        ),
+    )
+
+
+def filesystem_for(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or an s3:// URI."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    endpoint = endpoint_of(storage)
+    options: dict[str, Any] = {
+        "region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        "connect_timeout": storage.connect_timeout_s,
+        "request_timeout": storage.read_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    bucket, key = split_s3(uri)
+    return pafs.S3FileSystem(**options), f"{bucket}/{key}".rstrip("/")
+
+
+def describe_client_error(error: Exception, what: str) -> str:
+    """A readable reason for a failed storage call; never includes credentials (botocore errors don't)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return f"{what}: no AWS credentials found (environment, profile or instance role)"
+    if isinstance(error, EndpointConnectionError):
+        return f"{what}: cannot reach the S3 endpoint {error.kwargs.get('endpoint_url', '')}".rstrip()
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket", "404") or (status == 404 and "bucket" in what):
+            return f"{what}: the bucket does not exist"
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return f"{what}: access denied ({code}); check the credentials and the bucket policy"
+        return f"{what}: {code or status}: {error.response.get('Error', {}).get('Message', '')}".rstrip(": ")
+    return f"{what}: {type(error).__name__}: {error}"
+
+
+def check_bucket(uri: str, storage: StorageConfig) -> None:
+    """Fail fast (before any work) on a missing bucket, a wrong endpoint or denied credentials."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _ = split_s3(uri)
+    try:
+        s3_client(storage).head_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as error:
+        raise StorageError(describe_client_error(error, f"bucket {bucket!r} ({uri})")) from None
+
+
+def _list_s3(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    pattern = key if any(char in key for char in GLOB_CHARS) else None
+    prefix = key[: min(key.index(char) for char in GLOB_CHARS if char in key)] if pattern else key
+    paginator = s3_client(storage).get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
+            for item in page.get("Contents", []):
+                if item["Key"].endswith("/") or (pattern and not fnmatch.fnmatchcase(item["Key"], pattern)):
+                    continue
+                yield DocumentRef(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item["ETag"].strip('"'))
+    except (BotoCoreError, ClientError) as error:
+        raise StorageError(describe_client_error(error, f"listing {uri}")) from None
+
+
+def _list_local(uri: str) -> Iterator[DocumentRef]:
+    if any(char in uri for char in GLOB_CHARS):
+        paths = [Path(p) for p in glob.glob(os.path.expanduser(uri), recursive=True)]
+    else:
+        root = Path(uri).expanduser()
+        if not root.exists():
+            raise InputError(f"input {uri} does not exist")
+        paths = list(root.rglob("*")) if root.is_dir() else [root]
+    for path in sorted(p.resolve() for p in paths if p.is_file()):
+        yield DocumentRef(str(path), path.stat().st_size)
+
+
+def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
+    """A text file with one URI per line (blank lines and # comments skipped); sizes are learnt when read."""
+    filesystem, path = filesystem_for(uri, storage)
+    with filesystem.open_input_stream(path) as stream:
+        lines = stream.read().decode().splitlines()
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield DocumentRef(line if is_s3(line) else str(Path(line).expanduser().resolve()), -1)
+
+
+def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
+    """Stream the documents of an input: folder (recursive), file, glob, s3:// prefix or glob, or a .txt list.
+
+    S3 listings are paginated (1000 keys a request) and yielded as they arrive."""
+    if input_uri.endswith(URI_LIST_SUFFIX) and not any(char in input_uri for char in GLOB_CHARS):
+        yield from _list_uri_file(input_uri, storage)
+    elif is_s3(input_uri):
+        yield from _list_s3(input_uri, storage)
+    else:
+        yield from _list_local(input_uri)
+
+
+def check_input(input_uri: str, storage: StorageConfig) -> None:
+    """Before any work: the input's bucket is reachable and the input holds at least one file."""
+    if is_s3(input_uri):
+        check_bucket(input_uri, storage)
+    if next(iter_documents(input_uri, storage), None) is None:
+        raise InputError(f"no files found at input {input_uri}")
+
+
+def read_object(uri: str, storage: StorageConfig, max_bytes: int) -> ObjectBytes:
+    """Read a whole object, or only learn its size when it is over ``max_bytes`` (then ``data`` is empty)."""
+    if not is_s3(uri):
+        path = Path(uri)
+        size = path.stat().st_size
+        return ObjectBytes(path.read_bytes() if size <= max_bytes else b"", size, None, None)
+    bucket, key = split_s3(uri)
+    response = s3_client(storage).get_object(Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        size = int(response["ContentLength"])
+        data = body.read() if size <= max_bytes else b""
+    finally:
+        body.close()
+    return ObjectBytes(data, size, response.get("ETag", "").strip('"') or None, response.get("VersionId"))
