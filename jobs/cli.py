@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s docqa %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s docqa %(message)s", datefmt="%H:%M:%S", force=True)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

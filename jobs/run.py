@@ -173,7 +173,7 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
     if is_s3(config.output):
         check_bucket(config.output, config.storage)
     try:
-        writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}", config.storage)
+        writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}", config.storage, config.output_rows_per_file)
     except OSError as error:
         raise StorageError(f"cannot write to output {config.output}: {error}") from None
     log.info("run %s: %s → %s", run_id, config.input, writer.directory)

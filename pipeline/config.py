@@ -118,6 +118,9 @@ class StorageConfig(_Strict):
 class JobConfig(_Strict):
     input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
     output: str = Field(min_length=1, description="Folder or s3:// prefix the runs are written under.")
+    output_rows_per_file: int = Field(
+        50_000, ge=1, description="Rows per Parquet file; files are written as rows arrive."
+    )
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     questions: list[QuestionTemplate] = Field(min_length=1)
     model: ModelConfig = ModelConfig()

@@ -7,13 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from actors.tiny import build_tiny_idefics2
+from jobs.samples import write_samples
+
 # No test may reach the Hugging Face Hub: the default checkpoint must fail fast and clearly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Credentials for the loopback S3 server, set before Ray starts so its workers inherit them. Distinctive
+# values, so tests can prove they never reach logs, errors or outputs.
+AWS_ACCESS_KEY_ID = "AKIADOCQATESTKEY0001"
+AWS_SECRET_ACCESS_KEY = "docqa-test-secret-do-not-log-9f3a7c"
+os.environ.update(
+    AWS_ACCESS_KEY_ID=AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY=AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION="us-east-1"
+)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_PROFILE", None)
 
-from actors.tiny import build_tiny_idefics2
-from jobs.samples import write_samples
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "format-corpus"
 
@@ -30,6 +40,19 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto) on loopback; tests reach it over HTTP through boto3 and pyarrow."""
+    import logging
+
+    from tests.s3_server import start_moto
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server, url = start_moto()
+    yield url
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,267 @@
+"""Object storage end to end against a real S3 endpoint on loopback (moto server), with faults injected."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.samples import invoice_pdf
+from pipeline.config import StorageConfig
+from pipeline.rows import Status
+from pipeline.sink import committed_runs, read_committed
+from tests.conftest import AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+from tests.s3_server import FaultProxy
+
+QUICK_JOB = {
+    "input": "unused",
+    "output": "unused",
+    "questions": [{"id": "total", "text": "Total?", "pages": "first", "max_new_tokens": 2}],
+    "render": {"image_splitting": False},
+    "actors": {"batch_size": 16},
+}
+
+
+def _client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def _fill_bucket(endpoint: str, bucket: str, pdfs: int, others: int) -> tuple[set[str], set[str]]:
+    """PDFs across prefixes (every third key without a .pdf suffix), non-PDF objects, and keys outside the input."""
+    client = _client(endpoint)
+    client.create_bucket(Bucket=bucket)
+    pdf_keys, other_keys = set(), set()
+    for number in range(pdfs):
+        key = f"in/{2025 + number % 2}/{number % 7:02d}/doc-{number:04d}{'' if number % 3 == 0 else '.pdf'}"
+        client.put_object(Bucket=bucket, Key=key, Body=invoice_pdf(number, 1, (300, 400)))
+        pdf_keys.add(f"s3://{bucket}/{key}")
+    for number in range(others):
+        key = f"in/misc/note-{number:03d}.{'pdf' if number % 2 else 'json'}"
+        client.put_object(Bucket=bucket, Key=key, Body=b'{"not": "a pdf"}')
+        other_keys.add(f"s3://{bucket}/{key}")
+    client.put_object(Bucket=bucket, Key="elsewhere/outside.pdf", Body=invoice_pdf(1, 1, (300, 400)))
+    return pdf_keys, other_keys
+
+
+def _job(tmp_path: Path, endpoint: str, **extra) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**QUICK_JOB, "storage": {"endpoint_url": endpoint}, **extra}))
+    return path
+
+
+def _assert_no_credentials(text: str | bytes) -> None:
+    for secret in (AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID):
+        assert (secret.encode() if isinstance(text, bytes) else secret) not in text
+
+
+def test_bucket_of_pdfs_is_processed_exactly_once(
+    ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path, capsys
+) -> None:
+    pdf_keys, other_keys = _fill_bucket(s3_endpoint, "bulk", pdfs=300, others=40)
+    job = _job(tmp_path, s3_endpoint)
+    code = main(
+        [
+            "run",
+            "--config",
+            str(job),
+            "--input",
+            "s3://bulk/in/",
+            "--output",
+            "s3://bulk/out/",
+            "--model",
+            str(tiny_model),
+            "--run-id",
+            "bulk-1",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    rows = read_committed("s3://bulk/out/", storage=storage).to_pylist()
+    documents = [row["document"] for row in rows]
+    assert len(documents) == len(set(documents)) == len(pdf_keys) + len(other_keys)
+    assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
+    assert {row["document"] for row in rows if row["status"] == Status.NOT_PDF} == other_keys
+    client = _client(s3_endpoint)
+    for row in rows[:: len(rows) // 15]:
+        key = row["document"].removeprefix("s3://bulk/")
+        assert row["etag"] == client.head_object(Bucket="bulk", Key=key)["ETag"].strip('"')
+        assert row["file_size"] == client.head_object(Bucket="bulk", Key=key)["ContentLength"]
+    [record] = committed_runs("s3://bulk/out/", storage)
+    assert record["directory"].startswith("bulk/out/runs/") and record["counts"]["documents"]["ok"] == len(pdf_keys)
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket="bulk", Prefix="out/")["Contents"]]
+    assert any(key.endswith("/_run.json") for key in keys) and any(key.endswith(".parquet") for key in keys)
+    body = client.get_object(Bucket="bulk", Key=next(k for k in keys if k.endswith("_run.json")))["Body"].read()
+    _assert_no_credentials(body)
+    _assert_no_credentials(captured.out + captured.err)
+    for key in keys:
+        _assert_no_credentials(client.get_object(Bucket="bulk", Key=key)["Body"].read())
+
+
+def test_throttling_and_server_errors_are_retried_with_nothing_lost_or_duplicated(
+    ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
+) -> None:
+    pdf_keys, other_keys = _fill_bucket(s3_endpoint, "flaky", pdfs=60, others=4)
+    proxy = FaultProxy(s3_endpoint, every=5)  # every 5th request: 503 SlowDown or 500 InternalError
+    try:
+        job = _job(tmp_path, proxy.url, output_rows_per_file=7)
+        code = main(
+            [
+                "run",
+                "--config",
+                str(job),
+                "--input",
+                "s3://flaky/in/",
+                "--output",
+                "s3://flaky/out/",
+                "--model",
+                str(tiny_model),
+            ]
+        )
+        assert code == 0
+    finally:
+        proxy.stop()
+    assert sum(proxy.injected.values()) >= 20
+    assert {fault.split()[0] for fault in proxy.injected} >= {"GET", "PUT"}  # reads, listing and writes all hit
+    rows = read_committed("s3://flaky/out/", storage=StorageConfig(endpoint_url=s3_endpoint)).to_pylist()
+    documents = [row["document"] for row in rows]
+    assert sorted(documents) == sorted(pdf_keys | other_keys)
+    assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
+
+
+def test_a_killed_run_leaves_nothing_visible_and_the_previous_run_readable(
+    ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
+) -> None:
+    _fill_bucket(s3_endpoint, "crash", pdfs=40, others=0)
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    job = _job(tmp_path, s3_endpoint, output_rows_per_file=2)
+    args = [
+        "--config",
+        str(job),
+        "--input",
+        "s3://crash/in/",
+        "--output",
+        "s3://crash/out/",
+        "--model",
+        str(tiny_model),
+    ]
+    assert main(["run", *args, "--run-id", "good"]) == 0
+    before = read_committed("s3://crash/out/", storage=storage)
+
+    environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", *args, "--run-id", "killed"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    client = _client(s3_endpoint)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        listed = client.list_objects_v2(Bucket="crash", Prefix="out/").get("Contents", [])
+        if any("/killed/part-" in item["Key"] for item in listed):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the run finished before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    output, _ = driver.communicate()
+    _assert_no_credentials(output)
+
+    leftovers = [
+        i["Key"] for i in client.list_objects_v2(Bucket="crash", Prefix="out/")["Contents"] if "/killed/" in i["Key"]
+    ]
+    assert any(key.endswith(".parquet") for key in leftovers) and not any(
+        key.endswith("_run.json") for key in leftovers
+    )
+    assert [record["run_id"] for record in committed_runs("s3://crash/out/", storage)] == ["good"]
+    assert read_committed("s3://crash/out/", storage=storage).equals(before)
+
+
+@pytest.mark.parametrize(
+    ("endpoint_kind", "input_uri", "message"),
+    [
+        (
+            "real",
+            "s3://no-such-bucket/in/",
+            "bucket 'no-such-bucket' (s3://no-such-bucket/in/): the bucket does not exist",
+        ),
+        ("deny", "s3://bulk/in/", "access denied"),
+        ("closed", "s3://bulk/in/", "cannot reach the S3 endpoint"),
+    ],
+)
+def test_storage_problems_fail_fast_with_a_clear_message(
+    ray_session,
+    tiny_model: Path,
+    s3_endpoint: str,
+    tmp_path: Path,
+    capsys,
+    endpoint_kind: str,
+    input_uri: str,
+    message: str,
+) -> None:
+    proxy = FaultProxy(s3_endpoint, deny_all=True) if endpoint_kind == "deny" else None
+    endpoint = {"real": s3_endpoint, "deny": proxy.url if proxy else "", "closed": "http://127.0.0.1:9"}[endpoint_kind]
+    job = _job(tmp_path, endpoint, storage={"endpoint_url": endpoint, "max_attempts": 2, "connect_timeout_s": 1})
+    started = time.monotonic()
+    code = main(
+        [
+            "run",
+            "--config",
+            str(job),
+            "--input",
+            input_uri,
+            "--output",
+            "s3://bulk/elsewhere/",
+            "--model",
+            str(tiny_model),
+        ]
+    )
+    err = capsys.readouterr().err
+    if proxy:
+        proxy.stop()
+    assert code == 1 and message in err and "Traceback" not in err
+    assert time.monotonic() - started < 30
+    _assert_no_credentials(err)
+
+
+def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.storage import iter_documents, read_object
+
+    client = _client(s3_endpoint)
+    client.create_bucket(Bucket="listing")
+    keys = [f"deep/{n % 3}/k{n:05d}{'.pdf' if n % 2 else ''}" for n in range(2100)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket="listing", Key=key, Body=b"%PDF-1.4"), keys))
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    listed = [ref.uri for ref in iter_documents("s3://listing/deep/", storage)]  # 3 pages of at most 1000 keys
+    assert sorted(listed) == sorted(f"s3://listing/{key}" for key in keys)
+    globbed = {ref.uri for ref in iter_documents("s3://listing/deep/1/*.pdf", storage)}
+    assert globbed == {f"s3://listing/{key}" for key in keys if key.startswith("deep/1/") and key.endswith(".pdf")}
+
+    client.put_object(
+        Bucket="listing",
+        Key="lists/tonight.txt",
+        Body=b"# two documents\ns3://listing/deep/0/k00000\n\ns3://listing/deep/1/k00001.pdf\n",
+    )
+    assert [ref.uri for ref in iter_documents("s3://listing/lists/tonight.txt", storage)] == [
+        "s3://listing/deep/0/k00000",
+        "s3://listing/deep/1/k00001.pdf",
+    ]
+
+    client.create_bucket(Bucket="versioned")
+    client.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+    first = client.put_object(Bucket="versioned", Key="a.pdf", Body=b"%PDF-1.4 one")["VersionId"]
+    second = client.put_object(Bucket="versioned", Key="a.pdf", Body=b"%PDF-1.4 two!")["VersionId"]
+    read = read_object("s3://versioned/a.pdf", storage, max_bytes=1000)
+    assert (read.data, read.size, read.version_id) == (b"%PDF-1.4 two!", 13, second) and first != second
+    assert read.etag == client.head_object(Bucket="versioned", Key="a.pdf")["ETag"].strip('"')
+    too_big = read_object("s3://versioned/a.pdf", storage, max_bytes=5)
+    assert (too_big.data, too_big.size) == (b"", 13)
