@@ -45,11 +45,8 @@ def ray_session():
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 server (moto) on loopback; tests reach it over HTTP through boto3 and pyarrow."""
-    import logging
-
     from tests.s3_server import start_moto
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server, url = start_moto()
     yield url
     server.stop()
