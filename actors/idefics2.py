@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import JobConfig, ModelConfig
+from pipeline.config import JobConfig, ModelConfig, QuestionTemplate
 from pipeline.documents import file_name_of
 from pipeline.images import ImageGeometry, ModelLoadError, PixelNormalizer, model_load_hint, unpack_images
 from pipeline.rows import Status, rows_to_table
@@ -143,12 +143,16 @@ class Idefics2Predictor:
     def __init__(self, config: JobConfig, geometry: ImageGeometry, run_id: str) -> None:
         self.config = config
         self.run_id = run_id
+        self.fingerprint = config.fingerprint()
         self.engine = Idefics2Engine(config.model, geometry, resolve_device(config.actors.num_gpus_per_actor))
 
     def _base(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "document": batch["uri"][i],
+            "source_version": batch["source_version"][i] or None,
+            "config_fingerprint": self.fingerprint,
+            "document_rows": int(batch["document_rows"][i]),
             "file_size": int(batch["file_size"][i]),
             "etag": batch["etag"][i] or None,
             "version_id": batch["version_id"][i] or None,
@@ -162,16 +166,37 @@ class Idefics2Predictor:
             "render_ms": float(batch["render_ms"][i]) or None,
         }
 
+    def _page_questions(
+        self, batch: dict[str, np.ndarray], i: int, **fields: Any
+    ) -> list[tuple[QuestionTemplate, dict[str, Any]]]:
+        """Each question that applies to page ``i``, with the page's row for it (question text filled in)."""
+        base = {**self._base(batch, i), **fields}
+        file_name = file_name_of(base["document"])
+        return [
+            (
+                template,
+                {
+                    **base,
+                    "question_id": template.id,
+                    "question": template.question(file_name, base["page_number"], base["num_pages"]),
+                },
+            )
+            for template in self.config.questions_for_page(base["page_number"], base["num_pages"])
+        ]
+
+    def _error_rows(self, batch: dict[str, np.ndarray], i: int, **fields: Any) -> list[dict[str, Any]]:
+        """A failed document is one row; a failed page is one row per question that applies to it."""
+        if not int(batch["page_number"][i]):
+            return [{**self._base(batch, i), **fields}]
+        return [row for _, row in self._page_questions(batch, i, **fields)]
+
     def _answer_rows(self, batch: dict[str, np.ndarray], page_indices: list[int]) -> list[dict[str, Any]]:
         pages, prompts, rows = [], [], []
         for slot, i in enumerate(page_indices):
             pages.append(unpack_images(batch["sub_images"][i], batch["sub_image_shapes"][i]))
-            base = self._base(batch, i)
-            file_name = file_name_of(base["document"])
-            for template in self.config.questions_for_page(base["page_number"], base["num_pages"]):
-                question = template.question(file_name, base["page_number"], base["num_pages"])
-                prompts.append(Prompt(slot, template.prompt(question), template.max_new_tokens))
-                rows.append({**base, "question_id": template.id, "question": question})
+            for template, row in self._page_questions(batch, i):
+                prompts.append(Prompt(slot, template.prompt(row["question"]), template.max_new_tokens))
+                rows.append(row)
         answers = self.engine.answer(pages, prompts)
         for row, answer in zip(rows, answers, strict=True):
             row.update(
@@ -185,7 +210,7 @@ class Idefics2Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         size = len(batch["uri"])
         ok = [i for i in range(size) if batch["status"][i] == Status.OK]
-        rows = [self._base(batch, i) for i in range(size) if batch["status"][i] != Status.OK]
+        rows = [row for i in range(size) if batch["status"][i] != Status.OK for row in self._error_rows(batch, i)]
         if not ok:
             return rows_to_table(rows)
         try:
@@ -195,6 +220,6 @@ class Idefics2Predictor:
                 try:
                     rows += self._answer_rows(batch, [i])
                 except Exception as error:  # noqa: BLE001 - recorded on the page's row
-                    reason = f"model failed on this page: {type(error).__name__}: {error}"
-                    rows.append({**self._base(batch, i), "status": Status.MODEL_ERROR.value, "error": reason[:2000]})
+                    reason = f"model failed on this page: {type(error).__name__}: {error}"[:2000]
+                    rows += self._error_rows(batch, i, status=Status.MODEL_ERROR.value, error=reason)
         return rows_to_table(rows)

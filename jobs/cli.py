@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import UTC, date, datetime
 from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from jobs.submit import SubmitError
+from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.images import ModelLoadError
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
@@ -22,17 +24,14 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
     return field.strip(), yaml.safe_load(value) if value else value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="docqa", description="Document OCR and question answering on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run a job: PDFs → answers in Parquet")
-    run.add_argument("--config", required=True, help="job config (YAML)")
-    run.add_argument("--input", help="override input: folder, file or glob of PDFs")
-    run.add_argument("--output", help="override output folder")
-    run.add_argument("--model", help="override model.id: hub id or local checkpoint directory")
-    run.add_argument("--run-id", help="override the run id (default: UTC time + random suffix)")
-    run.add_argument(
+def _add_config_arguments(parser: argparse.ArgumentParser, run_id: bool = True) -> None:
+    parser.add_argument("--config", required=True, help="job config (YAML)")
+    parser.add_argument("--input", help="override input: folder, file, glob, s3:// prefix or .txt list of URIs")
+    parser.add_argument("--output", help="override output: folder or s3:// prefix")
+    parser.add_argument("--model", help="override model.id: hub id or local checkpoint directory")
+    if run_id:
+        parser.add_argument("--run-id", help="override the run id (default: UTC time + random suffix)")
+    parser.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -42,6 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set actors.batch_size=8 --set questions.0.max_new_tokens=16",
     )
 
+
+def _add_job_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("submission_id", metavar="ID")
+    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="docqa", description="Document OCR and question answering on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job: PDFs → answers in Parquet")
+    _add_config_arguments(run)
+
+    nightly = commands.add_parser("nightly", help="the incremental run a scheduler calls: new or changed documents")
+    _add_config_arguments(nightly, run_id=False)
+    nightly.add_argument("--date", type=_parse_date, default=None, help="run date YYYY-MM-DD (default: today, UTC)")
+
+    submit = commands.add_parser("submit", help="submit a run (or a nightly run) to a Ray cluster as a Ray Job")
+    _add_config_arguments(submit)
+    submit.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--nightly", action="store_true", help="submit the nightly run (id fixed by the date)")
+    submit.add_argument("--date", type=_parse_date, default=None, help="with --nightly: run date (default today)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 1 unless it succeeds")
+
+    for name, text in [("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")]:
+        command = commands.add_parser(name, help=text)
+        _add_job_id(command)
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     tiny = model_commands.add_parser("tiny", help="build the tiny offline Idefics2 used by the demo and the tests")
@@ -49,18 +78,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    from jobs.run import run_job
+def _parse_date(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
+
+def _config(args: argparse.Namespace) -> JobConfig:
     overrides = dict(args.assignments)
     for field, value in [("input", args.input), ("output", args.output), ("model.id", args.model)]:
         if value is not None:
             overrides[field] = value
-    if args.run_id is not None:
+    if getattr(args, "run_id", None) is not None:
         overrides["run_id"] = args.run_id
-    config = load_config(args.config, overrides)
-    summary = run_job(config)
-    print(summary.text())
+    return load_config(args.config, overrides)
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from jobs.run import run_job
+
+        print(run_job(_config(args)).text())
+        return 0
+    if args.command == "nightly":
+        from jobs.run import nightly_run_id, run_nightly
+
+        run_date = args.date or _today()
+        summary = run_nightly(_config(args), run_date)
+        print(summary.text() if summary else f"run {nightly_run_id(run_date)} is already committed; nothing to do")
+        return 0
+    if args.command == "model":
+        from actors.tiny import build_tiny_idefics2
+
+        print(f"tiny Idefics2 saved to {build_tiny_idefics2(args.path)}")
+        return 0
+    from jobs import submit
+
+    if args.command == "submit":
+        nightly_date = (args.date or _today()) if args.nightly else None
+        submission_id = submit.submit(_config(args), args.address, nightly_date)
+        print(submission_id)
+        if args.wait:
+            final = submit.wait(args.address, submission_id)
+            print(final)
+            return 0 if final == "SUCCEEDED" else 1
+        return 0
+    if args.command == "status":
+        print(submit.status(args.address, args.submission_id))
+    elif args.command == "logs":
+        submit.logs(args.address, args.submission_id, args.follow)
+    elif args.command == "stop":
+        print("stopped" if submit.stop(args.address, args.submission_id) else "already finished")
     return 0
 
 
@@ -68,16 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s docqa %(message)s", datefmt="%H:%M:%S", force=True)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        from actors.tiny import build_tiny_idefics2
-
-        print(f"tiny Idefics2 saved to {build_tiny_idefics2(args.path)}")
-        return 0
+        return _dispatch(args)
     except ConfigError as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 2
-    except (InputError, ModelLoadError, RunExistsError, StorageError) as error:
+    except (InputError, ModelLoadError, RunExistsError, StorageError, SubmitError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 1
 

@@ -14,13 +14,15 @@ from importlib import metadata
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.budget import start_ledger
 from pipeline.config import JobConfig
 from pipeline.documents import DocumentListing, ReadDocument
 from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, resolve_image_geometry
 from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import Status
-from pipeline.sink import RunWriter
+from pipeline.rows import RETRYABLE, Status
+from pipeline.sink import RunWriter, committed_runs, read_committed
 from pipeline.storage import StorageError, check_bucket, check_input, is_s3
 
 log = logging.getLogger("docqa")
@@ -86,6 +88,7 @@ class RunSummary:
     output: str
     counts: dict[str, Any]
     wall_s: float
+    ledger: dict[str, int]
 
     def text(self) -> str:
         documents = self.counts["documents"]
@@ -98,6 +101,8 @@ class RunSummary:
             f"  documents: {ok + sum(failed.values())} ({ok} ok; failed: {failed_text})\n"
             f"  pages: {pages} ({self.counts['pages'].get(Status.OK.value, 0)} ok) · answers: {self.counts['answers']}"
             f" · rows: {self.counts['rows']}\n"
+            f"  skipped (unchanged since a committed run): {self.ledger['unchanged_documents']} · left for the next"
+            f" run: {self.ledger['left_documents'] + self.ledger['deferred_documents']}\n"
             f"  wall time: {self.wall_s:.1f}s ({pages / max(self.wall_s, 1e-9):.2f} pages/s)\n"
             f"  output: {self.record_path.rsplit('/', 1)[0]}"
         )
@@ -128,8 +133,32 @@ def check_model(config: JobConfig) -> str | None:
     return getattr(model_config, "_commit_hash", None)
 
 
-def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str):
-    """The Ray Data plan: read → rasterize → split (CPU tasks) → Idefics2 actor pool, streamed end to end."""
+def completed_documents(config: JobConfig, recovered: pa.Table) -> frozenset[tuple[str, str]]:
+    """(URI, version) of documents that already have a complete, final set of rows for this config's
+    fingerprint in a committed run (or in the recovered parts of this run): these are not processed again."""
+    columns = ["run_id", "document", "source_version", "config_fingerprint", "document_rows", "status"]
+    rows = pa.concat_tables(
+        [read_committed(config.output, storage=config.storage, columns=columns), recovered.select(columns)]
+    )
+    rows = rows.filter(pc.equal(rows.column("config_fingerprint"), config.fingerprint()))
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for run_id, document, version, _, expected, status in zip(*rows.to_pydict().values(), strict=True):
+        if version is None:
+            continue
+        group = groups.setdefault((run_id, document, version), [0, expected, 0])
+        group[0] += 1
+        group[2] += status in RETRYABLE
+    return frozenset(
+        (document, version)
+        for (_, document, version), (count, expected, retry) in groups.items()
+        if count >= expected and not retry
+    )
+
+
+def build_dataset(
+    config: JobConfig, geometry: ImageGeometry, run_id: str, completed: frozenset[tuple[str, str]], ledger
+):
+    """The Ray Data plan: list → read → rasterize → split (CPU tasks) → Idefics2 actor pool, streamed."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -140,9 +169,11 @@ def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str):
     # keeps Ray from fusing them into the actor, where they would hold up the GPU.
     cpu_stage = {"num_cpus": 1, "memory": config.render.task_memory_mb * 1024 * 1024}
     return (
-        ray.data.read_datasource(DocumentListing(config.input, config.storage))
+        ray.data.read_datasource(
+            DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger)
+        )
         .map(ReadDocument(config.limits, config.storage), **cpu_stage)
-        .flat_map(RasterizeDocument(config, geometry), **cpu_stage)
+        .flat_map(RasterizeDocument(config, geometry, ledger if config.budget.max_pages else None), **cpu_stage)
         .map(SplitPage(geometry), **cpu_stage)
         .map_batches(
             Idefics2Predictor,
@@ -164,7 +195,13 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
+def run_job(
+    config: JobConfig, progress_interval_s: float = 5.0, run_date: str | None = None, resume: bool = False
+) -> RunSummary:
+    """One run: fail fast on config, model and storage problems, stream the pipeline, commit.
+
+    Documents with committed results for this config are skipped. With ``resume``, complete documents an
+    earlier attempt of the same run id wrote before it died are kept, not processed again."""
     started_at = datetime.now(UTC)
     run_id = config.run_id or new_run_id(started_at)
     geometry = resolve_image_geometry(config.model, config.render)
@@ -173,24 +210,41 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
     if is_s3(config.output):
         check_bucket(config.output, config.storage)
     try:
-        writer = RunWriter(config.output, run_id, f"{started_at:%Y-%m-%d}", config.storage, config.output_rows_per_file)
+        writer = RunWriter(
+            config.output,
+            run_id,
+            run_date or f"{started_at:%Y-%m-%d}",
+            config.storage,
+            config.output_rows_per_file,
+            resume,
+        )
     except OSError as error:
         raise StorageError(f"cannot write to output {config.output}: {error}") from None
     log.info("run %s: %s → %s", run_id, config.input, writer.directory)
 
     ensure_ray()
+    import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     stats = RunStats()
+    if writer.recovered.num_rows:
+        log.info("resuming run %s: %d rows of an earlier attempt kept", run_id, writer.recovered.num_rows)
+        stats.add(writer.recovered)
+    completed = completed_documents(config, writer.recovered)
+    ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
-    for batch in build_dataset(config, geometry, run_id).iter_batches(batch_format="pyarrow", batch_size=None):
+    dataset = build_dataset(config, geometry, run_id, completed, ledger)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch = batch.filter(pc.not_equal(batch.column("status"), Status.DEFERRED.value))
         writer.write(batch)
         stats.add(batch)
         if time.monotonic() - last_report >= progress_interval_s:
             log.info("%s", stats.progress_line())
             last_report = time.monotonic()
     log.info("%s", stats.progress_line())
+    ledger_report = ray.get(ledger.report.remote())
+    ray.kill(ledger)
 
     finished_at = datetime.now(UTC)
     record = {
@@ -205,6 +259,20 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0) -> RunSummary:
         "image_geometry": geometry.__dict__,
         "versions": package_versions(),
         "counts": stats.counts(),
+        "incremental": {"config_fingerprint": config.fingerprint(), **ledger_report},
     }
     record_path = writer.commit(record)
-    return RunSummary(run_id, record_path, config.output, stats.counts(), stats.elapsed)
+    return RunSummary(run_id, record_path, config.output, stats.counts(), stats.elapsed, ledger_report)
+
+
+def nightly_run_id(date: str) -> str:
+    return f"nightly-{date}"
+
+
+def run_nightly(config: JobConfig, date: str, progress_interval_s: float = 5.0) -> RunSummary | None:
+    """The incremental run a scheduler calls once a night: a run id fixed by the date, so that firing twice
+    does nothing the second time and a rerun after a crash resumes. None when it is already committed."""
+    run_id = nightly_run_id(date)
+    if any(record["run_id"] == run_id for record in committed_runs(config.output, config.storage)):
+        return None
+    return run_job(config.model_copy(update={"run_id": run_id}), progress_interval_s, run_date=date, resume=True)

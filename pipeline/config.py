@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +117,13 @@ class StorageConfig(_Strict):
     max_pool_connections: int = Field(32, ge=1)
 
 
+class BudgetConfig(_Strict):
+    """Caps for one run over a large backlog; what is left is reported and picked up by the next run."""
+
+    max_documents: int | None = Field(None, ge=1, description="New or changed documents taken per run.")
+    max_pages: int | None = Field(None, ge=1, description="Pages rendered per run (whole documents only).")
+
+
 class JobConfig(_Strict):
     input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
     output: str = Field(min_length=1, description="Folder or s3:// prefix the runs are written under.")
@@ -128,6 +137,7 @@ class JobConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     actors: ActorPoolConfig = ActorPoolConfig()
     storage: StorageConfig = StorageConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     @field_validator("questions")
     @classmethod
@@ -148,6 +158,16 @@ class JobConfig(_Strict):
 
     def questions_for_page(self, page_number: int, num_pages: int) -> list[QuestionTemplate]:
         return [question for question in self.questions if question.applies_to(page_number, num_pages)]
+
+    def fingerprint(self) -> str:
+        """What the answers depend on (questions, model, rendering): a document is processed again when it
+        changes. Limits, actors, storage and budgets do not change answers and are left out."""
+        relevant = {
+            "questions": [question.model_dump(mode="json") for question in self.questions],
+            "model": self.model.model_dump(mode="json"),
+            "render": {"backend": self.render.backend, "image_splitting": self.render.image_splitting},
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
         """The config as written to run records: plain JSON values, secrets masked."""

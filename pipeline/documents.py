@@ -14,7 +14,7 @@ from pipeline.config import LimitsConfig, StorageConfig
 from pipeline.rows import Status
 from pipeline.storage import iter_documents, read_object
 
-REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
+REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("version", pa.string())])
 
 
 def file_name_of(uri: str) -> str:
@@ -23,19 +23,43 @@ def file_name_of(uri: str) -> str:
 
 class DocumentListing(Datasource):
     """The input listing as a Ray Data source: one read task pages through the listing and emits one block
-    per document as it goes, so the driver never holds the listing and work starts on the first page."""
+    per document as it goes, so the driver never holds the listing and work starts on the first page.
 
-    def __init__(self, input_uri: str, storage: StorageConfig) -> None:
+    Documents whose (URI, version) already has committed results are skipped; past ``max_documents`` the
+    rest are only counted, and both counts go to the run's ledger."""
+
+    def __init__(
+        self,
+        input_uri: str,
+        storage: StorageConfig,
+        completed: frozenset[tuple[str, str]] = frozenset(),
+        max_documents: int | None = None,
+        ledger=None,
+    ) -> None:
         super().__init__()
         self.input_uri = input_uri
         self.storage = storage
+        self.completed = completed
+        self.max_documents = max_documents
+        self.ledger = ledger
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def _blocks(self) -> Iterator[pa.Table]:
+        taken = unchanged = left = 0
         for ref in iter_documents(self.input_uri, self.storage):
-            yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+            if ref.version is not None and (ref.uri, ref.version) in self.completed:
+                unchanged += 1
+            elif self.max_documents is not None and taken >= self.max_documents:
+                left += 1
+            else:
+                taken += 1
+                yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+        if self.ledger is not None:
+            import ray
+
+            ray.get(self.ledger.record_listing.remote(unchanged, left))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
@@ -59,6 +83,7 @@ class ReadDocument:
         out = {
             "uri": uri,
             "file_size": int(row["size"]),
+            "source_version": row["version"] or "",
             "etag": row["etag"] or "",
             "version_id": "",
             "sha256": "",
@@ -76,7 +101,13 @@ class ReadDocument:
 
             out.update(status=Status.READ_ERROR.value, error=describe_client_error(error, f"cannot read {uri}"))
             return out
-        out.update(file_size=read.size, etag=read.etag or out["etag"], version_id=read.version_id or "")
+        etag = read.etag or out["etag"]
+        out.update(
+            file_size=read.size,
+            etag=etag,
+            version_id=read.version_id or "",
+            source_version=out["source_version"] or etag,  # a URI from a list file learns its version here
+        )
         if read.size > limit:
             return {**out, **_too_large(read.size, limit)}
         out.update(data=read.data, sha256=hashlib.sha256(read.data).hexdigest())

@@ -19,7 +19,8 @@ from pipeline.images import ImageGeometry
 from pipeline.rows import Status
 
 PDF_MAGIC = b"%PDF-"
-DOCUMENT_FIELDS = ("uri", "file_size", "etag", "version_id", "sha256")  # carried from the read stage to the rows
+# Carried from the read stage to every row of the document.
+DOCUMENT_FIELDS = ("uri", "file_size", "source_version", "etag", "version_id", "sha256")
 PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
 
 
@@ -142,15 +143,17 @@ def rendered_size(page_size: tuple[float, float], longest_edge: int) -> tuple[in
 class RasterizeDocument:
     """Ray Data stage (flat_map): a read document → one row per rendered page, or one row saying why not."""
 
-    def __init__(self, config: JobConfig, geometry: ImageGeometry) -> None:
+    def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
         self.config = config
         self.geometry = geometry
+        self.ledger = ledger  # the run's page budget, when it has one
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         base = {
             **{field: row[field] for field in DOCUMENT_FIELDS},
             "num_pages": 0,
             "page_number": 0,
+            "document_rows": 1,
             "status": row["status"],
             "error": row["error"],
             "render_ms": 0.0,
@@ -180,6 +183,15 @@ class RasterizeDocument:
         if not pages:
             reason = f"no question applies to any of its {num_pages} page(s)"
             return [{**base, "status": Status.NO_APPLICABLE_PAGES.value, "error": reason}]
+        if self.ledger is not None:
+            import ray
+
+            if not ray.get(self.ledger.take_pages.remote(len(pages))):
+                reason = f"{len(pages)} pages would exceed budget.max_pages; left for the next run"
+                return [{**base, "status": Status.DEFERRED.value, "error": reason}]
+        # Every (page, question) gets exactly one row, answered or not: the writer uses this to know a
+        # document is complete.
+        base["document_rows"] = sum(len(self.config.questions_for_page(page, num_pages)) for page in pages)
         longest_edge = self.geometry.render_longest_edge
         rows = []
         for page_number in pages:

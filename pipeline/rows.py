@@ -23,6 +23,11 @@ class Status(StrEnum):
     READ_ERROR = "read_error"  # the file could not be read from storage
     RENDER_ERROR = "render_error"  # the page could not be rasterized
     MODEL_ERROR = "model_error"  # the model failed on this page
+    DEFERRED = "deferred"  # over this run's page budget: not written, picked up by the next run
+
+
+# Failures worth retrying in a later run of the same document version; the others are final for it.
+RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR, Status.DEFERRED})
 
 
 OUTPUT_SCHEMA = pa.schema(
@@ -30,6 +35,9 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("document", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),
+        pa.field("source_version", pa.string()),
+        pa.field("config_fingerprint", pa.string()),
+        pa.field("document_rows", pa.int32()),
         pa.field("etag", pa.string()),
         pa.field("version_id", pa.string()),
         pa.field("sha256", pa.string()),

@@ -35,11 +35,13 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class DocumentRef:
-    """A document found by listing. ``size`` is -1 when unknown (a URI from a list file)."""
+    """A document found by listing. ``size`` is -1 when unknown (a URI from a list file). ``version`` tells
+    whether it changed since a committed run: the ETag on S3, size and modification time on local disk."""
 
     uri: str
     size: int
     etag: str | None = None
+    version: str | None = None
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +148,8 @@ def _list_s3(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
             for item in page.get("Contents", []):
                 if item["Key"].endswith("/") or (pattern and not fnmatch.fnmatchcase(item["Key"], pattern)):
                     continue
-                yield DocumentRef(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item["ETag"].strip('"'))
+                etag = item["ETag"].strip('"')
+                yield DocumentRef(f"s3://{bucket}/{item['Key']}", int(item["Size"]), etag, etag)
     except (BotoCoreError, ClientError) as error:
         raise StorageError(describe_client_error(error, f"listing {uri}")) from None
 
@@ -160,7 +163,15 @@ def _list_local(uri: str) -> Iterator[DocumentRef]:
             raise InputError(f"input {uri} does not exist")
         paths = list(root.rglob("*")) if root.is_dir() else [root]
     for path in sorted(p.resolve() for p in paths if p.is_file()):
-        yield DocumentRef(str(path), path.stat().st_size)
+        yield _local_ref(path)
+
+
+def _local_ref(path: Path) -> DocumentRef:
+    try:
+        stat = path.stat()
+    except OSError:
+        return DocumentRef(str(path), -1)  # reported by the read stage
+    return DocumentRef(str(path), stat.st_size, None, f"{stat.st_size}-{stat.st_mtime_ns}")
 
 
 def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
@@ -171,7 +182,7 @@ def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
     for line in lines:
         line = line.strip()
         if line and not line.startswith("#"):
-            yield DocumentRef(line if is_s3(line) else str(Path(line).expanduser().resolve()), -1)
+            yield DocumentRef(line, -1) if is_s3(line) else _local_ref(Path(line).expanduser().resolve())
 
 
 def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:

@@ -40,7 +40,7 @@ def _pdf(pages: int, size=(612, 792), **save) -> bytes:
 
 def _rasterize(data: bytes, config) -> list[dict]:
     row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "h", "data": data, "status": "ok", "error": ""}
-    row.update(etag="", version_id="")
+    row.update(etag="", version_id="", source_version="")
     return RasterizeDocument(config, GEOMETRY)(row)
 
 
@@ -128,7 +128,7 @@ def test_listing(tmp_path: Path) -> None:
     assert [Path(ref.uri).name for ref in iter_documents(f"{tmp_path}/*.pdf", storage)] == ["b.pdf"]
     (tmp_path / "list.txt").write_text(f"# documents\n{tmp_path}/b.pdf\n\ns3://bucket/key without suffix\n")
     refs = list(iter_documents(str(tmp_path / "list.txt"), storage))
-    assert [(ref.uri, ref.size) for ref in refs] == [(f"{tmp_path}/b.pdf", -1), ("s3://bucket/key without suffix", -1)]
+    assert [(ref.uri, ref.size) for ref in refs] == [(f"{tmp_path}/b.pdf", 1), ("s3://bucket/key without suffix", -1)]
     with pytest.raises(InputError, match="does not exist"):
         check_input(str(tmp_path / "nope"), storage)
     with pytest.raises(InputError, match="no files found"):

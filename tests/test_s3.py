@@ -156,7 +156,8 @@ def test_a_killed_run_leaves_nothing_visible_and_the_previous_run_readable(
 
     environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", *args, "--run-id", "killed"],
+        # Another question: a new config fingerprint, so every document is processed again.
+        [sys.executable, "-m", "jobs.cli", "run", *args, "--run-id", "killed", "--set", "questions.0.text=Total due?"],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

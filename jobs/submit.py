@@ -1,0 +1,134 @@
+"""Ray Jobs: submit docqa to a cluster, and follow, inspect or stop what was submitted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import JobConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_PACKAGES = ("pipeline", "actors", "jobs")
+FINAL_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
+LIVE_OR_DONE = {"PENDING", "RUNNING", "SUCCEEDED"}
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted, found or stopped; the message says why."""
+
+
+def job_client(address: str | None):
+    """Ray's JobSubmissionClient for the dashboard address (``--address``, else RAY_API_SERVER_ADDRESS or
+    RAY_ADDRESS as Ray's own `ray job` command reads them)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:  # noqa: BLE001 - connection errors come in several types
+        raise SubmitError(f"cannot reach the Ray job server at {address}: {error}") from None
+
+
+def _status(client, submission_id: str) -> str | None:
+    try:
+        return str(client.get_job_status(submission_id).value)
+    except RuntimeError:  # Ray answers an unknown id with RuntimeError
+        return None
+
+
+def stage_working_dir(config: JobConfig) -> Path:
+    """A working_dir for the runtime env: this project's packages and the validated config, nothing else
+    (no virtualenv, caches, outputs or tests travel)."""
+    staging = Path(tempfile.mkdtemp(prefix="docqa-job-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in SHIPPED_PACKAGES:
+        shutil.copytree(PROJECT_ROOT / package, staging / package, ignore=ignore)
+    (staging / "job.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return staging
+
+
+def submit(config: JobConfig, address: str | None, nightly_date: str | None = None) -> str:
+    """Submit a run (or the nightly run of ``nightly_date``) as a Ray Job and return its submission id.
+
+    A nightly submission id is fixed by its date: if that job is pending, running or succeeded, nothing
+    is submitted again and its id is returned; after a failed or stopped attempt the next attempt gets a
+    suffix (the run itself resumes, its run id being fixed by the date too)."""
+    from jobs.run import new_run_id
+
+    client = job_client(address)
+    if nightly_date:
+        base = f"docqa-nightly-{nightly_date}"
+        entrypoint = f"python -m jobs.cli nightly --config job.yaml --date {nightly_date}"
+        for attempt in range(1, 100):
+            submission_id = base if attempt == 1 else f"{base}-attempt-{attempt}"
+            status = _status(client, submission_id)
+            if status in LIVE_OR_DONE:
+                return submission_id
+            if status is None:
+                break
+    else:
+        from datetime import UTC, datetime
+
+        run_id = config.run_id or new_run_id(datetime.now(UTC))
+        config = config.model_copy(update={"run_id": run_id})
+        submission_id = f"docqa-run-{run_id}"
+        entrypoint = "python -m jobs.cli run --config job.yaml"
+    staging = stage_working_dir(config)
+    try:
+        return client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env={"working_dir": str(staging), "env_vars": {"PYTHONUNBUFFERED": "1"}},
+            metadata={"docqa": "nightly" if nightly_date else "run", "output": config.output},
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def wait(address: str | None, submission_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
+    client = job_client(address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (status := _status(client, submission_id)) not in FINAL_STATUSES:
+        if status is None:
+            raise SubmitError(f"no job {submission_id!r} on this cluster")
+        if deadline is not None and time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+    return status
+
+
+def status(address: str | None, submission_id: str) -> str:
+    found = _status(job_client(address), submission_id)
+    if found is None:
+        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    return found
+
+
+def logs(address: str | None, submission_id: str, follow: bool = False) -> None:
+    client = job_client(address)
+    if _status(client, submission_id) is None:
+        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    if not follow:
+        print(client.get_job_logs(submission_id), end="")
+        return
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+
+
+def stop(address: str | None, submission_id: str) -> bool:
+    client = job_client(address)
+    if _status(client, submission_id) is None:
+        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    return client.stop_job(submission_id)

@@ -1,0 +1,41 @@
+"""Per-run budgets and listing counts, shared by the distributed stages through one small Ray actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RunLedger:
+    """Pages left in this run's budget, and what the listing skipped or left for the next run."""
+
+    def __init__(self, max_pages: int | None) -> None:
+        self.max_pages = max_pages
+        self.pages_taken = 0
+        self.documents_deferred = 0
+        self.listing: dict[str, int] = {"unchanged": 0, "left": 0}
+
+    def take_pages(self, pages: int) -> bool:
+        """Reserve a whole document's pages; False once the budget cannot hold them (the document waits)."""
+        if self.max_pages is not None and self.pages_taken + pages > self.max_pages:
+            self.documents_deferred += 1
+            return False
+        self.pages_taken += pages
+        return True
+
+    def record_listing(self, unchanged: int, left: int) -> None:
+        self.listing = {"unchanged": unchanged, "left": left}
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "unchanged_documents": self.listing["unchanged"],
+            "left_documents": self.listing["left"],
+            "deferred_documents": self.documents_deferred,
+            "pages_taken": self.pages_taken,
+        }
+
+
+def start_ledger(max_pages: int | None):
+    """The ledger as a Ray actor (no CPU reserved: it only counts)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(RunLedger).remote(max_pages)
