@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("pipeline", "actors", "jobs")
 FINAL_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
 LIVE_OR_DONE = {"PENDING", "RUNNING", "SUCCEEDED"}
+AGENT_RETRIES = 30
 
 
 class SubmitError(RuntimeError):
@@ -83,12 +85,19 @@ def submit(config: JobConfig, address: str | None, nightly_date: str | None = No
         entrypoint = "python -m jobs.cli run --config job.yaml"
     staging = stage_working_dir(config)
     try:
-        return client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env={"working_dir": str(staging), "env_vars": {"PYTHONUNBUFFERED": "1"}},
-            metadata={"docqa": "nightly" if nightly_date else "run", "output": config.output},
-        )
+        for attempt in itertools.count(1):
+            try:
+                return client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": str(staging), "env_vars": {"PYTHONUNBUFFERED": "1"}},
+                    metadata={"docqa": "nightly" if nightly_date else "run", "output": config.output},
+                )
+            except RuntimeError as error:
+                # A head that has just started answers "No available agent ... try again later" for a while.
+                if "try again later" not in str(error) or attempt >= AGENT_RETRIES:
+                    raise SubmitError(f"submitting {submission_id}: {error}") from None
+                time.sleep(2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,0 +1,124 @@
+"""Ray Jobs on a real local cluster started with `ray start --head` on loopback (not the in-process one)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.samples import invoice_pdf
+from pipeline.sink import committed_runs, read_committed
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A head node in its own process group; its dashboard address is what `docqa submit` talks to."""
+    temp_dir = tmp_path_factory.mktemp("ray")
+    dashboard_port = _free_port()
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={_free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - any failure means "not up yet"
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError("the Ray head did not come up") from None
+            time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+
+
+def _job(tmp_path: Path, inputs: Path, model: Path) -> Path:
+    path = tmp_path / "job.yaml"
+    config = {
+        "input": str(inputs),
+        "output": str(tmp_path / "out"),
+        "model": {"id": str(model)},
+        "questions": [{"id": "total", "text": "Total?", "pages": "last", "max_new_tokens": 3}],
+        "render": {"image_splitting": False},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_submit_nightly_then_only_new_and_changed_documents(
+    ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    inputs = tmp_path / "pdfs"
+    shutil.copytree(sample_pdfs, inputs)
+    job = _job(tmp_path, inputs, tiny_model)
+    submit = ["submit", "--address", ray_cluster, "--config", str(job), "--nightly"]
+
+    assert main([*submit, "--date", "2026-11-20", "--wait"]) == 0
+    submission_id, final = capsys.readouterr().out.split()
+    assert (submission_id, final) == ("docqa-nightly-2026-11-20", "SUCCEEDED")
+    assert main(["status", submission_id, "--address", ray_cluster]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert main(["logs", submission_id, "--address", ray_cluster]) == 0
+    assert "run nightly-2026-11-20 committed" in capsys.readouterr().out
+    jobs_before = len(JobSubmissionClient(ray_cluster).list_jobs())
+    assert main([*submit, "--date", "2026-11-20"]) == 0  # the scheduler fires twice: nothing new is submitted
+    assert capsys.readouterr().out.strip() == submission_id
+    assert len(JobSubmissionClient(ray_cluster).list_jobs()) == jobs_before
+    first = read_committed(str(tmp_path / "out"), "nightly-2026-11-20")
+    assert len(set(first.column("document").to_pylist())) == len(list(inputs.iterdir()))
+
+    (inputs / "new.pdf").write_bytes(invoice_pdf(101, 2, (612, 792)))
+    changed = inputs / "invoice-002.pdf"
+    changed.write_bytes(invoice_pdf(102, 1, (612, 792)))
+    assert main([*submit, "--date", "2026-11-21", "--wait"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "SUCCEEDED"
+    second = read_committed(str(tmp_path / "out"), "nightly-2026-11-21")
+    assert sorted(set(second.column("document").to_pylist())) == sorted([str(inputs / "new.pdf"), str(changed)])
+    [record] = [r for r in committed_runs(str(tmp_path / "out")) if r["run_id"] == "nightly-2026-11-21"]
+    assert record["incremental"]["unchanged_documents"] == len(list(inputs.iterdir())) - 2
+    assert record["directory"].endswith("runs/2026-11-21/nightly-2026-11-21")  # partitioned by run date
+    assert set(second.column("run_id").to_pylist()) == {"nightly-2026-11-21"}
+
+
+def test_stop_and_unknown_ids(ray_cluster: str, capsys) -> None:
+    assert main(["status", "no-such-job", "--address", ray_cluster]) == 1
+    assert "no job 'no-such-job'" in capsys.readouterr().err
+    assert main(["status", "x", "--address", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the Ray job server" in capsys.readouterr().err
