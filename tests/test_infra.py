@@ -1,0 +1,105 @@
+"""Cluster and scheduling configs: every YAML parses and says what matters; Ray validates its own config."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import JobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "infra" / "k8s"
+CRON = re.compile(r"^(\S+\s+){4}\S+$")
+
+
+def _load(name: str) -> dict:
+    [document] = list(yaml.safe_load_all((K8S / name).read_text()))
+    return document
+
+
+def _cluster_needs(cluster: dict) -> None:
+    """Head without tasks, GPU workers, the docqa image, the job config mounted on the head."""
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    head_container = head["template"]["spec"]["containers"][0]
+    assert head_container["image"].endswith("/docqa:0.1.0")
+    assert {"name": "job-config", "mountPath": "/config"} in head_container["volumeMounts"]
+    [gpu] = cluster["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+
+
+def test_every_yaml_parses() -> None:
+    files = [*K8S.glob("*.yaml"), ROOT / "ray_cluster.yaml", *ROOT.glob("examples/*.yaml")]
+    assert len(files) >= 8
+    for path in files:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_rayjob_runs_one_docqa_run_on_gpus() -> None:
+    job = _load("rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["entrypoint"] == "docqa run --config /config/job.yaml"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    _cluster_needs(job["spec"]["rayClusterSpec"])
+
+
+def test_raycronjob_schedules_docqa_nightly() -> None:
+    cron = _load("raycronjob.yaml")
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    assert CRON.match(cron["spec"]["schedule"])
+    assert "alpha" in (K8S / "raycronjob.yaml").read_text().lower()
+    assert cron["spec"]["jobTemplate"]["entrypoint"].startswith("docqa nightly ")
+    _cluster_needs(cron["spec"]["jobTemplate"]["rayClusterSpec"])
+
+
+def test_cronjob_submits_the_nightly_run_to_the_long_lived_cluster() -> None:
+    cron = _load("cronjob.yaml")
+    cluster = _load("raycluster.yaml")
+    assert (cron["apiVersion"], cron["kind"], cluster["kind"]) == ("batch/v1", "CronJob", "RayCluster")
+    assert CRON.match(cron["spec"]["schedule"]) and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["docqa", "submit"] and "--nightly" in command
+    assert command[command.index("--address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    _cluster_needs(cluster["spec"])
+
+
+def test_plain_cron_line_submits_the_nightly_run() -> None:
+    lines = [
+        line for line in (ROOT / "infra/cron/docqa-nightly.cron").read_text().splitlines() if line and line[0] != "#"
+    ]
+    [line] = lines
+    schedule, command = " ".join(line.split()[:5]), " ".join(line.split()[5:])
+    assert CRON.match(schedule)
+    assert "ray exec ray_cluster.yaml" in command and "docqa submit" in command and "--nightly" in command
+
+
+def test_shipped_job_config_is_valid() -> None:
+    config = JobConfig.model_validate(yaml.safe_load(_load("job-config.yaml")["data"]["job.yaml"]))
+    assert config.actors.num_gpus_per_actor == 1 and config.input.startswith("s3://")
+
+
+def test_ray_cluster_config_passes_rays_validation() -> None:
+    from ray.autoscaler._private.commands import prepare_config
+    from ray.autoscaler._private.util import validate_config
+
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    assert raw["available_node_types"][raw["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = [node for name, node in raw["available_node_types"].items() if name != raw["head_node_type"]]
+    assert workers and all(node["node_config"]["InstanceType"].startswith(("g", "p")) for node in workers)
+    assert raw["docker"]["image"].endswith("/docqa:0.1.0")
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["head"]["unknown_field"] = 1
+    with pytest.raises(Exception, match="unknown_field"):
+        validate_config(prepare_config(broken))
+
+
+def test_dockerfile_builds_on_the_ray_gpu_image() -> None:
+    dockerfile = (ROOT / "infra/Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-gpu$", dockerfile, re.M)
+    assert "poppler-utils" in dockerfile and "pip install --no-cache-dir ." in dockerfile
