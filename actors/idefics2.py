@@ -157,6 +157,7 @@ class Idefics2Predictor:
             "etag": batch["etag"][i] or None,
             "version_id": batch["version_id"][i] or None,
             "sha256": batch["sha256"][i] or None,
+            "repaired": bool(batch["repaired"][i]),
             "page_number": int(batch["page_number"][i]) or None,
             "num_pages": int(batch["num_pages"][i]) or None,
             "model_id": self.config.model.id,

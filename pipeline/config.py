@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.pages import PageRange, parse_page_selection, selection_contains
 
@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
 class RenderConfig(_Strict):
     backend: Literal["pymupdf", "pdf2image"] = "pymupdf"
     image_splitting: bool | None = Field(None, description="4 crops + the whole page; null keeps the checkpoint's.")
+    passwords: list[SecretStr] = Field(
+        default_factory=list, description="Tried in turn on encrypted PDFs; never logged or written out."
+    )
     task_memory_mb: int = Field(
         1024, ge=64, description="Memory Ray reserves per read/render/split task; bounds concurrent renders per node."
     )
@@ -89,6 +92,9 @@ class LimitsConfig(_Strict):
     max_pages_per_document: int = Field(2000, ge=1)
     max_pixels_per_page: int = Field(16_000_000, ge=1)
     max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_aspect_ratio: float = Field(20.0, ge=1, description="Longest over shortest page side.")
+    document_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit to open and render a document.")
+    render_memory_mb: int = Field(2048, ge=256, description="Address-space cap of the rendering process.")
 
 
 class ActorPoolConfig(_Strict):

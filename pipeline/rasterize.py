@@ -14,11 +14,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, LimitsConfig
 from pipeline.images import ImageGeometry
 from pipeline.rows import Status
+from pipeline.sandbox import SandboxedDocument, SandboxFailure
 
 PDF_MAGIC = b"%PDF-"
+ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
 # Carried from the read stage to every row of the document.
 DOCUMENT_FIELDS = ("uri", "file_size", "source_version", "etag", "version_id", "sha256")
 PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
@@ -35,6 +37,7 @@ class DocumentError(Exception):
 
 class PdfDocument(Protocol):
     num_pages: int
+    repaired: bool  # the parser had to repair the file to open it
 
     def page_size(self, page_number: int) -> tuple[float, float]:
         """(width, height) in points, rotation applied."""
@@ -46,16 +49,21 @@ class PdfDocument(Protocol):
 
 
 class PyMuPdfDocument:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, passwords: tuple[str, ...] = ()) -> None:
         import pymupdf
 
+        pymupdf.TOOLS.mupdf_display_errors(False)  # the errors we act on come back as exceptions
         try:
             self.document = pymupdf.open(stream=data, filetype="pdf")
         except Exception as error:  # noqa: BLE001 - MuPDF raises several types for broken files
             raise DocumentError(Status.CORRUPT, f"MuPDF cannot open it: {error}") from None
-        if self.document.needs_pass:
-            raise DocumentError(Status.ENCRYPTED, "the PDF is encrypted and needs a password")
-        self.num_pages = self.document.page_count
+        if self.document.needs_pass and not any(self.document.authenticate(password) for password in passwords):
+            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
+        self.repaired = bool(self.document.is_repaired)
+        try:
+            self.num_pages = self.document.page_count
+        except Exception as error:  # noqa: BLE001 - e.g. "Invalid number of pages" on a broken page tree
+            raise DocumentError(Status.CORRUPT, f"MuPDF cannot count its pages: {error}") from None
 
     def page_size(self, page_number: int) -> tuple[float, float]:
         rect = self.document[page_number - 1].rect
@@ -80,24 +88,30 @@ class PopplerDocument:
     _PAGE_SIZE = re.compile(r"^Page\s+(\d+)\s+size$")
     _PAGE_ROT = re.compile(r"^Page\s+(\d+)\s+rot$")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, passwords: tuple[str, ...] = ()) -> None:
         from pdf2image import pdfinfo_from_bytes
         from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
 
         self.data = data
-        try:
-            info = pdfinfo_from_bytes(data)
-        except PDFInfoNotInstalledError:
-            raise
-        except (PDFPageCountError, PDFSyntaxError, ValueError) as error:
-            message = str(error).strip()
-            if "Incorrect password" in message or "encrypted" in message.lower():
-                raise DocumentError(Status.ENCRYPTED, "the PDF is encrypted and needs a password") from None
-            raise DocumentError(Status.CORRUPT, f"poppler cannot open it: {message[:500]}") from None
+        self.repaired = False  # poppler does not say
+        self.password: str | None = None
+        for password in (None, *passwords):
+            try:
+                info = pdfinfo_from_bytes(data, userpw=password)
+                self.password = password
+                break
+            except PDFInfoNotInstalledError:
+                raise
+            except (PDFPageCountError, PDFSyntaxError, ValueError) as error:
+                message = str(error).strip()
+                if "Incorrect password" not in message and "encrypted" not in message.lower():
+                    raise DocumentError(Status.CORRUPT, f"poppler cannot open it: {message[:500]}") from None
+        else:
+            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
         self.num_pages = int(info.get("Pages", 0))
         self.sizes: dict[int, tuple[float, float]] = {}
         if self.num_pages:
-            detail = pdfinfo_from_bytes(data, first_page=1, last_page=self.num_pages)
+            detail = pdfinfo_from_bytes(data, userpw=self.password, first_page=1, last_page=self.num_pages)
             rotations = {int(m.group(1)): int(float(v)) for k, v in detail.items() if (m := self._PAGE_ROT.match(k))}
             for key, value in detail.items():
                 if match := self._PAGE_SIZE.match(key):
@@ -112,7 +126,12 @@ class PopplerDocument:
         from pdf2image import convert_from_bytes
 
         [image] = convert_from_bytes(
-            self.data, size=longest_edge, first_page=page_number, last_page=page_number, fmt="ppm"
+            self.data,
+            size=longest_edge,
+            first_page=page_number,
+            last_page=page_number,
+            fmt="ppm",
+            userpw=self.password,
         )
         return np.asarray(image.convert("RGB"))
 
@@ -120,17 +139,35 @@ class PopplerDocument:
         self.data = b""
 
 
-def open_pdf(data: bytes, backend: str) -> PdfDocument:
-    """Open a PDF by content (never by name) with the configured backend; raises DocumentError."""
+def check_header(data: bytes) -> None:
+    """Cheap checks before any parser sees the bytes: empty, or not a PDF by content (never by name)."""
     if not data:
         raise DocumentError(Status.EMPTY, "the file is empty (0 bytes)")
     if PDF_MAGIC not in data[:PDF_HEADER_WINDOW]:
         raise DocumentError(Status.NOT_PDF, f"no {PDF_MAGIC.decode()} header in the first {PDF_HEADER_WINDOW} bytes")
-    document: PdfDocument = PyMuPdfDocument(data) if backend == "pymupdf" else PopplerDocument(data)
+
+
+def open_pdf(data: bytes, backend: str, passwords: tuple[str, ...] = ()) -> PdfDocument:
+    """Open a PDF with the configured backend, in this process; raises DocumentError."""
+    check_header(data)
+    document: PdfDocument = (PyMuPdfDocument if backend == "pymupdf" else PopplerDocument)(data, passwords)
     if document.num_pages == 0:
         document.close()
         raise DocumentError(Status.EMPTY, "the PDF has no pages")
     return document
+
+
+def page_limit_violation(page_size: tuple[float, float], longest_edge: int, limits: LimitsConfig) -> str | None:
+    """Why a page must not be rendered (checked from its size, before any pixel exists), or None."""
+    width, height = page_size
+    if min(width, height) <= 0:
+        return f"page has no area ({width}x{height} pt)"
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        return f"page is {width:.0f}x{height:.0f} pt, over limits.max_aspect_ratio={limits.max_aspect_ratio}"
+    rows, columns = rendered_size(page_size, longest_edge)
+    if rows * columns > limits.max_pixels_per_page:
+        return f"page renders to {columns}x{rows} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
+    return None
 
 
 def rendered_size(page_size: tuple[float, float], longest_edge: int) -> tuple[int, int]:
@@ -154,6 +191,7 @@ class RasterizeDocument:
             "num_pages": 0,
             "page_number": 0,
             "document_rows": 1,
+            "repaired": False,
             "status": row["status"],
             "error": row["error"],
             "render_ms": 0.0,
@@ -163,12 +201,26 @@ class RasterizeDocument:
         }
         if row["status"] != Status.OK:
             return [base]
+        limits, render = self.config.limits, self.config.render
         try:
-            document = open_pdf(row["data"], self.config.render.backend)
-        except DocumentError as error:
+            check_header(row["data"])
+            document = SandboxedDocument(
+                row["data"],
+                render.backend,
+                tuple(password.get_secret_value() for password in render.passwords),
+                limits.render_memory_mb,
+                limits.document_timeout_s,
+            )
+        except (DocumentError, SandboxFailure) as error:
             return [{**base, "status": error.status.value, "error": error.reason}]
+        except Exception as error:  # noqa: BLE001 - whatever a hostile file makes the parser raise
+            return [
+                {**base, "status": Status.CORRUPT.value, "error": f"cannot open it: {type(error).__name__}: {error}"}
+            ]
         try:
-            return self._render_pages(document, base)
+            return self._render_pages(document, {**base, "repaired": document.repaired})
+        except SandboxFailure as error:  # out of time: the document fails as a whole, partial pages dropped
+            return [{**base, "status": error.status.value, "error": error.reason}]
         finally:
             document.close()
 
@@ -198,15 +250,16 @@ class RasterizeDocument:
             page_row = {**base, "page_number": page_number}
             started = time.perf_counter()
             try:
-                height, width = rendered_size(document.page_size(page_number), longest_edge)
-                if height * width > limits.max_pixels_per_page:
-                    reason = (
-                        f"page renders to {width}x{height} px, over limits.max_pixels_per_page="
-                        f"{limits.max_pixels_per_page}"
-                    )
-                    rows.append({**page_row, "status": Status.PAGE_TOO_LARGE.value, "error": reason})
+                too_large = page_limit_violation(document.page_size(page_number), longest_edge, limits)
+                if too_large:
+                    rows.append({**page_row, "status": Status.PAGE_TOO_LARGE.value, "error": too_large})
                     continue
                 image = document.render(page_number, longest_edge)
+            except SandboxFailure as error:
+                if error.status == Status.TIMEOUT:
+                    raise
+                rows.append({**page_row, "status": error.status.value, "error": f"page {page_number}: {error.reason}"})
+                continue
             except Exception as error:  # noqa: BLE001 - one bad page must not fail its document
                 reason = f"cannot render page {page_number}: {type(error).__name__}: {error}"
                 rows.append({**page_row, "status": Status.RENDER_ERROR.value, "error": reason})

@@ -21,7 +21,9 @@ class Status(StrEnum):
     PAGE_TOO_LARGE = "page_too_large"  # over limits.max_pixels_per_page at the render resolution
     NO_APPLICABLE_PAGES = "no_applicable_pages"  # no question applies to any of its pages
     READ_ERROR = "read_error"  # the file could not be read from storage
-    RENDER_ERROR = "render_error"  # the page could not be rasterized
+    RENDER_ERROR = "render_error"  # the page could not be rasterized, or the renderer died on it
+    TIMEOUT = "timeout"  # opening and rendering took longer than limits.document_timeout_s
+    MEMORY_LIMIT = "memory_limit"  # the renderer needed more than limits.render_memory_mb
     MODEL_ERROR = "model_error"  # the model failed on this page
     DEFERRED = "deferred"  # over this run's page budget: not written, picked up by the next run
 
@@ -41,6 +43,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("etag", pa.string()),
         pa.field("version_id", pa.string()),
         pa.field("sha256", pa.string()),
+        pa.field("repaired", pa.bool_()),
         pa.field("page_number", pa.int32()),
         pa.field("num_pages", pa.int32()),
         pa.field("question_id", pa.string()),

@@ -1,0 +1,154 @@
+"""Opening and rendering PDFs in a helper process that can be killed.
+
+MuPDF and poppler have no timeouts and can loop or allocate without bound on crafted files. Each worker
+process keeps one helper (started once, reused across documents) that runs under an address-space limit
+(RLIMIT_AS); every call carries the document's wall-clock deadline. A helper that misses the deadline is
+killed and replaced (the document gets ``timeout``); one that dies or runs out of memory is replaced too
+(``memory_limit`` or ``render_error``). The rest of the run never notices.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from pipeline.rows import Status
+
+
+class SandboxFailure(Exception):
+    """The helper missed its deadline, ran out of memory or died; ``status`` says which."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
+
+
+def _serve(connection: Connection, memory_bytes: int) -> None:
+    """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...)."""
+    from pipeline.rasterize import DocumentError, open_pdf
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    document = None
+    while True:
+        try:
+            operation, arguments = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if operation == "open":
+                if document is not None:
+                    document.close()
+                document = open_pdf(*arguments)
+                answer: tuple[Any, ...] = ("ok", (document.num_pages, document.repaired))
+            elif operation == "page_size":
+                answer = ("ok", document.page_size(*arguments))
+            elif operation == "render":
+                image = document.render(*arguments)
+                answer = ("ok", (image.tobytes(), image.shape))
+            else:  # close
+                if document is not None:
+                    document.close()
+                document = None
+                answer = ("ok", None)
+        except DocumentError as error:
+            answer = ("error", error.status.value, error.reason)
+        except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
+            kind = Status.MEMORY_LIMIT.value if _is_out_of_memory(error) else "exception"
+            answer = ("error", kind, f"{type(error).__name__}: {error}")
+        try:
+            connection.send(answer)
+        except MemoryError:
+            connection.send(("error", Status.MEMORY_LIMIT.value, "the result does not fit in the memory limit"))
+
+
+class RenderSandbox:
+    """The parent's side: start the helper, call it with a deadline, replace it when it fails."""
+
+    def __init__(self, memory_mb: int) -> None:
+        self.memory_bytes = memory_mb * 1024 * 1024
+        self._context = multiprocessing.get_context("spawn")  # never fork a multi-threaded Ray worker
+        self._start()
+
+    def _start(self) -> None:
+        self._connection, child = self._context.Pipe()
+        self._process = self._context.Process(target=_serve, args=(child, self.memory_bytes), daemon=True)
+        self._process.start()
+        child.close()
+
+    def _replace(self) -> None:
+        self._process.kill()
+        self._process.join(timeout=10)
+        self._connection.close()
+        self._start()
+
+    def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
+        """Run one operation in the helper; raises DocumentError as the helper reported it, or SandboxFailure."""
+        from pipeline.rasterize import DocumentError
+
+        try:
+            self._connection.send((operation, arguments))
+            ready = self._connection.poll(max(0.0, deadline - time.monotonic()))
+        except (BrokenPipeError, OSError):
+            ready = True  # the helper is gone; recv below reports it
+        if not ready:
+            self._replace()
+            raise SandboxFailure(Status.TIMEOUT, f"{operation} did not finish within the document's time limit")
+        try:
+            answer = self._connection.recv()
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            self._replace()
+            raise SandboxFailure(
+                Status.RENDER_ERROR, f"the renderer died during {operation} (exit code {code})"
+            ) from None
+        if answer[0] == "ok":
+            return answer[1]
+        _, kind, reason = answer
+        if kind == Status.MEMORY_LIMIT.value:
+            self._replace()  # its heap may be fragmented or half-initialised: start clean
+            raise SandboxFailure(Status.MEMORY_LIMIT, f"{operation} needed more than the memory limit: {reason}")
+        if kind == "exception":
+            raise RuntimeError(reason)
+        raise DocumentError(Status(kind), reason)
+
+
+_SANDBOXES: dict[int, RenderSandbox] = {}
+
+
+def sandbox(memory_mb: int) -> RenderSandbox:
+    """This process's sandbox for a memory limit, started on first use and reused afterwards."""
+    if memory_mb not in _SANDBOXES:
+        _SANDBOXES[memory_mb] = RenderSandbox(memory_mb)
+    return _SANDBOXES[memory_mb]
+
+
+class SandboxedDocument:
+    """A PdfDocument whose every call runs in the sandbox under one deadline for the whole document."""
+
+    def __init__(self, data: bytes, backend: str, passwords: tuple[str, ...], memory_mb: int, timeout_s: float):
+        self.deadline = time.monotonic() + timeout_s
+        self.sandbox = sandbox(memory_mb)
+        self.num_pages, self.repaired = self.sandbox.call("open", (data, backend, passwords), self.deadline)
+
+    def page_size(self, page_number: int) -> tuple[float, float]:
+        return tuple(self.sandbox.call("page_size", (page_number,), self.deadline))
+
+    def render(self, page_number: int, longest_edge: int) -> np.ndarray:
+        buffer, shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)
+        return np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
+
+    def close(self) -> None:
+        try:
+            self.sandbox.call("close", (), time.monotonic() + 10)
+        except SandboxFailure:
+            pass  # the helper was replaced; nothing is left open
