@@ -7,7 +7,6 @@ rendered becomes one row for that page. Nothing raises out of this stage.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from typing import Any, Protocol
@@ -43,7 +42,7 @@ class PdfDocument(Protocol):
         """(width, height) in points, rotation applied."""
 
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
-        """The page as (H, W, 3) uint8 RGB with its longest edge ``longest_edge`` pixels."""
+        """The page as (H, W, 3) uint8 RGB of exactly ``rendered_size(page_size, longest_edge)``."""
 
     def close(self) -> None: ...
 
@@ -73,8 +72,10 @@ class PyMuPdfDocument:
         import pymupdf
 
         page = self.document[page_number - 1]
-        zoom = longest_edge / max(page.rect.width, page.rect.height)
-        pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+        rows, columns = rendered_size((page.rect.width, page.rect.height), longest_edge)
+        # MuPDF rounds the pixmap outwards: aim a hair under the exact size.
+        matrix = pymupdf.Matrix((columns - 1e-3) / page.rect.width, (rows - 1e-3) / page.rect.height)
+        pixmap = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
         rows = np.frombuffer(pixmap.samples, dtype=np.uint8).reshape(pixmap.height, pixmap.stride)
         return rows[:, : pixmap.width * 3].reshape(pixmap.height, pixmap.width, 3)
 
@@ -125,9 +126,10 @@ class PopplerDocument:
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         from pdf2image import convert_from_bytes
 
+        rows, columns = rendered_size(self.sizes[page_number], longest_edge)
         [image] = convert_from_bytes(
             self.data,
-            size=longest_edge,
+            size=(columns, rows),
             first_page=page_number,
             last_page=page_number,
             fmt="ppm",
@@ -171,10 +173,11 @@ def page_limit_violation(page_size: tuple[float, float], longest_edge: int, limi
 
 
 def rendered_size(page_size: tuple[float, float], longest_edge: int) -> tuple[int, int]:
-    """(height, width) in pixels of a page rendered with its longest edge at ``longest_edge``."""
+    """(height, width) in pixels of a page rendered with its longest edge at ``longest_edge``; both
+    backends render exactly this size."""
     width, height = page_size
     zoom = longest_edge / max(width, height)
-    return max(1, math.ceil(height * zoom)), max(1, math.ceil(width * zoom))
+    return min(longest_edge, max(1, round(height * zoom))), min(longest_edge, max(1, round(width * zoom)))
 
 
 class RasterizeDocument:

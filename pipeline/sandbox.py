@@ -9,10 +9,14 @@ killed and replaced (the document gets ``timeout``); one that dies or runs out o
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import resource
+import signal
+import subprocess
+import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,15 +37,16 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
 
 
-def _serve(connection: Connection, memory_bytes: int) -> None:
+def serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
     """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...)."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     from pipeline.rasterize import DocumentError, open_pdf
 
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     document = None
     while True:
         try:
-            operation, arguments = connection.recv()
+            operation, arguments = requests.recv()
         except (EOFError, OSError):
             return
         try:
@@ -76,18 +81,37 @@ class RenderSandbox:
 
     def __init__(self, memory_mb: int) -> None:
         self.memory_bytes = memory_mb * 1024 * 1024
-        self._context = multiprocessing.get_context("spawn")  # never fork a multi-threaded Ray worker
         self._start()
 
     def _start(self) -> None:
-        self._connection, child = self._context.Pipe()
-        self._process = self._context.Process(target=_serve, args=(child, self.memory_bytes), daemon=True)
-        self._process.start()
-        child.close()
+        """A fresh interpreter (never a fork of a multi-threaded Ray worker, nor a re-import of its main
+        module) in its own session, so that killing it also ends any poppler process it started."""
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        code = f"from pipeline.sandbox import serve; serve({child_reads}, {child_writes}, {self.memory_bytes})"
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            pass_fds=(child_reads, child_writes),
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            start_new_session=True,
+        )
+        os.close(child_reads)
+        os.close(child_writes)
+        self._requests = Connection(parent_writes, readable=False)
+        self._connection = Connection(parent_reads, writable=False)
 
     def _replace(self) -> None:
-        self._process.kill()
-        self._process.join(timeout=10)
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait(timeout=30)
+        self._requests.close()
         self._connection.close()
         self._start()
 
@@ -96,7 +120,7 @@ class RenderSandbox:
         from pipeline.rasterize import DocumentError
 
         try:
-            self._connection.send((operation, arguments))
+            self._requests.send((operation, arguments))
             ready = self._connection.poll(max(0.0, deadline - time.monotonic()))
         except (BrokenPipeError, OSError):
             ready = True  # the helper is gone; recv below reports it
@@ -106,7 +130,7 @@ class RenderSandbox:
         try:
             answer = self._connection.recv()
         except (EOFError, OSError):
-            code = self._process.exitcode
+            code = self._process.poll()
             self._replace()
             raise SandboxFailure(
                 Status.RENDER_ERROR, f"the renderer died during {operation} (exit code {code})"

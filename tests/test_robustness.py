@@ -1,0 +1,168 @@
+"""Hostile input: isolation (deadline, memory cap, crashes), limits, passwords, active content, no escapes."""
+
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.samples import invoice_pdf
+from pipeline.config import load_config
+from pipeline.images import ImageGeometry
+from pipeline.rasterize import DocumentError, RasterizeDocument
+from pipeline.rows import Status
+from pipeline.sandbox import RenderSandbox, SandboxFailure
+from pipeline.sink import committed_runs, read_committed
+from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
+
+GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+PASSWORD = "open-sesame-7731"
+
+
+def _config(pages="first", **sections):
+    return load_config(
+        None, {"input": "in", "output": "out", "questions": [{"id": "q", "text": "Q?", "pages": pages}], **sections}
+    )
+
+
+def _rasterize(data: bytes, config) -> list[dict]:
+    row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "", "data": data, "status": "ok", "error": ""}
+    row.update(etag="", version_id="", source_version="")
+    return RasterizeDocument(config, GEOMETRY)(row)
+
+
+def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> None:
+    sandbox = RenderSandbox(memory_mb=1024)
+    sandbox.call("open", (slow_pdf(), "pymupdf", ()), time.monotonic() + 30)
+    limits = Path(f"/proc/{sandbox._process.pid}/limits").read_text()
+    assert f"{1024 * 1024 * 1024}" in next(line for line in limits.splitlines() if "address space" in line)
+    started = time.monotonic()
+    with pytest.raises(SandboxFailure) as caught:
+        sandbox.call("render", (1, 896), time.monotonic() + 0.3)
+    assert caught.value.status == Status.TIMEOUT and time.monotonic() - started < 5
+
+    sandbox.call("open", (invoice_pdf(1, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30)
+    with pytest.raises(SandboxFailure) as caught:  # a 12000 px page and its copies exceed the 1 GiB cap
+        sandbox.call("render", (1, 12000), time.monotonic() + 60)
+    assert caught.value.status == Status.MEMORY_LIMIT
+
+    sandbox.call("open", (invoice_pdf(2, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30)
+    os.kill(sandbox._process.pid, signal.SIGKILL)
+    with pytest.raises(SandboxFailure) as caught:
+        sandbox.call("render", (1, 448), time.monotonic() + 30)
+    assert caught.value.status == Status.RENDER_ERROR
+
+    sandbox.call("open", (invoice_pdf(3, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30)  # replaced, works
+    buffer, shape = sandbox.call("render", (1, 448), time.monotonic() + 30)
+    assert shape[0] == 448 and len(buffer) == shape[0] * shape[1] * 3
+    with pytest.raises(DocumentError):
+        sandbox.call("open", (b"%PDF-1.7 garbage", "pymupdf", ()), time.monotonic() + 30)
+
+
+@pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])
+def test_generated_hostile_documents(backend: str) -> None:
+    render = {"backend": backend}
+    truncated = invoice_pdf(5, 2, (612, 792))
+    cases = {
+        "truncated": (truncated[: len(truncated) * 2 // 3], {}),
+        "huge page": (huge_page_pdf(), {}),
+        "5000 pages": (many_pages_pdf(), {}),
+        "not a pdf": (b"MZ\x90\x00 this is an executable", {}),
+        "empty": (b"", {}),
+        "password": (encrypted_pdf(PASSWORD), {}),
+        "password known": (encrypted_pdf(PASSWORD), {"render": {**render, "passwords": ["wrong", PASSWORD]}}),
+        "slow": (slow_pdf(), {"limits": {"document_timeout_s": 0.5}}),
+        "sliver": (invoice_pdf(6, 1, (4000, 50)), {}),
+    }
+    results = {}
+    for name, (data, sections) in cases.items():
+        started = time.monotonic()
+        rows = _rasterize(data, _config(**{"render": render, **sections}))
+        results[name] = [row["status"] for row in rows], time.monotonic() - started, rows
+    assert results["truncated"][0] == [Status.OK] if backend == "pymupdf" else [Status.CORRUPT]
+    if backend == "pymupdf":
+        assert results["truncated"][2][0]["repaired"] is True
+    [huge] = results["huge page"][2]
+    assert huge["status"] == Status.OK and max(huge["height"], huge["width"]) <= 2 * GEOMETRY.longest_edge
+    assert results["5000 pages"][0] == [Status.TOO_MANY_PAGES] and results["5000 pages"][1] < 10
+    assert results["not a pdf"][0] == [Status.NOT_PDF] and results["empty"][0] == [Status.EMPTY]
+    assert results["password"][0] == [Status.ENCRYPTED]
+    assert results["password known"][0] == [Status.OK]
+    assert results["slow"][0] == [Status.TIMEOUT] and results["slow"][1] < 5
+    assert results["sliver"][0] == [Status.PAGE_TOO_LARGE] and "max_aspect_ratio" in results["sliver"][2][0]["error"]
+
+    config = _config(limits={"max_pages_per_document": 10000}, render=render)
+    started = time.monotonic()
+    [first_page] = _rasterize(many_pages_pdf(), config)  # a first-page question over 5000 pages renders one page
+    assert first_page["status"] == Status.OK and first_page["num_pages"] == 5000 and time.monotonic() - started < 20
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Recorder.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_path: Path, capsys) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = {
+        "active.pdf": active_content_pdf(url),
+        "locked.pdf": encrypted_pdf(PASSWORD),
+        "slow.pdf": slow_pdf(),
+        "..%2F..%2Fescape.pdf": invoice_pdf(9, 1, (612, 792)),
+        "good.pdf": invoice_pdf(8, 2, (612, 792)),
+    }
+    for name, data in files.items():
+        (inputs / name).write_bytes(data)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(inputs),
+                "output": str(tmp_path / "out"),
+                "model": {"id": str(tiny_model)},
+                "questions": [{"id": "q", "text": "What?", "pages": "all", "max_new_tokens": 3}],
+                "render": {"passwords": [PASSWORD], "image_splitting": False},
+                "limits": {"document_timeout_s": 0.5},
+            }
+        )
+    )
+    assert main(["run", "--config", str(job)]) == 0
+    captured = capsys.readouterr()
+    server.shutdown()
+    rows = read_committed(str(tmp_path / "out")).to_pylist()
+    status = {Path(row["document"]).name: row["status"] for row in rows}
+    assert status == {
+        "active.pdf": "ok",
+        "locked.pdf": "ok",
+        "slow.pdf": "timeout",
+        "..%2F..%2Fescape.pdf": "ok",
+        "good.pdf": "ok",
+    }
+    assert _Recorder.hits == []  # no JavaScript ran, no link or attachment was followed
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
+    assert all(path.startswith(("in/", "job.yaml", "out/runs/")) for path in written), written
+    [record] = committed_runs(str(tmp_path / "out"))
+    assert record["config"]["render"]["passwords"] == ["**********"]
+    for blob in [
+        Path(record["directory"], "_run.json").read_text(),
+        captured.out + captured.err,
+        *(Path(record["directory"], name).read_bytes().decode("latin-1") for name in record["files"]),
+    ]:
+        assert PASSWORD not in blob
