@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import pymupdf
 import pytest
 import yaml
 
@@ -166,3 +167,101 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
         *(Path(record["directory"], name).read_bytes().decode("latin-1") for name in record["files"]),
     ]:
         assert PASSWORD not in blob
+
+
+# Files of the shared corpus whose defect is known, and the status each must get.
+KNOWN_CORPUS_STATUSES = {
+    "pdfCabinetOfHorrors/encryption_openpassword.pdf": Status.ENCRYPTED,
+    "pdfCabinetOfHorrors/encryption_nocopy.pdf": Status.OK,  # owner password only: opens and renders
+    "pdf-handbuilt-test-corpus/T02-02_001_no-page-tree-node.pdf": Status.EMPTY,
+    "pdf-handbuilt-test-corpus/T02-01_001_document-catalog-No-document-catalog.pdf": Status.EMPTY,
+    "pdf-handbuilt-test-corpus/T01_006_header-invalid-syntax-no-pdf.pdf": Status.NOT_PDF,
+    "pdf-handbuilt-test-corpus/T02-02_002_page-tree-kids-links-recursive.pdf": Status.RENDER_ERROR,
+    "pdf-handbuilt-test-corpus/T02-02_007_page-tree-wrong-count.pdf": Status.CORRUPT,
+    "pdf-handbuilt-test-corpus/minimal_test.pdf": Status.CORRUPT,
+    "pdfCabinetOfHorrors/javascript.pdf": Status.OK,
+}
+
+
+def test_shared_corpus_runs_through_with_every_file_exactly_once(ray_session, tiny_model: Path, tmp_path: Path) -> None:
+    from tests.conftest import SHARED_CORPUS
+
+    if not SHARED_CORPUS.is_dir():
+        pytest.skip(f"the shared corpus is not at {SHARED_CORPUS}")
+    files = sorted(str(path.resolve()) for path in SHARED_CORPUS.rglob("*") if path.is_file())
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(SHARED_CORPUS),
+                "output": str(tmp_path / "out"),
+                "model": {"id": str(tiny_model)},
+                "questions": [{"id": "q", "text": "What is this?", "pages": "first", "max_new_tokens": 2}],
+                "render": {"image_splitting": False},
+                "actors": {"batch_size": 8},
+            }
+        )
+    )
+    assert main(["run", "--config", str(job)]) == 0
+    rows = read_committed(str(tmp_path / "out")).to_pylist()
+    assert sorted(row["document"] for row in rows) == files  # one question on one page: one row per file
+    status = {str(Path(row["document"]).relative_to(SHARED_CORPUS.resolve())): row["status"] for row in rows}
+    assert {name: status[name] for name in KNOWN_CORPUS_STATUSES} == KNOWN_CORPUS_STATUSES
+    assert set(status.values()) <= {s.value for s in Status} and all(r["error"] for r in rows if r["status"] != "ok")
+    assert sum(value == Status.OK for value in status.values()) >= 140
+
+
+def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    import psutil
+
+    from jobs.samples import write_samples
+
+    inputs = tmp_path / "in"
+    write_samples(inputs, count=14, with_bad_files=False)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(inputs),
+                "output": str(tmp_path / "out"),
+                "model": {"id": str(tiny_model)},
+                "questions": [
+                    {"id": "a", "text": "Total?", "max_new_tokens": 12},
+                    {"id": "b", "text": "Date?", "max_new_tokens": 12},
+                ],
+                "actors": {"batch_size": 2},
+            }
+        )
+    )
+    killed: list[int] = []
+
+    def kill_the_actor_once_it_is_working() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                if any("Idefics2Predictor" in part for part in process.info["cmdline"] or []):
+                    try:
+                        if process.cpu_times().user > 4:  # model loaded and answering
+                            process.kill()
+                            killed.append(process.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_actor_once_it_is_working)
+    killer.start()
+    assert main(["run", "--config", str(job)]) == 0
+    killer.join()
+    assert killed, "the actor was never killed: the run ended first"
+    rows = read_committed(str(tmp_path / "out"))
+    keys = list(zip(*rows.select(["document", "page_number", "question_id"]).to_pydict().values(), strict=True))
+    expected = {
+        (str(path.resolve()), page, q)
+        for path in inputs.iterdir()
+        for page in range(1, 1 + __import__("pymupdf").open(path).page_count)
+        for q in ("a", "b")
+    }
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert set(rows.column("status").to_pylist()) == {"ok"}
