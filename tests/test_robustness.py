@@ -260,7 +260,7 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
     expected = {
         (str(path.resolve()), page, q)
         for path in inputs.iterdir()
-        for page in range(1, 1 + __import__("pymupdf").open(path).page_count)
+        for page in range(1, 1 + pymupdf.open(path).page_count)
         for q in ("a", "b")
     }
     assert len(keys) == len(set(keys)) and set(keys) == expected
