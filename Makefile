@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test demo bench-s3 lint clean
+.PHONY: setup poppler test demo bench-s3 bench-corpus lint clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ demo: setup $(DEMO)/tiny-idefics2/config.json
 	$(BIN)/docqa run --config examples/invoice.yaml --input $(DEMO)/pdfs --output $(DEMO)/out \
 		--model $(DEMO)/tiny-idefics2
 	$(BIN)/python -m jobs.preview $(DEMO)/out
+
+bench-corpus: setup
+	$(BIN)/python -m bench.corpus
 
 bench-s3: setup
 	$(BIN)/python -m bench.s3_bucket --documents 1000
