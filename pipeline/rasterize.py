@@ -2,7 +2,8 @@
 
 Two backends with one contract (``open_pdf`` → ``PdfDocument``): PyMuPDF (default) and pdf2image/poppler.
 A document that cannot be processed becomes one row with its status and reason; a page that cannot be
-rendered becomes one row for that page. Nothing raises out of this stage.
+rendered becomes a row for that page (the actor expands it to one per question). Opening and rendering
+run in the sandbox (pipeline/sandbox.py). Nothing raises out of this stage.
 """
 
 from __future__ import annotations

@@ -76,3 +76,54 @@ def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndar
     assert len(answers) == 3 * len(pages)
     # One encoder call for the batch; 5 sub-images per page (4 crops + the page), not 5 per question.
     assert images_encoded == [5 * len(pages)]
+
+
+def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_answers(
+    tiny_model: Path, pages: list[np.ndarray]
+) -> None:
+    from actors.idefics2 import Idefics2Predictor
+    from pipeline.config import load_config
+    from pipeline.images import pack_images
+
+    config = load_config(
+        None,
+        {
+            "input": "in",
+            "output": "out",
+            "model": {"id": str(tiny_model)},
+            "questions": [q.model_dump() for q in QUESTIONS[:2]],
+        },
+    )
+    geometry = resolve_image_geometry(config.model, config.render)
+    buffer, shapes = pack_images(split_page(pages[0], geometry))
+    column = lambda *values: np.array(values, dtype=object)  # noqa: E731 - Ray Data's numpy batch columns
+    batch = {
+        "uri": column("/in/good.pdf", "/in/broken.pdf"),
+        "sub_images": column(buffer, buffer[: len(buffer) // 2]),  # the second page's pixels are cut short
+        "sub_image_shapes": column(shapes, shapes),
+        "source_version": column("v1", "v2"),
+        "document_rows": np.array([2, 2]),
+        "file_size": np.array([10, 20]),
+        "etag": column("", ""),
+        "version_id": column("", ""),
+        "sha256": column("a" * 64, "b" * 64),
+        "repaired": np.array([False, False]),
+        "page_number": np.array([1, 1]),
+        "num_pages": np.array([1, 1]),
+        "status": column("ok", "ok"),
+        "error": column("", ""),
+        "render_ms": np.array([1.0, 1.0]),
+    }
+    rows = Idefics2Predictor(config, geometry, "r1")(batch).to_pylist()
+    by_document = {(row["document"], row["question_id"]): row for row in rows}
+    assert len(rows) == 4 and set(by_document) == {
+        (d, q) for d in ("/in/good.pdf", "/in/broken.pdf") for q in ("number", "total")
+    }
+    for question in ("number", "total"):
+        good, broken = by_document["/in/good.pdf", question], by_document["/in/broken.pdf", question]
+        assert good["status"] == "ok" and good["answer"] is not None
+        assert (
+            broken["status"] == "model_error"
+            and "model failed on this page" in broken["error"]
+            and broken["answer"] is None
+        )
