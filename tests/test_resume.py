@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pymupdf
-import yaml
 
 from jobs.cli import main
 from jobs.samples import write_samples
 from pipeline.config import load_config
 from pipeline.sink import committed_runs, read_committed
+from tests.conftest import write_job
 
 QUESTIONS = [
     {"id": "number", "text": "Invoice number?", "pages": "first", "max_new_tokens": 3},
@@ -25,18 +25,8 @@ QUESTIONS = [
 
 
 def _job(tmp_path: Path, inputs: Path, model: Path, **extra) -> Path:
-    path = tmp_path / "job.yaml"
-    config = {
-        "input": str(inputs),
-        "output": str(tmp_path / "out"),
-        "model": {"id": str(model)},
-        "questions": QUESTIONS,
-        "render": {"image_splitting": False},
-        "actors": {"batch_size": 2},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    sections = {"render": {"image_splitting": False}, "actors": {"batch_size": 2}, **extra}
+    return write_job(tmp_path, inputs, model, QUESTIONS, **sections)
 
 
 def _expected_keys(job: Path, inputs: Path) -> Counter:

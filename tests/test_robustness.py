@@ -10,7 +10,6 @@ from typing import ClassVar
 
 import pymupdf
 import pytest
-import yaml
 
 from jobs.cli import main
 from jobs.samples import invoice_pdf
@@ -20,6 +19,7 @@ from pipeline.rasterize import DocumentError, RasterizeDocument
 from pipeline.rows import Status
 from pipeline.sandbox import RenderSandbox, SandboxFailure
 from pipeline.sink import committed_runs, read_committed
+from tests.conftest import write_job
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
 
 GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
@@ -131,18 +131,13 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
     }
     for name, data in files.items():
         (inputs / name).write_bytes(data)
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "input": str(inputs),
-                "output": str(tmp_path / "out"),
-                "model": {"id": str(tiny_model)},
-                "questions": [{"id": "q", "text": "What?", "pages": "all", "max_new_tokens": 3}],
-                "render": {"passwords": [PASSWORD], "image_splitting": False},
-                "limits": {"document_timeout_s": 0.5},
-            }
-        )
+    job = write_job(
+        tmp_path,
+        inputs,
+        tiny_model,
+        [{"id": "q", "text": "What?", "pages": "all", "max_new_tokens": 3}],
+        render={"passwords": [PASSWORD], "image_splitting": False},
+        limits={"document_timeout_s": 0.5},
     )
     assert main(["run", "--config", str(job)]) == 0
     captured = capsys.readouterr()
@@ -189,18 +184,13 @@ def test_shared_corpus_runs_through_with_every_file_exactly_once(ray_session, ti
     if not SHARED_CORPUS.is_dir():
         pytest.skip(f"the shared corpus is not at {SHARED_CORPUS}")
     files = sorted(str(path.resolve()) for path in SHARED_CORPUS.rglob("*") if path.is_file())
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "input": str(SHARED_CORPUS),
-                "output": str(tmp_path / "out"),
-                "model": {"id": str(tiny_model)},
-                "questions": [{"id": "q", "text": "What is this?", "pages": "first", "max_new_tokens": 2}],
-                "render": {"image_splitting": False},
-                "actors": {"batch_size": 8},
-            }
-        )
+    job = write_job(
+        tmp_path,
+        SHARED_CORPUS,
+        tiny_model,
+        [{"id": "q", "text": "What is this?", "pages": "first", "max_new_tokens": 2}],
+        render={"image_splitting": False},
+        actors={"batch_size": 8},
     )
     assert main(["run", "--config", str(job)]) == 0
     rows = read_committed(str(tmp_path / "out")).to_pylist()
@@ -220,21 +210,11 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
 
     inputs = tmp_path / "in"
     write_samples(inputs, count=14, with_bad_files=False)
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "input": str(inputs),
-                "output": str(tmp_path / "out"),
-                "model": {"id": str(tiny_model)},
-                "questions": [
-                    {"id": "a", "text": "Total?", "max_new_tokens": 12},
-                    {"id": "b", "text": "Date?", "max_new_tokens": 12},
-                ],
-                "actors": {"batch_size": 2},
-            }
-        )
-    )
+    questions = [
+        {"id": "a", "text": "Total?", "max_new_tokens": 12},
+        {"id": "b", "text": "Date?", "max_new_tokens": 12},
+    ]
+    job = write_job(tmp_path, inputs, tiny_model, questions, actors={"batch_size": 2})
     killed: list[int] = []
 
     def kill_the_actor_once_it_is_working() -> None:
