@@ -175,10 +175,14 @@ def _local_ref(path: Path) -> DocumentRef:
 
 
 def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
-    """A text file with one URI per line (blank lines and # comments skipped); sizes are learnt when read."""
+    """A text file with one URI per line (blank lines and # comments skipped); an S3 URI's size and version
+    are learnt when it is read."""
     filesystem, path = filesystem_for(uri, storage)
-    with filesystem.open_input_stream(path) as stream:
-        lines = stream.read().decode().splitlines()
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode(errors="replace").splitlines()
+    except OSError as error:
+        raise InputError(f"cannot read the list of documents {uri}: {error}") from None
     for line in lines:
         line = line.strip()
         if line and not line.startswith("#"):

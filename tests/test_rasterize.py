@@ -131,5 +131,7 @@ def test_listing(tmp_path: Path) -> None:
     assert [(ref.uri, ref.size) for ref in refs] == [(f"{tmp_path}/b.pdf", 1), ("s3://bucket/key without suffix", -1)]
     with pytest.raises(InputError, match="does not exist"):
         check_input(str(tmp_path / "nope"), storage)
+    with pytest.raises(InputError, match="cannot read the list of documents"):
+        check_input(str(tmp_path / "missing-list.txt"), storage)
     with pytest.raises(InputError, match="no files found"):
         check_input(f"{tmp_path}/*.tiff", storage)
