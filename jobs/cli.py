@@ -42,9 +42,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser, run_id: bool = True) 
     )
 
 
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+
+
 def _add_job_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("submission_id", metavar="ID")
-    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    _add_address(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="submit a run (or a nightly run) to a Ray cluster as a Ray Job")
     _add_config_arguments(submit)
-    submit.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    _add_address(submit)
     submit.add_argument("--nightly", action="store_true", help="submit the nightly run (id fixed by the date)")
     submit.add_argument("--date", type=_parse_date, default=None, help="with --nightly: run date (default today)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 1 unless it succeeds")

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from pipeline.budget import start_ledger
 from pipeline.config import JobConfig
 from pipeline.documents import DocumentListing, ReadDocument
-from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, resolve_image_geometry
+from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, model_load_hint, resolve_image_geometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import RETRYABLE, Status
 from pipeline.sink import RunWriter, committed_runs, read_committed
@@ -85,7 +85,6 @@ class RunStats:
 class RunSummary:
     run_id: str
     record_path: str
-    output: str
     counts: dict[str, Any]
     wall_s: float
     ledger: dict[str, int]
@@ -125,8 +124,6 @@ def check_model(config: JobConfig) -> str | None:
     try:
         model_config = AutoConfig.from_pretrained(config.model.id, revision=config.model.revision)
     except Exception as error:
-        from pipeline.images import model_load_hint
-
         raise ModelLoadError(model_load_hint(config.model.id, error)) from error
     if model_config.model_type != "idefics2":
         raise ModelLoadError(f"{config.model.id} is a {model_config.model_type!r} checkpoint, not idefics2")
@@ -262,7 +259,7 @@ def run_job(
         "incremental": {"config_fingerprint": config.fingerprint(), **ledger_report},
     }
     record_path = writer.commit(record)
-    return RunSummary(run_id, record_path, config.output, stats.counts(), stats.elapsed, ledger_report)
+    return RunSummary(run_id, record_path, stats.counts(), stats.elapsed, ledger_report)
 
 
 def nightly_run_id(date: str) -> str:

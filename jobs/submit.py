@@ -46,6 +46,13 @@ def _status(client, submission_id: str) -> str | None:
         return None
 
 
+def _known_status(client, submission_id: str) -> str:
+    found = _status(client, submission_id)
+    if found is None:
+        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    return found
+
+
 def stage_working_dir(config: JobConfig) -> Path:
     """A working_dir for the runtime env: this project's packages and the validated config, nothing else
     (no virtualenv, caches, outputs or tests travel)."""
@@ -105,9 +112,7 @@ def submit(config: JobConfig, address: str | None, nightly_date: str | None = No
 def wait(address: str | None, submission_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
     client = job_client(address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while (status := _status(client, submission_id)) not in FINAL_STATUSES:
-        if status is None:
-            raise SubmitError(f"no job {submission_id!r} on this cluster")
+    while (status := _known_status(client, submission_id)) not in FINAL_STATUSES:
         if deadline is not None and time.monotonic() > deadline:
             return status
         time.sleep(poll_s)
@@ -115,16 +120,12 @@ def wait(address: str | None, submission_id: str, timeout_s: float | None = None
 
 
 def status(address: str | None, submission_id: str) -> str:
-    found = _status(job_client(address), submission_id)
-    if found is None:
-        raise SubmitError(f"no job {submission_id!r} on this cluster")
-    return found
+    return _known_status(job_client(address), submission_id)
 
 
 def logs(address: str | None, submission_id: str, follow: bool = False) -> None:
     client = job_client(address)
-    if _status(client, submission_id) is None:
-        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    _known_status(client, submission_id)
     if not follow:
         print(client.get_job_logs(submission_id), end="")
         return
@@ -138,6 +139,5 @@ def logs(address: str | None, submission_id: str, follow: bool = False) -> None:
 
 def stop(address: str | None, submission_id: str) -> bool:
     client = job_client(address)
-    if _status(client, submission_id) is None:
-        raise SubmitError(f"no job {submission_id!r} on this cluster")
+    _known_status(client, submission_id)
     return client.stop_job(submission_id)

@@ -12,7 +12,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import LimitsConfig, StorageConfig
 from pipeline.rows import Status
-from pipeline.storage import iter_documents, read_object
+from pipeline.storage import describe_client_error, iter_documents, read_object
 
 REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("version", pa.string())])
 
@@ -97,8 +97,6 @@ class ReadDocument:
         try:
             read = read_object(uri, self.storage, limit)
         except Exception as error:  # noqa: BLE001 - any storage failure becomes this document's row
-            from pipeline.storage import describe_client_error
-
             out.update(status=Status.READ_ERROR.value, error=describe_client_error(error, f"cannot read {uri}"))
             return out
         etag = read.etag or out["etag"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config import JobConfig, LimitsConfig
 from pipeline.images import ImageGeometry
-from pipeline.rows import Status
+from pipeline.rows import DocumentError, Status
 from pipeline.sandbox import SandboxedDocument, SandboxFailure
 
 PDF_MAGIC = b"%PDF-"
@@ -24,15 +24,6 @@ ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.pa
 # Carried from the read stage to every row of the document.
 DOCUMENT_FIELDS = ("uri", "file_size", "source_version", "etag", "version_id", "sha256")
 PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
-
-
-class DocumentError(Exception):
-    """A document-level failure with its status."""
-
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class PdfDocument(Protocol):

@@ -28,6 +28,15 @@ class Status(StrEnum):
     DEFERRED = "deferred"  # over this run's page budget: not written, picked up by the next run
 
 
+class DocumentError(Exception):
+    """A document- or page-level failure with its status."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 # Failures worth retrying in a later run of the same document version; the others are final for it.
 RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR, Status.DEFERRED})
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rows import Status
+from pipeline.rows import DocumentError, Status
 
 
 class SandboxFailure(Exception):
@@ -40,7 +40,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
     """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...)."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    from pipeline.rasterize import DocumentError, open_pdf
+    from pipeline.rasterize import open_pdf  # after the cap: the parsers' own memory counts against it
 
     requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     document = None
@@ -117,8 +117,6 @@ class RenderSandbox:
 
     def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
         """Run one operation in the helper; raises DocumentError as the helper reported it, or SandboxFailure."""
-        from pipeline.rasterize import DocumentError
-
         try:
             self._requests.send((operation, arguments))
             ready = self._connection.poll(max(0.0, deadline - time.monotonic()))

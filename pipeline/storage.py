@@ -92,6 +92,13 @@ def filesystem_for(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, s
     """A pyarrow filesystem and the path inside it, for a local path or an s3:// URI."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    bucket, key = split_s3(uri)
+    return _s3_filesystem(storage), f"{bucket}/{key}".rstrip("/")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    """One pyarrow S3 filesystem per process and settings, as for the boto3 client."""
     endpoint = endpoint_of(storage)
     options: dict[str, Any] = {
         "region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
@@ -102,8 +109,7 @@ def filesystem_for(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, s
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    bucket, key = split_s3(uri)
-    return pafs.S3FileSystem(**options), f"{bucket}/{key}".rstrip("/")
+    return pafs.S3FileSystem(**options)
 
 
 def describe_client_error(error: Exception, what: str) -> str:
@@ -117,7 +123,7 @@ def describe_client_error(error: Exception, what: str) -> str:
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket", "404") or (status == 404 and "bucket" in what):
+        if code in ("NoSuchBucket", "404"):  # HEAD requests carry no body: a missing bucket is code "404"
             return f"{what}: the bucket does not exist"
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return f"{what}: access denied ({code}); check the credentials and the bucket policy"
