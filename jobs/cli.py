@@ -10,11 +10,15 @@ from typing import Any
 
 import yaml
 
+from jobs.formats import FORMATS, write_result
+from jobs.query import QueryError
 from jobs.submit import SubmitError
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.images import ModelLoadError
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
+
+QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
 
 
 def _parse_assignment(text: str) -> tuple[str, Any]:
@@ -51,6 +55,16 @@ def _add_job_id(parser: argparse.ArgumentParser) -> None:
     _add_address(parser)
 
 
+def _add_query_arguments(parser: argparse.ArgumentParser, run: bool = True) -> None:
+    parser.add_argument("--output", help="a job's output: folder or s3:// prefix (default: the --config's output)")
+    parser.add_argument("--config", help="job config to take the output and the storage settings from")
+    if run:
+        parser.add_argument(
+            "--run", help="one committed run id (default: the current answer per document, page and question)"
+        )
+    parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json lines, parquet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docqa", description="Document OCR and question answering on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,11 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             command.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
 
+    query = commands.add_parser("query", help="SQL over the committed answers (tables: answers, all_rows, runs)")
+    query.add_argument("sql", help='a SELECT statement, e.g. "SELECT document, answer FROM answers LIMIT 5"')
+    _add_query_arguments(query)
+    answers = commands.add_parser("answers", help="all answers of one document, by page and question")
+    answers.add_argument("--document", required=True, help="the document's URI, or a substring naming one document")
+    _add_query_arguments(answers)
+    table = commands.add_parser("table", help="one row per document, one column per question")
+    table.add_argument("--questions", type=_parse_list, help="question ids, comma separated (default: all)")
+    table.add_argument(
+        "--all-pages", action="store_true", help="every page's answer joined (default: the first page that answered)"
+    )
+    _add_query_arguments(table)
+    failures = commands.add_parser("failures", help="documents and pages without answers, and why")
+    _add_query_arguments(failures)
+    runs = commands.add_parser("runs", help="committed runs: id, date, documents, pages, failures, duration")
+    _add_query_arguments(runs, run=False)
+
+    serve = commands.add_parser("serve", help="answer questions about uploaded PDFs over HTTP (Ray Serve)")
+    serve.add_argument("--config", required=True, help="job config: model, render, limits, actors and serve")
+    serve.add_argument("--model", help="override model.id: hub id or local checkpoint directory")
+    serve.add_argument("--host", help="override serve.host")
+    serve.add_argument("--port", type=int, help="override serve.port")
+
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     tiny = model_commands.add_parser("tiny", help="build the tiny offline Idefics2 used by the demo and the tests")
     tiny.add_argument("path", help="directory to save the checkpoint to")
     return parser
+
+
+def _parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _parse_date(text: str) -> str:
@@ -103,7 +144,52 @@ def _today() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+def _query(args: argparse.Namespace) -> int:
+    from jobs.query import AnswerStore
+
+    if args.output is None and args.config is None:
+        raise ConfigError("name the output to read: --output URI, or --config JOB.yaml")
+    config = load_config(args.config, {"output": args.output} if args.output else None) if args.config else None
+    output = args.output or config.output
+    if args.format == "parquet" and sys.stdout.isatty():
+        raise ConfigError("--format parquet writes binary to stdout; redirect it to a file")
+    store = AnswerStore(output, getattr(args, "run", None), config.storage if config else None)
+    if args.command == "query":
+        reader = store.reader(args.sql)
+    elif args.command == "answers":
+        reader = store.answers_of(args.document)
+    elif args.command == "table":
+        reader = store.table(args.questions, args.all_pages)
+    elif args.command == "failures":
+        reader = store.failures()
+    else:
+        reader = store.runs()
+    write_result(reader, args.format, sys.stdout, sys.stdout.buffer)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from jobs.serve import start_server
+
+    overrides = {"model.id": args.model, "serve.host": args.host, "serve.port": args.port}
+    config = load_config(args.config, {field: value for field, value in overrides.items() if value is not None})
+    url = start_server(config)
+    print(f"docqa serving {config.model.id} at {url}/v1/answers (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in QUERY_COMMANDS:
+        return _query(args)
     if args.command == "run":
         from jobs.run import run_job
 
@@ -116,6 +202,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = run_nightly(_config(args), run_date)
         print(summary.text() if summary else f"run {nightly_run_id(run_date)} is already committed; nothing to do")
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "model":
         from actors.tiny import build_tiny_idefics2
 
@@ -146,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as error:
+    except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 2
     except (InputError, ModelLoadError, RunExistsError, StorageError, SubmitError) as error:

@@ -6,10 +6,19 @@ import hashlib
 import json
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.pages import PageRange, parse_page_selection, selection_contains
 
@@ -19,6 +28,11 @@ TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
 
 class ConfigError(ValueError):
     """An invalid job config; the message names each bad field and what is wrong with it."""
+
+
+def _check_bounds(section: BaseModel, low: str, high: str) -> None:
+    if getattr(section, high) < getattr(section, low):
+        raise ValueError(f"{high} ({getattr(section, high)}) is below {low} ({getattr(section, low)})")
 
 
 class _Strict(BaseModel):
@@ -106,8 +120,7 @@ class ActorPoolConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> ActorPoolConfig:
-        if self.max_actors < self.min_actors:
-            raise ValueError(f"max_actors ({self.max_actors}) is below min_actors ({self.min_actors})")
+        _check_bounds(self, "min_actors", "max_actors")
         return self
 
 
@@ -130,6 +143,41 @@ class BudgetConfig(_Strict):
     max_pages: int | None = Field(None, ge=1, description="Pages rendered per run (whole documents only).")
 
 
+def check_unique_ids(questions: list[QuestionTemplate]) -> list[QuestionTemplate]:
+    ids = [question.id for question in questions]
+    duplicates = sorted({qid for qid in ids if ids.count(qid) > 1})
+    if duplicates:
+        raise ValueError(f"question ids must be unique; repeated: {duplicates}")
+    return questions
+
+
+QuestionList = Annotated[list[QuestionTemplate], Field(min_length=1), AfterValidator(check_unique_ids)]
+
+
+class ServeConfig(_Strict):
+    """The online endpoint (`docqa serve`). The model replicas use `model`, `render` and `limits` as the
+    batch pipeline does; `actors.batch_size` is the most pages one model call takes."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    token: SecretStr | None = Field(None, description="Bearer token; DOCQA_SERVE_TOKEN in the environment wins.")
+    min_replicas: int = Field(1, ge=1, description="Model replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Model replicas Serve may scale up to under load.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Pages in flight per model replica to aim at.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="How long a model call waits to fill its batch.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest PDF accepted (413 above).")
+    max_pages: int = Field(20, ge=1, description="Most pages of one uploaded document (413 above).")
+    max_questions: int = Field(16, ge=1, description="Most questions in one request (422 above).")
+    question_sets: dict[str, QuestionList] = Field(
+        default_factory=dict, description="Named question templates a request can pick with question_set=NAME."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeConfig:
+        _check_bounds(self, "min_replicas", "max_replicas")
+        return self
+
+
 class JobConfig(_Strict):
     input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
     output: str = Field(min_length=1, description="Folder or s3:// prefix the runs are written under.")
@@ -137,22 +185,14 @@ class JobConfig(_Strict):
         50_000, ge=1, description="Rows per Parquet file; files are written as rows arrive."
     )
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-    questions: list[QuestionTemplate] = Field(min_length=1)
+    questions: QuestionList
     model: ModelConfig = ModelConfig()
     render: RenderConfig = RenderConfig()
     limits: LimitsConfig = LimitsConfig()
     actors: ActorPoolConfig = ActorPoolConfig()
     storage: StorageConfig = StorageConfig()
     budget: BudgetConfig = BudgetConfig()
-
-    @field_validator("questions")
-    @classmethod
-    def _unique_ids(cls, questions: list[QuestionTemplate]) -> list[QuestionTemplate]:
-        ids = [question.id for question in questions]
-        duplicates = sorted({qid for qid in ids if ids.count(qid) > 1})
-        if duplicates:
-            raise ValueError(f"question ids must be unique; repeated: {duplicates}")
-        return questions
+    serve: ServeConfig = ServeConfig()
 
     def selected_pages(self, num_pages: int) -> list[int]:
         """Pages that at least one question applies to; only these are rendered."""

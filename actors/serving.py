@@ -1,0 +1,35 @@
+"""The model side of the online endpoint: a Ray Serve deployment around the batch pipeline's PageAnswerer.
+
+Pages from concurrent requests are gathered by ``@serve.batch`` into one model call (at most
+``actors.batch_size`` pages, waiting at most ``serve.batch_wait_timeout_s`` to fill it), exactly as the
+batch actor answers a Ray Data batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from actors.idefics2 import PageAnswerer
+from pipeline.config import JobConfig, QuestionTemplate
+from pipeline.images import ImageGeometry
+
+PageRequest = tuple[dict[str, Any], list[QuestionTemplate]]  # a split page row and the questions asked of it
+
+
+@serve.deployment
+class AnswerModel:
+    def __init__(self, config: JobConfig, geometry: ImageGeometry) -> None:
+        self.answerer = PageAnswerer(config, geometry, run_id="serve")
+        self.answer_page.set_max_batch_size(config.actors.batch_size)
+        self.answer_page.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+
+    @serve.batch
+    async def answer_page(self, requests: list[PageRequest]) -> list[list[dict[str, Any]]]:
+        """One page and its questions per request → that page's output rows. The model runs in a thread so
+        the replica keeps accepting requests (the next batch fills while this one computes)."""
+        pages = [page for page, _ in requests]
+        questions = [templates for _, templates in requests]
+        return await asyncio.to_thread(self.answerer.rows, pages, questions)

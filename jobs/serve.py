@@ -1,0 +1,261 @@
+"""`docqa serve`: ask questions about one uploaded PDF now, on Ray Serve.
+
+The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own stages on
+the upload (RasterizeDocument in its sandbox, then SplitPage) and sends each page with its questions to
+the AnswerModel deployment, which batches pages across requests. Answers come back as rows with the
+fields of the Parquet output.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+from typing import Annotated, Any
+
+import yaml
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError, create_model
+from ray import serve
+
+from actors.serving import AnswerModel
+from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
+from pipeline.images import ImageGeometry, SplitPage, resolve_image_geometry
+from pipeline.rasterize import RasterizeDocument
+from pipeline.rows import OUTPUT_SCHEMA, Status
+
+TOKEN_ENV = "DOCQA_SERVE_TOKEN"
+APPLICATION_NAME = "docqa"
+# Document-level failures that mean "too big" (413); every other failed document is unprocessable (422).
+TOO_LARGE = {Status.FILE_TOO_LARGE.value, Status.TOO_MANY_PAGES.value}
+QUESTION_LIST = TypeAdapter(QuestionList)
+_PYTHON_TYPES = {"string": str, "int32": int, "int64": int, "double": float, "float": float, "bool": bool}
+AnswerRow = create_model(  # the Parquet row, field for field
+    "AnswerRow", **{field.name: (_PYTHON_TYPES[str(field.type)] | None, None) for field in OUTPUT_SCHEMA}
+)
+
+
+class AnswersResponse(BaseModel):
+    request_id: str
+    document: str
+    num_pages: int
+    answers: list[AnswerRow]  # type: ignore[valid-type]
+
+
+class Failure(BaseModel):
+    status: str
+    error: str
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the PDF"},
+                        "questions": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "YAML or JSON: a list of question templates, as in the job config",
+                        },
+                        "question_set": {"type": "string", "description": "a named set from serve.question_sets"},
+                    },
+                }
+            }
+        },
+    }
+}
+FAILURES = {code: {"model": Failure} for code in (401, 413, 422)}
+
+
+class RequestFailure(Exception):
+    def __init__(self, code: int, status: str, error: str) -> None:
+        super().__init__(error)
+        self.code, self.status, self.error = code, status, error
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.code == 401 else None
+        return JSONResponse({"status": self.status, "error": self.error}, status_code=self.code, headers=headers)
+
+
+def serve_token(config: JobConfig) -> str:
+    """The bearer token requests must carry: DOCQA_SERVE_TOKEN, else serve.token. The endpoint never runs open."""
+    token = os.environ.get(TOKEN_ENV) or (config.serve.token.get_secret_value() if config.serve.token else "")
+    if not token:
+        raise ConfigError(f"the endpoint needs a bearer token: set {TOKEN_ENV} or serve.token in the config")
+    return token
+
+
+def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
+    """Question templates from a request: YAML or JSON, a list or a mapping with a ``questions`` list."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RequestFailure(422, "bad_request", f"questions are not valid YAML or JSON: {error}") from None
+    if isinstance(loaded, dict) and set(loaded) == {"questions"}:
+        loaded = loaded["questions"]
+    try:
+        questions = QUESTION_LIST.validate_python(loaded)
+    except ValidationError as error:
+        raise RequestFailure(422, "bad_request", format_validation_error(error)) from None
+    if len(questions) > limit:
+        raise RequestFailure(422, "bad_request", f"{len(questions)} questions, over serve.max_questions={limit}")
+    return questions
+
+
+api = FastAPI(
+    title="docqa",
+    version="1",
+    description="Answers to questions about one PDF, page by page (Idefics2). Send the PDF as multipart `file`, "
+    "with `questions` (YAML/JSON templates) or `question_set` (a named set from the config); without either, "
+    "the config's questions are asked.",
+)
+bearer = HTTPBearer(auto_error=False, description=f"the token in {TOKEN_ENV} or serve.token")
+
+
+@serve.deployment
+@serve.ingress(api)
+class AnswerAPI:
+    def __init__(self, config: JobConfig, geometry: ImageGeometry, model: Any) -> None:
+        self.config = config
+        self.geometry = geometry
+        self.model = model
+        self.token = config.serve.token.get_secret_value().encode() if config.serve.token else b""
+        self.split = SplitPage(geometry)
+        self.render_lock = asyncio.Lock()  # one sandboxed renderer per process
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model": self.config.model.id}
+
+    @api.post(
+        "/v1/answers",
+        response_model=AnswersResponse,
+        responses=FAILURES,
+        openapi_extra=UPLOAD_BODY,
+        summary="Answer questions about every page of one PDF",
+    )
+    async def answers(
+        self, request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Any:
+        try:
+            return await self._answer(request, credentials)
+        except RequestFailure as failure:
+            return failure.response()
+
+    async def _answer(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> AnswersResponse:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.token):
+            raise RequestFailure(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        limits = self.config.serve
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limits.max_upload_bytes + 64 * 1024:  # the form's own fields and boundaries
+            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, self._too_large(declared))
+        form = await request.form(max_files=2, max_fields=4)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestFailure(422, "bad_request", "send the PDF as a multipart file field named 'file'")
+        data = await upload.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, self._too_large(len(data)))
+        config = self._request_config(await self._questions(form))
+        file_name = os.path.basename(upload.filename or "upload.pdf") or "upload.pdf"
+        async with self.render_lock:
+            pages = await asyncio.to_thread(self._render, config, file_name, data)
+        if len(pages) == 1 and not pages[0]["page_number"]:  # the document as a whole failed
+            failed = pages[0]
+            raise RequestFailure(422 if failed["status"] not in TOO_LARGE else 413, failed["status"], failed["error"])
+        page_rows = await asyncio.gather(
+            *(
+                self.model.answer_page.remote(
+                    (page, config.questions_for_page(int(page["page_number"]), int(page["num_pages"])))
+                )
+                for page in pages
+            )
+        )
+        request_id = f"serve-{secrets.token_hex(6)}"
+        fingerprint = config.fingerprint()
+        rows = [{**row, "run_id": request_id, "config_fingerprint": fingerprint} for rows in page_rows for row in rows]
+        return AnswersResponse(
+            request_id=request_id, document=file_name, num_pages=int(pages[0]["num_pages"]), answers=rows
+        )
+
+    def _too_large(self, size: int) -> str:
+        return f"upload is {size} bytes, over serve.max_upload_bytes={self.config.serve.max_upload_bytes}"
+
+    async def _questions(self, form: Any) -> list[QuestionTemplate]:
+        field, set_name = form.get("questions"), form.get("question_set")
+        if field is not None and set_name is not None:
+            raise RequestFailure(422, "bad_request", "send either questions or question_set, not both")
+        if field is not None:
+            text = field if isinstance(field, str) else (await field.read(1024 * 1024)).decode("utf-8", "replace")
+            return parse_questions(text, self.config.serve.max_questions)
+        if set_name is not None:
+            sets = self.config.serve.question_sets
+            if set_name not in sets:
+                raise RequestFailure(422, "bad_request", f"no question set {set_name!r}; configured: {sorted(sets)}")
+            return sets[set_name]
+        return self.config.questions
+
+    def _request_config(self, questions: list[QuestionTemplate]) -> JobConfig:
+        limits = self.config.limits
+        max_pages = min(limits.max_pages_per_document, self.config.serve.max_pages)
+        return self.config.model_copy(
+            update={"questions": questions, "limits": limits.model_copy(update={"max_pages_per_document": max_pages})}
+        )
+
+    def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[dict[str, Any]]:
+        """The batch pipeline's rasterize and split stages, on one uploaded document."""
+        digest = hashlib.sha256(data).hexdigest()
+        document = {
+            "uri": file_name,
+            "file_size": len(data),
+            "source_version": digest,
+            "etag": "",
+            "version_id": "",
+            "sha256": digest,
+            "data": data,
+            "status": Status.OK.value,
+            "error": "",
+        }
+        return [self.split(page) for page in RasterizeDocument(config, self.geometry)(document)]
+
+
+def build_app(config: JobConfig) -> serve.Application:
+    """The Serve application for ``config``: the ingress in front of an autoscaling pool of model replicas."""
+    token = serve_token(config)
+    geometry = resolve_image_geometry(config.model, config.render)
+    settings, pool = config.serve, config.actors
+    autoscaling = {
+        "min_replicas": settings.min_replicas,
+        "max_replicas": settings.max_replicas,
+        "target_ongoing_requests": settings.target_ongoing_requests,
+    }
+    model = AnswerModel.options(
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=max(2 * pool.batch_size, int(2 * settings.target_ongoing_requests)),
+        ray_actor_options={"num_cpus": pool.num_cpus_per_actor, "num_gpus": pool.num_gpus_per_actor},
+    ).bind(config, geometry)
+    # The ingress renders with the same sandboxed stage as the batch pipeline; it reserves no CPU so that
+    # model replicas are never starved of one on small machines.
+    serving = settings.model_copy(update={"token": SecretStr(token)})
+    return AnswerAPI.options(autoscaling_config=autoscaling, ray_actor_options={"num_cpus": 0}).bind(
+        config.model_copy(update={"serve": serving}), geometry, model
+    )
+
+
+def start_server(config: JobConfig) -> str:
+    """Start (or update) the application on this Ray instance; returns its base URL."""
+    from jobs.run import check_model, ensure_ray
+
+    check_model(config)
+    application = build_app(config)
+    ensure_ray()
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(application, name=APPLICATION_NAME, route_prefix="/", blocking=False)
+    return f"http://{config.serve.host}:{config.serve.port}"
