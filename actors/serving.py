@@ -8,6 +8,7 @@ batch actor answers a Ray Data batch.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from ray import serve
@@ -23,6 +24,7 @@ PageRequest = tuple[dict[str, Any], list[QuestionTemplate]]  # a split page row 
 class AnswerModel:
     def __init__(self, config: JobConfig, geometry: ImageGeometry) -> None:
         self.answerer = PageAnswerer(config, geometry, run_id="serve")
+        self.batch_sizes: Counter[int] = Counter()  # pages per model call, for monitoring
         self.answer_page.set_max_batch_size(config.actors.batch_size)
         self.answer_page.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
 
@@ -32,4 +34,9 @@ class AnswerModel:
         the replica keeps accepting requests (the next batch fills while this one computes)."""
         pages = [page for page, _ in requests]
         questions = [templates for _, templates in requests]
+        self.batch_sizes[len(pages)] += 1
         return await asyncio.to_thread(self.answerer.rows, pages, questions)
+
+    def batch_size_counts(self) -> dict[int, int]:
+        """How many model calls took how many pages, since the replica started."""
+        return dict(self.batch_sizes)

@@ -152,16 +152,12 @@ def completed_documents(config: JobConfig, recovered: pa.Table) -> frozenset[tup
     )
 
 
-def build_dataset(
-    config: JobConfig, geometry: ImageGeometry, run_id: str, completed: frozenset[tuple[str, str]], ledger
+def build_page_dataset(
+    config: JobConfig, geometry: ImageGeometry, completed: frozenset[tuple[str, str]] = frozenset(), ledger=None
 ):
-    """The Ray Data plan: list → read → rasterize → split (CPU tasks) → Idefics2 actor pool, streamed."""
+    """The CPU part of the plan: list → read → rasterize → split, as Ray tasks; rows are split pages."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
-    from actors.idefics2 import Idefics2Predictor
-
-    pool = config.actors
     # The same explicit resources on every CPU stage fuse them into one task; the memory reservation also
     # keeps Ray from fusing them into the actor, where they would hold up the GPU.
     cpu_stage = {"num_cpus": 1, "memory": config.render.task_memory_mb * 1024 * 1024}
@@ -172,6 +168,20 @@ def build_dataset(
         .map(ReadDocument(config.limits, config.storage), **cpu_stage)
         .flat_map(RasterizeDocument(config, geometry, ledger if config.budget.max_pages else None), **cpu_stage)
         .map(SplitPage(geometry), **cpu_stage)
+    )
+
+
+def build_dataset(
+    config: JobConfig, geometry: ImageGeometry, run_id: str, completed: frozenset[tuple[str, str]], ledger
+):
+    """The Ray Data plan: the CPU stages, then the Idefics2 actor pool, streamed."""
+    from ray.data import ActorPoolStrategy
+
+    from actors.idefics2 import Idefics2Predictor
+
+    pool = config.actors
+    return (
+        build_page_dataset(config, geometry, completed, ledger)
         .map_batches(
             Idefics2Predictor,
             fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},

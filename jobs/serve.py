@@ -168,8 +168,10 @@ class AnswerAPI:
         async with self.render_lock:
             pages = await asyncio.to_thread(self._render, config, file_name, data)
         if len(pages) == 1 and not pages[0]["page_number"]:  # the document as a whole failed
-            failed = pages[0]
-            raise RequestFailure(422 if failed["status"] not in TOO_LARGE else 413, failed["status"], failed["error"])
+            status, error = pages[0]["status"], pages[0]["error"]
+            if status == Status.TOO_MANY_PAGES:
+                error += f" (uploads are capped at serve.max_pages={limits.max_pages})"
+            raise RequestFailure(413 if status in TOO_LARGE else 422, status, error)
         page_rows = await asyncio.gather(
             *(
                 self.model.answer_page.remote(

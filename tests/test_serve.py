@@ -1,0 +1,171 @@
+"""The online endpoint over real HTTP on loopback: Ray Serve, the tiny Idefics2, the batch pipeline's stages."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from jobs.run import run_job
+from jobs.samples import invoice_pdf
+from pipeline.config import load_config
+from pipeline.rows import OUTPUT_SCHEMA
+from tests.conftest import write_job
+
+TOKEN = "serve-test-token-7c1e"
+QUESTIONS = [
+    {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 6},
+    {"id": "total", "text": "What is the total?", "pages": "all", "max_new_tokens": 8},
+]
+INVOICES = ["invoice-001.pdf", "invoice-002.pdf", "invoice-003.pdf", "invoice-004.pdf"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def batch_answers(ray_session, tiny_model, sample_pdfs, tmp_path_factory) -> dict[tuple, str]:
+    """The batch pipeline's answers for the same pages and questions, keyed by (file name, page, question)."""
+    from pipeline.sink import read_committed
+
+    directory = tmp_path_factory.mktemp("serve-batch")
+    config = load_config(write_job(directory, sample_pdfs, tiny_model, QUESTIONS))
+    run_job(config)
+    rows = read_committed(config.output).to_pylist()
+    return {
+        (Path(row["document"]).name, row["page_number"], row["question_id"]): row["answer"]
+        for row in rows
+        if row["status"] == "ok"
+    }
+
+
+@pytest.fixture(scope="module")
+def endpoint(batch_answers, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from jobs.serve import start_server
+
+    directory = tmp_path_factory.mktemp("serve")
+    serve_settings = {
+        "port": _free_port(),
+        "token": TOKEN,
+        "batch_wait_timeout_s": 0.2,
+        "max_upload_bytes": 200_000,
+        "max_pages": 3,
+        "max_questions": 3,
+        "question_sets": {"numbers": [QUESTIONS[0]]},
+    }
+    config = load_config(
+        write_job(
+            directory,
+            directory,
+            tiny_model,
+            QUESTIONS,
+            serve=serve_settings,
+            actors={"batch_size": 8, "num_cpus_per_actor": 0.5},
+        )
+    )
+    url = start_server(config)
+    yield url
+    serve.shutdown()
+
+
+def _post(url: str, path: Path | None = None, data: bytes | None = None, token: str | None = TOKEN, **fields):
+    files = {"file": (path.name if path else "upload.pdf", data if data is not None else path.read_bytes())}
+    for name, value in fields.items():
+        files[name] = (f"{name}.yaml", value) if name == "questions" else (None, value)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(f"{url}/v1/answers", files=files, headers=headers, timeout=120)
+
+
+def _check_against_batch(body: dict, batch_answers: dict[tuple, str]) -> None:
+    assert body["answers"], body
+    for row in body["answers"]:
+        assert set(row) == set(OUTPUT_SCHEMA.names)
+        assert row["status"] == "ok" and row["run_id"] == body["request_id"]
+        assert row["answer"] == batch_answers[(body["document"], row["page_number"], row["question_id"])]
+
+
+def test_one_request(endpoint, sample_pdfs, batch_answers):
+    response = _post(endpoint, sample_pdfs / "invoice-002.pdf")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["document"], body["num_pages"]) == ("invoice-002.pdf", 3)
+    # page 1: both questions; pages 2 and 3: total only
+    assert sorted((row["page_number"], row["question_id"]) for row in body["answers"]) == [
+        (1, "number"),
+        (1, "total"),
+        (2, "total"),
+        (3, "total"),
+    ]
+    _check_against_batch(body, batch_answers)
+    assert requests.get(f"{endpoint}/healthz", timeout=30).json()["status"] == "ok"
+    paths = requests.get(f"{endpoint}/openapi.json", timeout=30).json()["paths"]
+    assert {"/v1/answers", "/healthz"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/answers"]["post"]["requestBody"]["content"]
+
+
+def test_eight_concurrent_requests_are_batched_on_the_model(endpoint, sample_pdfs, batch_answers):
+    from ray import serve
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda name: _post(endpoint, sample_pdfs / name), INVOICES * 2))
+    assert [response.status_code for response in responses] == [200] * 8
+    for response in responses:
+        _check_against_batch(response.json(), batch_answers)
+    model = serve.get_deployment_handle("AnswerModel", app_name="docqa")
+    batch_sizes = model.batch_size_counts.remote().result()
+    assert max(batch_sizes) > 1, batch_sizes  # pages of different requests shared a model call
+
+
+def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
+    asked = yaml.safe_dump([{"id": "who", "text": "Who issued it?", "max_new_tokens": 4}])
+    body = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=asked).json()
+    assert sorted((row["page_number"], row["question_id"]) for row in body["answers"]) == [(1, "who"), (2, "who")]
+    assert all(row["question"] == "Who issued it?" and row["generated_tokens"] >= 1 for row in body["answers"])
+    body = _post(endpoint, sample_pdfs / "invoice-001.pdf", question_set="numbers").json()
+    assert [row["question_id"] for row in body["answers"]] == ["number"]
+    unknown = _post(endpoint, sample_pdfs / "invoice-001.pdf", question_set="nope")
+    assert unknown.status_code == 422 and "no question set 'nope'" in unknown.json()["error"]
+    invalid = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions="- id: x\n  text: '{nope}'\n")
+    assert invalid.status_code == 422 and "unknown template variable" in invalid.json()["error"]
+    many = yaml.safe_dump([{"id": f"q{i}", "text": "Total?"} for i in range(4)])
+    too_many = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=many)
+    assert too_many.status_code == 422 and "over serve.max_questions=3" in too_many.json()["error"]
+
+
+def test_refusals_say_why(endpoint, sample_pdfs):
+    pdf = sample_pdfs / "invoice-001.pdf"
+    for token in (None, "wrong-token"):
+        response = _post(endpoint, pdf, token=token)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in response.json()["error"]
+    oversize = _post(endpoint, data=b"%PDF-1.7\n" + b"0" * 300_000)
+    assert oversize.status_code == 413
+    assert (
+        oversize.json()
+        == {
+            "status": "file_too_large",
+            "error": oversize.json()["error"],
+        }
+        and "over serve.max_upload_bytes=200000" in oversize.json()["error"]
+    )
+    four_pages = _post(endpoint, data=invoice_pdf(7, pages=4, page_size=(595, 842)))
+    assert four_pages.status_code == 413 and four_pages.json()["status"] == "too_many_pages"
+    assert "4 pages, over" in four_pages.json()["error"] and "serve.max_pages=3" in four_pages.json()["error"]
+    corrupt = _post(endpoint, data=b"%PDF-1.7\n" + bytes(range(256)) * 40)
+    assert corrupt.status_code == 422 and corrupt.json()["status"] == "corrupt"
+    assert "cannot open it" in corrupt.json()["error"]
+    not_pdf = _post(endpoint, sample_pdfs / "not-a-pdf.pdf")
+    assert not_pdf.status_code == 422 and not_pdf.json()["status"] == "not_pdf"
+    no_file = requests.post(
+        f"{endpoint}/v1/answers", data={"x": "1"}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
+    assert no_file.status_code == 422 and "field named 'file'" in no_file.json()["error"]
