@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test demo bench-s3 bench-corpus lint clean
+.PHONY: setup poppler test demo bench bench-gpu bench-s3 bench-corpus lint clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ demo: setup $(DEMO)/tiny-idefics2/config.json
 	$(BIN)/docqa run --config examples/invoice.yaml --input $(DEMO)/pdfs --output $(DEMO)/out \
 		--model $(DEMO)/tiny-idefics2
 	$(BIN)/python -m jobs.preview $(DEMO)/out
+
+# CPU stages, model stage, end to end, online endpoint; writes their output into BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m bench.report
+
+# Full-size Idefics2-8B architecture, random weights, bf16, on a GPU machine.
+bench-gpu: setup
+	$(BIN)/python -m bench.gpu --json bench-gpu.json
 
 bench-corpus: setup
 	$(BIN)/python -m bench.corpus

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,8 @@ from pipeline.images import ImageGeometry, ModelLoadError, PixelNormalizer, mode
 from pipeline.rows import Status, rows_to_table
 
 END_OF_UTTERANCE = "<end_of_utterance>"
+Item = TypeVar("Item")
+Output = TypeVar("Output")
 
 
 @dataclass(frozen=True)
@@ -48,24 +51,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def split_on_out_of_memory(run: Callable[[list[Item]], list[Output]], items: list[Item]) -> list[Output]:
+    """``run(items)``; when the GPU runs out of memory, the same on each half, recursively, so a batch
+    that does not fit is answered in smaller ones instead of failing (one item that does not fit raises)."""
+    try:
+        return run(items)
+    except torch.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+        torch.cuda.empty_cache()
+        middle = len(items) // 2
+        return split_on_out_of_memory(run, items[:middle]) + split_on_out_of_memory(run, items[middle:])
+
+
 class Idefics2Engine:
     """Idefics2 inference over pages that are already split into uint8 sub-images."""
 
-    def __init__(self, model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        try:
-            self.processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                model.id,
-                revision=model.revision,
-                dtype=resolve_dtype(model.dtype, device),
-                attn_implementation=model.attn_implementation,
-            )
-        except Exception as error:
-            raise ModelLoadError(model_load_hint(model.id, error)) from error
-        self.model.to(device).eval()
-        self.device = device
+    def __init__(self, model: Any, processor: Any, geometry: ImageGeometry) -> None:
+        """From a loaded model and processor (the benchmarks build full-size models in memory);
+        ``Idefics2Engine.load`` loads a checkpoint."""
+        self.processor = processor
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         # The prompt text expands <image> into 5 or 1 image blocks; it must agree with our split stage.
@@ -74,9 +81,39 @@ class Idefics2Engine:
         self.stop_token_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    @classmethod
+    def load(cls, model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> Idefics2Engine:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
+            loaded = AutoModelForImageTextToText.from_pretrained(
+                model.id,
+                revision=model.revision,
+                dtype=resolve_dtype(model.dtype, device),
+                attn_implementation=model.attn_implementation,
+            )
+        except Exception as error:
+            raise ModelLoadError(model_load_hint(model.id, error)) from error
+        return cls(loaded.to(device), processor, geometry)
+
     @torch.inference_mode()
     def encode_pages(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
-        """Vision encoder + perceiver, once per page: (sub-images * latents, hidden) features per page."""
+        """Vision encoder + perceiver, once per page: (sub-images * latents, hidden) features per page.
+
+        Pages are encoded in groups of the same padded size: Idefics2 pads every image of a call to the
+        largest, so a portrait page beside a landscape one would double the encoder's work."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, images in enumerate(pages):
+            groups[max(image.shape[0] for image in images), max(image.shape[1] for image in images)].append(index)
+        features: list[torch.Tensor | None] = [None] * len(pages)
+        for indices in groups.values():
+            encoded = split_on_out_of_memory(self._encode, [pages[i] for i in indices])
+            for index, page_features in zip(indices, encoded, strict=True):
+                features[index] = page_features
+        return [page_features for page_features in features if page_features is not None]
+
+    def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
         values, mask = self.normalizer.batch(pages)
         output = self.model.model.get_image_features(
             pixel_values=torch.from_numpy(values).to(self.device),
@@ -85,8 +122,11 @@ class Idefics2Engine:
         return list(output.pooler_output)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], features: list[torch.Tensor], max_new_tokens: int) -> list[Answer]:
-        """Greedy, left-padded batched generation from precomputed image features; decodes new tokens only."""
+    def generate(
+        self, prompts: list[str], features: list[torch.Tensor], max_new_tokens: int, fixed_length: bool = False
+    ) -> list[Answer]:
+        """Greedy, left-padded batched generation from precomputed image features; decodes new tokens only.
+        ``fixed_length`` forces max_new_tokens tokens (benchmarks of random-weight models, which never stop)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         started = time.perf_counter()
@@ -95,6 +135,7 @@ class Idefics2Engine:
             **inputs,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
             max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if fixed_length else None,
             do_sample=False,
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
@@ -113,8 +154,9 @@ class Idefics2Engine:
             answers.append(Answer(text, length, confidence, elapsed_ms))
         return answers
 
-    def answer(self, pages: list[list[np.ndarray]], prompts: list[Prompt]) -> list[Answer]:
-        """Answer every prompt (in order) about its page; each page goes through the vision encoder once."""
+    def answer(self, pages: list[list[np.ndarray]], prompts: list[Prompt], fixed_length: bool = False) -> list[Answer]:
+        """Answer every prompt (in order) about its page; each page goes through the vision encoder once.
+        Prompts with the same length cap share one generate call (split in halves if it runs out of memory)."""
         started = time.perf_counter()
         features = self.encode_pages(pages)
         encode_ms_per_page = (time.perf_counter() - started) * 1000 / max(len(pages), 1)
@@ -123,8 +165,11 @@ class Idefics2Engine:
             by_length[prompt.max_new_tokens].append(index)
         answers: list[Answer | None] = [None] * len(prompts)
         for max_new_tokens, indices in by_length.items():
-            group = self.generate(
-                [prompts[i].text for i in indices], [features[prompts[i].page] for i in indices], max_new_tokens
+            group = split_on_out_of_memory(
+                lambda chunk, n=max_new_tokens: self.generate(
+                    [prompts[i].text for i in chunk], [features[prompts[i].page] for i in chunk], n, fixed_length
+                ),
+                indices,
             )
             for index, answer in zip(indices, group, strict=True):
                 answers[index] = Answer(
@@ -144,7 +189,7 @@ class PageAnswerer:
         self.model_config = config.model
         self.run_id = run_id
         self.fingerprint = config.fingerprint()
-        self.engine = Idefics2Engine(config.model, geometry, resolve_device(config.actors.num_gpus_per_actor))
+        self.engine = Idefics2Engine.load(config.model, geometry, resolve_device(config.actors.num_gpus_per_actor))
 
     def _base(self, page: dict[str, Any], **fields: Any) -> dict[str, Any]:
         return {

@@ -67,73 +67,124 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_idefics2(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny Idefics2 checkpoint and save model and processor to ``path``."""
+# The architecture of HuggingFaceM4/idefics2-8b (SigLIP-so400m at 980 px, perceiver to 64 latents,
+# Mistral-7B), for benchmarks with random weights where the checkpoint cannot be downloaded.
+IDEFICS2_8B = {
+    "vision_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "image_size": 980,
+        "patch_size": 14,
+    },
+    "perceiver_config": {
+        "hidden_size": 4096,
+        "rms_norm_eps": 1e-6,
+        "resampler_n_latents": 64,
+        "resampler_depth": 3,
+        "resampler_n_heads": 16,
+        "resampler_head_dim": 96,
+        "num_key_value_heads": 4,
+    },
+    "text_config": {
+        "model_type": "mistral",
+        "vocab_size": 32003,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+        "rope_theta": 10000.0,
+    },
+    "image": {"longest_edge": 980, "shortest_edge": 378},
+}
+TINY = {
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": TINY_LONGEST_EDGE,
+        "patch_size": 14,
+    },
+    "perceiver_config": {
+        "hidden_size": 64,
+        "rms_norm_eps": 1e-6,
+        "resampler_n_latents": TINY_IMAGE_SEQ_LEN,
+        "resampler_depth": 1,
+        "resampler_n_heads": 2,
+        "resampler_head_dim": 8,
+        "num_key_value_heads": 1,
+    },
+    "text_config": {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+    },
+    "image": {"longest_edge": TINY_LONGEST_EDGE, "shortest_edge": TINY_SHORTEST_EDGE},
+}
+ARCHITECTURES = {"tiny": TINY, "idefics2-8b": IDEFICS2_8B}
+
+
+def build_random_idefics2(architecture: str = "tiny", seed: int = 0):
+    """(model, processor) with random weights, in memory, on the current default device and dtype (set
+    them with ``torch.device(...)`` and ``torch.set_default_dtype``): the real Idefics2 classes, the offline
+    tokenizer, and the processor settings the architecture expects."""
     import torch
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
     from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
-    path = Path(path)
+    sizes = ARCHITECTURES[architecture]
     tokenizer = build_tiny_tokenizer()
-    image_processor = Idefics2ImageProcessorPil(
-        do_image_splitting=True,
-        size={"shortest_edge": TINY_SHORTEST_EDGE, "longest_edge": TINY_LONGEST_EDGE},
-    )
+    image_seq_len = sizes["perceiver_config"]["resampler_n_latents"]
     processor = Idefics2Processor(
-        image_processor=image_processor,
+        image_processor=Idefics2ImageProcessorPil(do_image_splitting=True, size=sizes["image"]),
         tokenizer=tokenizer,
-        image_seq_len=TINY_IMAGE_SEQ_LEN,
+        image_seq_len=image_seq_len,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
     )
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    text_config = {"vocab_size": len(tokenizer), **sizes["text_config"], **special}
     config = Idefics2Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TINY_LONGEST_EDGE,
-            "patch_size": 14,
-        },
-        perceiver_config={
-            "hidden_size": 64,
-            "rms_norm_eps": 1e-6,
-            "resampler_n_latents": TINY_IMAGE_SEQ_LEN,
-            "resampler_depth": 1,
-            "resampler_n_heads": 2,
-            "resampler_head_dim": 8,
-            "num_key_value_heads": 1,
-        },
-        text_config={
-            "model_type": "mistral",
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        vision_config=sizes["vision_config"],
+        perceiver_config=sizes["perceiver_config"],
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **special,
     )
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<end_of_utterance>"),
+    ]
+    return model, processor
+
+
+def build_tiny_idefics2(path: str | Path, seed: int = 0) -> Path:
+    """Build the tiny Idefics2 checkpoint and save model and processor to ``path``."""
+    import torch
+
+    path = Path(path)
+    model, processor = build_random_idefics2("tiny", seed)
     # Default initialisation (std 0.02) leaves the answers almost blind to the image; wider weights make
     # every answer depend on its page, so a test that mixes up pages or image features fails.
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, TINY_WEIGHT_STD)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [
-        tokenizer.eos_token_id,
-        tokenizer.convert_tokens_to_ids("<end_of_utterance>"),
-    ]
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

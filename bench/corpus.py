@@ -14,24 +14,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench import tiny_model
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "format-corpus"
-TINY_MODEL = Path(".cache/tiny-idefics2")
 
 
 def main() -> None:
     import psutil
     import ray
 
-    from actors.tiny import build_tiny_idefics2
     from jobs.run import run_job
     from pipeline.config import load_config
     from pipeline.sink import read_committed
 
-    if not (TINY_MODEL / "config.json").exists():
-        build_tiny_idefics2(TINY_MODEL)
+    model = tiny_model()
     peak = {"rss": 0}
     done = threading.Event()
 
@@ -53,7 +52,7 @@ def main() -> None:
         {
             "input": str(CORPUS),
             "output": output,
-            "model": {"id": str(TINY_MODEL)},
+            "model": {"id": str(model)},
             "questions": [{"id": "q", "text": "What is this document?", "pages": "first", "max_new_tokens": 8}],
         },
     )

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import tiny_model
+
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TINY_MODEL = Path(".cache/tiny-idefics2")
 
 
 def _config(input_uri: str, output_uri: str, endpoint: str, model: Path):
@@ -52,15 +52,13 @@ def main() -> None:
     import boto3
     import ray
 
-    from actors.tiny import build_tiny_idefics2
     from jobs.run import run_job
     from jobs.samples import invoice_pdf
     from pipeline.config import StorageConfig
     from pipeline.storage import iter_documents
     from tests.s3_server import start_moto
 
-    if not (TINY_MODEL / "config.json").exists():
-        build_tiny_idefics2(TINY_MODEL)
+    model = tiny_model()
     server, endpoint = start_moto()
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
@@ -84,7 +82,7 @@ def main() -> None:
         ("local", str(local / "in"), str(local / "out")),
     ]:
         started = time.perf_counter()
-        summary = run_job(_config(input_uri, output_uri, endpoint, TINY_MODEL), progress_interval_s=30)
+        summary = run_job(_config(input_uri, output_uri, endpoint, model), progress_interval_s=30)
         timings[name] = time.perf_counter() - started
         assert summary.counts["documents"] == {"ok": args.documents}, summary.counts
     server.stop()

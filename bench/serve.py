@@ -11,29 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
+
+from bench import free_port, tiny_model
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_MODEL = Path(".cache/tiny-idefics2")
 TOKEN = "bench-token"
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "max_new_tokens": 16},
     {"id": "total", "text": "What is the total amount due?", "max_new_tokens": 16},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> None:
@@ -45,23 +38,21 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from actors.tiny import build_tiny_idefics2
     from jobs.samples import invoice_pdf
     from jobs.serve import start_server
     from pipeline.config import load_config
 
-    if not (TINY_MODEL / "config.json").exists():
-        build_tiny_idefics2(TINY_MODEL)
+    model = tiny_model()
     pdfs = [invoice_pdf(n, 1, (595, 842)) for n in range(8)]
     config = load_config(
         None,
         {
             "input": tempfile.gettempdir(),
             "output": tempfile.gettempdir(),
-            "model": {"id": str(TINY_MODEL)},
+            "model": {"id": str(model)},
             "questions": QUESTIONS,
             "actors": {"batch_size": 8, "num_cpus_per_actor": 1},
-            "serve": {"port": _free_port(), "token": TOKEN, "batch_wait_timeout_s": 0.05},
+            "serve": {"port": free_port(), "token": TOKEN, "batch_wait_timeout_s": 0.05},
         },
     )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -88,8 +79,8 @@ def main() -> None:
             started = time.perf_counter()
             list(pool.map(ask, pdfs))
             concurrent.append(time.perf_counter() - started)
-    model = serve.get_deployment_handle("AnswerModel", app_name="docqa")
-    batch_sizes = model.batch_size_counts.remote().result()
+    deployment = serve.get_deployment_handle("AnswerModel", app_name="docqa")
+    batch_sizes = deployment.batch_size_counts.remote().result()
     serve.shutdown()
 
     n = len(pdfs)

@@ -88,6 +88,7 @@ class RunSummary:
     counts: dict[str, Any]
     wall_s: float
     ledger: dict[str, int]
+    stage_stats: str = ""  # Ray Data's per-operator statistics of the run
 
     def text(self) -> str:
         documents = self.counts["documents"]
@@ -180,17 +181,14 @@ def build_dataset(
     from actors.idefics2 import Idefics2Predictor
 
     pool = config.actors
-    return (
-        build_page_dataset(config, geometry, completed, ledger)
-        .map_batches(
-            Idefics2Predictor,
-            fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
-            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            num_gpus=pool.num_gpus_per_actor,
-            num_cpus=pool.num_cpus_per_actor,
-            batch_size=pool.batch_size,
-            batch_format="numpy",
-        )
+    return build_page_dataset(config, geometry, completed, ledger).map_batches(
+        Idefics2Predictor,
+        fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_gpus=pool.num_gpus_per_actor,
+        num_cpus=pool.num_cpus_per_actor,
+        batch_size=pool.batch_size,
+        batch_format="numpy",
     )
 
 
@@ -269,7 +267,7 @@ def run_job(
         "incremental": {"config_fingerprint": config.fingerprint(), **ledger_report},
     }
     record_path = writer.commit(record)
-    return RunSummary(run_id, record_path, stats.counts(), stats.elapsed, ledger_report)
+    return RunSummary(run_id, record_path, stats.counts(), stats.elapsed, ledger_report, dataset.stats())
 
 
 def nightly_run_id(date: str) -> str:

@@ -51,12 +51,18 @@ def model_load_hint(model_id: str, error: Exception) -> str:
 def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
     """Read the checkpoint's image processor settings; fails fast (before any work) if it cannot be loaded."""
     from transformers import AutoImageProcessor
-    from transformers.image_utils import PILImageResampling
 
     try:
         processor = AutoImageProcessor.from_pretrained(model.id, revision=model.revision)
     except Exception as error:
         raise ModelLoadError(model_load_hint(model.id, error)) from error
+    return image_geometry(processor, render.image_splitting, model.id)
+
+
+def image_geometry(processor: Any, image_splitting: bool | None, model_id: str = "model") -> ImageGeometry:
+    """The geometry of a loaded Idefics2 image processor; ``image_splitting`` None keeps its setting."""
+    from transformers.image_utils import PILImageResampling
+
     size = processor.size
     longest = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
     shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
@@ -71,8 +77,8 @@ def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeo
         if not ok
     ]
     if not longest or not shortest or unsupported:
-        raise ModelLoadError(f"{model.id}: unsupported image processor settings {unsupported or size}")
-    splitting = processor.do_image_splitting if render.image_splitting is None else render.image_splitting
+        raise ModelLoadError(f"{model_id}: unsupported image processor settings {unsupported or size}")
+    splitting = processor.do_image_splitting if image_splitting is None else image_splitting
     mean, std = processor.image_mean, processor.image_std
     return ImageGeometry(
         longest_edge=int(longest),

@@ -9,6 +9,7 @@ killed and replaced (the document gets ``timeout``); one that dies or runs out o
 
 from __future__ import annotations
 
+import mmap
 import os
 import resource
 import signal
@@ -22,6 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.rows import DocumentError, Status
+
+# Shared between the parent and its helper: holds a rendered page up to about 22 megapixels (RGB).
+PIXEL_BUFFER_BYTES = 64 * 1024 * 1024
+SHARED = "shared"
 
 
 class SandboxFailure(Exception):
@@ -37,10 +42,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
 
 
-def serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
-    """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...)."""
+def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> None:
+    """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...).
+    Rendered pixels go through the shared buffer when they fit (a pipe moves 8 MB pages slowly)."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     from pipeline.rasterize import open_pdf  # after the cap: the parsers' own memory counts against it
+
+    pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
 
     requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     document = None
@@ -59,7 +67,11 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
                 answer = ("ok", document.page_size(*arguments))
             elif operation == "render":
                 image = document.render(*arguments)
-                answer = ("ok", (image.tobytes(), image.shape))
+                if image.nbytes <= PIXEL_BUFFER_BYTES:
+                    pixels[: image.nbytes].reshape(image.shape)[...] = image
+                    answer = ("ok", (SHARED, image.shape))
+                else:
+                    answer = ("ok", (image.tobytes(), image.shape))
             else:  # close
                 if document is not None:
                     document.close()
@@ -88,20 +100,26 @@ class RenderSandbox:
         module) in its own session, so that killing it also ends any poppler process it started."""
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
-        code = f"from pipeline.sandbox import serve; serve({child_reads}, {child_writes}, {self.memory_bytes})"
+        pixels_fd = os.memfd_create("docqa-render-pixels")
+        os.ftruncate(pixels_fd, PIXEL_BUFFER_BYTES)
+        self.pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
+        code = (
+            f"from pipeline.sandbox import serve; "
+            f"serve({child_reads}, {child_writes}, {self.memory_bytes}, {pixels_fd})"
+        )
         environment = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
         }
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
-            pass_fds=(child_reads, child_writes),
+            pass_fds=(child_reads, child_writes, pixels_fd),
             stdin=subprocess.DEVNULL,
             env=environment,
             start_new_session=True,
         )
-        os.close(child_reads)
-        os.close(child_writes)
+        for fd in (child_reads, child_writes, pixels_fd):
+            os.close(fd)
         self._requests = Connection(parent_writes, readable=False)
         self._connection = Connection(parent_reads, writable=False)
 
@@ -167,6 +185,8 @@ class SandboxedDocument:
 
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         buffer, shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)
+        if buffer == SHARED:  # copied out: the next render reuses the buffer
+            return self.sandbox.pixels[: int(np.prod(shape))].reshape(shape).copy()
         return np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
 
     def close(self) -> None:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.idefics2 import Idefics2Engine, Prompt
+from actors.idefics2 import Idefics2Engine, Prompt, split_on_out_of_memory
+from bench.naive import chat_prompt, reference_answer
 from jobs.samples import PAGE_SIZES, invoice_pdf
 from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
 from pipeline.images import resolve_image_geometry, split_page
 from pipeline.rasterize import open_pdf
-from tests.reference import chat_prompt, reference_answer
 
 QUESTIONS = [
     QuestionTemplate(id="number", text="What is the invoice number?", max_new_tokens=6),
@@ -35,7 +35,7 @@ def pages(tiny_model: Path) -> list[np.ndarray]:
 def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.ndarray], splitting: bool) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
     geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
-    engine = Idefics2Engine(model_config, geometry, torch.device("cpu"))
+    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
     prompts, expected_questions = [], []
     for page_index in range(len(pages)):
         for template in QUESTIONS:
@@ -62,20 +62,39 @@ def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.n
 def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndarray]) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
     geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = Idefics2Engine(model_config, geometry, torch.device("cpu"))
+    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
     images_encoded: list[int] = []
     engine.model.model.vision_model.register_forward_hook(
         lambda module, args, kwargs, output: images_encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
     )
+    pages = pages + pages  # two pages of each size
     prompts = [
         Prompt(page_index, template.prompt(template.question("f", 1, 1)), template.max_new_tokens)
         for page_index in range(len(pages))
         for template in QUESTIONS
     ]
-    answers = engine.answer([split_page(page, geometry) for page in pages], prompts)
+    split_pages = [split_page(page, geometry) for page in pages]
+    answers = engine.answer(split_pages, prompts)
     assert len(answers) == 3 * len(pages)
-    # One encoder call for the batch; 5 sub-images per page (4 crops + the page), not 5 per question.
-    assert images_encoded == [5 * len(pages)]
+    # 5 sub-images per page (4 crops + the page), not 5 per question; one encoder call per padded page size.
+    assert sum(images_encoded) == 5 * len(pages)
+    sizes = {(max(i.shape[0] for i in images), max(i.shape[1] for i in images)) for images in split_pages}
+    assert len(images_encoded) == len(sizes) < len(pages)
+
+
+def test_a_batch_that_runs_out_of_memory_is_split() -> None:
+    calls: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: batches over 2 do not fit)")
+        return [item * 10 for item in items]
+
+    assert split_on_out_of_memory(run, list(range(7))) == [item * 10 for item in range(7)]
+    assert calls == [7, 3, 1, 2, 4, 2, 2]
+    with pytest.raises(torch.OutOfMemoryError):
+        split_on_out_of_memory(lambda items: run(items * 3), [1])
 
 
 def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_answers(

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from bench.naive import reference_answer
 from jobs.cli import main
 from pipeline.config import ModelConfig, RenderConfig, load_config
 from pipeline.images import resolve_image_geometry
 from pipeline.rasterize import open_pdf
 from pipeline.rows import OUTPUT_SCHEMA, Status
 from pipeline.sink import RUN_RECORD, committed_runs, read_committed
-from tests.reference import reference_answer
 
 JOB = """
 input: unused

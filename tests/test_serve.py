@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import requests
 import yaml
 
+from bench import free_port
 from jobs.run import run_job
 from jobs.samples import invoice_pdf
 from pipeline.config import load_config
@@ -22,12 +22,6 @@ QUESTIONS = [
     {"id": "total", "text": "What is the total?", "pages": "all", "max_new_tokens": 8},
 ]
 INVOICES = ["invoice-001.pdf", "invoice-002.pdf", "invoice-003.pdf", "invoice-004.pdf"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def endpoint(batch_answers, tiny_model, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("serve")
     serve_settings = {
-        "port": _free_port(),
+        "port": free_port(),
         "token": TOKEN,
         "batch_wait_timeout_s": 0.2,
         "max_upload_bytes": 200_000,

@@ -1,0 +1,157 @@
+"""Model stage: the naive approach (one Idefics2Processor call and one generate per page-question, as in
+the model card) against our engine (each page encoded once, all its questions in one batched generate),
+same pages, same greedy outputs (checked), same run.
+
+    .venv/bin/python -m bench.model_stage                       # tiny Idefics2 on CPU, 1, 3 and 8 questions
+    .venv/bin/python -m bench.gpu                               # full-size Idefics2-8B on a GPU (bench/gpu.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from actors.idefics2 import Idefics2Engine, Prompt
+from bench import tiny_model
+from bench.naive import chat_prompt, reference_answer
+from jobs.samples import PAGE_SIZES, invoice_pdf
+from pipeline.images import ImageGeometry, split_page
+from pipeline.rasterize import open_pdf
+
+QUESTIONS = [
+    "What is the invoice number?",
+    "What is the invoice date?",
+    "What is the total amount due?",
+    "Who issued the invoice?",
+    "Who is the customer?",
+    "What is the tax rate?",
+    "What is the currency?",
+    "What are the payment terms?",
+]
+
+
+@dataclass
+class StageResult:
+    questions_per_page: int
+    max_new_tokens: int
+    page_questions: int
+    ours_s: float
+    naive_page_questions: int
+    naive_s: float
+    same_answers: int  # of the naive page-questions, how many gave exactly our answer
+
+    @property
+    def ours_rate(self) -> float:
+        return self.page_questions / self.ours_s
+
+    @property
+    def naive_rate(self) -> float:
+        return self.naive_page_questions / self.naive_s
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_rate / self.naive_rate
+
+    def line(self) -> str:
+        return (
+            f"{self.questions_per_page} question(s)/page x {self.max_new_tokens} tokens: "
+            f"naive {self.naive_rate:8.2f} page-questions/s, ours {self.ours_rate:8.2f} page-questions/s, "
+            f"ratio {self.ratio:5.2f} (same answers {self.same_answers}/{self.naive_page_questions})"
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ours_rate": self.ours_rate, "naive_rate": self.naive_rate, "ratio": self.ratio}
+
+
+def sample_pages(count: int, longest_edge: int) -> list[np.ndarray]:
+    """``count`` rendered invoice pages of mixed sizes (letter, A4, A4 landscape)."""
+    sizes = list(PAGE_SIZES.values())
+    pages = []
+    for number in range(count):
+        document = open_pdf(invoice_pdf(number, 1, sizes[number % len(sizes)]), "pymupdf")
+        pages.append(document.render(1, longest_edge))
+        document.close()
+    return pages
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(
+    engine: Idefics2Engine,
+    pages: list[np.ndarray],
+    geometry: ImageGeometry,
+    questions_per_page: int,
+    max_new_tokens: int,
+    batch_pages: int,
+    naive_limit: int | None = None,
+    fixed_length: bool = False,
+) -> StageResult:
+    """Ours over every page, in batches of ``batch_pages``; the naive loop over the first ``naive_limit``
+    page-questions (all by default), whose answers must equal ours."""
+    questions = QUESTIONS[:questions_per_page]
+    processor = engine.processor
+    prompts_text = [chat_prompt(processor, question) for question in questions]
+    split = [split_page(page, geometry) for page in pages]
+    ours: list[str] = []
+    _synchronize()
+    started = time.perf_counter()
+    for first in range(0, len(pages), batch_pages):
+        chunk = split[first : first + batch_pages]
+        prompts = [Prompt(i, text, max_new_tokens) for i in range(len(chunk)) for text in prompts_text]
+        ours += [answer.text for answer in engine.answer(chunk, prompts, fixed_length)]
+    _synchronize()
+    ours_s = time.perf_counter() - started
+
+    pairs = [(page, question) for page in range(len(pages)) for question in range(len(questions))]
+    pairs = pairs[: naive_limit or len(pairs)]
+    processor.image_processor.do_image_splitting = geometry.splitting
+    same = 0
+    started = time.perf_counter()
+    for page, question in pairs:
+        text, _ = reference_answer(
+            processor, engine.model, pages[page], prompts_text[question], max_new_tokens, fixed_length
+        )
+        same += text == ours[page * len(questions) + question]
+    _synchronize()
+    naive_s = time.perf_counter() - started
+    return StageResult(questions_per_page, max_new_tokens, len(ours), ours_s, len(pairs), naive_s, same)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-pages", type=int, default=4, help="pages per engine call (actors.batch_size)")
+    args = parser.parse_args()
+
+    from pipeline.config import ModelConfig, RenderConfig
+    from pipeline.images import resolve_image_geometry
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    model_config = ModelConfig(id=str(model), dtype="float32")
+    geometry = resolve_image_geometry(model_config, RenderConfig())
+    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
+    pages = sample_pages(args.pages, geometry.render_longest_edge)
+    measure(engine, pages[:1], geometry, 1, 2, 1)  # warm-up
+    print(f"# bench.model_stage  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")
+    print(f"tiny Idefics2 on CPU (float32, {torch.get_num_threads()} threads), {args.pages} pages of mixed sizes,")
+    print(f"splitting {'on' if geometry.splitting else 'off'}, {args.batch_pages} pages per engine call")
+    for questions_per_page in (1, 3, 8):
+        result = measure(engine, pages, geometry, questions_per_page, args.max_new_tokens, args.batch_pages)
+        assert result.same_answers == result.naive_page_questions, result
+        print(result.line())
+
+
+if __name__ == "__main__":
+    main()
