@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,22 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench import free_port
 from jobs.cli import main
 from jobs.samples import invoice_pdf
 from pipeline.sink import committed_runs, read_committed
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head node in its own process group; its dashboard address is what `docqa submit` talks to."""
     temp_dir = tmp_path_factory.mktemp("ray")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     environment.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
@@ -37,9 +31,14 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # Ports of their own: the session's in-process Ray instance may be running beside this cluster.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             "--num-cpus=2",
             "--include-dashboard=true",
             f"--temp-dir={temp_dir}",
