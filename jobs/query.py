@@ -45,6 +45,7 @@ RUNS_SCHEMA = pa.schema(
         ("run_order", pa.int64()),
     ]
 )
+QUERYABLE_COLUMNS = {"answers": OUTPUT_SCHEMA.names, "all_rows": OUTPUT_SCHEMA.names, "runs": RUNS_SCHEMA.names}
 # The current answers: rows of each document's latest version, then the latest run per page and question.
 CURRENT_ANSWERS_SQL = """
 SELECT * EXCLUDE (run_order, latest_version) FROM (
@@ -114,14 +115,6 @@ class AnswerStore:
         self.connection.register("runs", run_table)
         self.connection.execute(f"CREATE VIEW answers AS {'SELECT * FROM all_rows' if run_id else CURRENT_ANSWERS_SQL}")
 
-    def columns(self) -> dict[str, list[str]]:
-        """The queryable relations and their columns."""
-        return {
-            "answers": OUTPUT_SCHEMA.names,
-            "all_rows": OUTPUT_SCHEMA.names,
-            "runs": RUNS_SCHEMA.names,
-        }
-
     def reader(self, sql: str, parameters: Sequence[Any] | None = None) -> pa.RecordBatchReader:
         """The result of ``sql`` as a stream of record batches."""
         import duckdb
@@ -129,7 +122,7 @@ class AnswerStore:
         try:
             relation = self.connection.sql(sql, params=list(parameters) if parameters else None)
         except duckdb.Error as error:
-            tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in self.columns().items())
+            tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in QUERYABLE_COLUMNS.items())
             raise QueryError(f"{error}\n\nqueryable tables and their columns:\n{tables}") from None
         if relation is None:
             raise QueryError("the statement returned no rows; docqa query runs SELECT statements")
