@@ -1,1 +1,1 @@
-"""Model actors of docqa: the Idefics2 predictor run in a Ray Data actor pool."""
+"""Model actors of docqa: one adapter per model family (Idefics2, Idefics1), run in a Ray Data actor pool."""

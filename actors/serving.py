@@ -13,7 +13,7 @@ from typing import Any
 
 from ray import serve
 
-from actors.idefics2 import PageAnswerer
+from actors.predictor import PageAnswerer
 from pipeline.config import JobConfig, QuestionTemplate
 from pipeline.images import ImageGeometry
 

@@ -1,13 +1,14 @@
-"""A tiny, randomly initialised Idefics2 that is built offline.
+"""Tiny, randomly initialised models of every supported family, built offline.
 
-It uses the real Idefics2 classes (config, model, image processor, processor) and a byte-level
-tokenizer that carries Idefics2's special tokens and chat template, so a checkpoint saved with
-``save_pretrained`` loads through exactly the same ``from_pretrained`` path as
-HuggingFaceM4/idefics2-8b. Its answers are noise; its shapes, token handling and code paths are not.
+They use the real classes (Idefics2 and Idefics1 configs, models, image processors, processors; PEFT for
+LoRA adapters) and a byte-level tokenizer that carries the Idefics special tokens and chat template, so a
+checkpoint saved with ``save_pretrained`` loads through exactly the same ``from_pretrained`` path as
+HuggingFaceM4/idefics2-8b. Their answers are noise; their shapes, token handling and code paths are not.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 # Idefics2's chat template, as shipped with HuggingFaceM4/idefics2-8b.
@@ -173,19 +174,105 @@ def build_random_idefics2(architecture: str = "tiny", seed: int = 0):
     return model, processor
 
 
-def build_tiny_idefics2(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny Idefics2 checkpoint and save model and processor to ``path``."""
+def _save_widened(model, processor, path: str | Path) -> Path:
+    """Default initialisation (std 0.02) leaves the answers almost blind to the image; wider weights make
+    every answer depend on its page, so a test that mixes up pages or image features fails."""
     import torch
 
-    path = Path(path)
-    model, processor = build_random_idefics2("tiny", seed)
-    # Default initialisation (std 0.02) leaves the answers almost blind to the image; wider weights make
-    # every answer depend on its page, so a test that mixes up pages or image features fails.
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, TINY_WEIGHT_STD)
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def build_tiny_idefics2(path: str | Path, seed: int = 0, chat_template: bool = True) -> Path:
+    """Build the tiny Idefics2 checkpoint and save model and processor to ``path``. Without the chat
+    template it stands for a base checkpoint (idefics2-8b-base): prompts are raw."""
+    model, processor = build_random_idefics2("tiny", seed)
+    if not chat_template:
+        processor.chat_template = None
+    return _save_widened(model, processor, path)
+
+
+TINY_IDEFICS1_IMAGE_SIZE = 112
+
+
+def build_tiny_idefics1(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Idefics1 (IdeficsForVisionText2Text with a perceiver, IdeficsProcessor) saved to ``path``. Its
+    gated cross-attention starts open (alpha 1) so that answers depend on the image."""
+    import torch
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    tokenizer = build_tiny_tokenizer()
+    processor = IdeficsProcessor(
+        image_processor=IdeficsImageProcessorPil(image_size=TINY_IDEFICS1_IMAGE_SIZE), tokenizer=tokenizer
+    )
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        cross_layer_interval=1,
+        use_resampler=True,
+        alpha_initializer="ones",
+        vision_config={
+            "embed_dim": 32,
+            "image_size": TINY_IDEFICS1_IMAGE_SIZE,
+            "intermediate_size": 64,
+            "patch_size": 14,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        perceiver_config={
+            "use_resampler": True,
+            "resampler_n_latents": 8,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+        },
+        **special,
+    )
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    return _save_widened(model, processor, path)
+
+
+# The LoRA targets of the Idefics2 fine-tuning tutorial: the language model, connector and perceiver.
+LORA_TARGETS = (
+    r".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj).*$"
+)
+
+
+def build_tiny_lora(base: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """A LoRA adapter (PEFT) for the checkpoint at ``base``, saved to ``path``. Its weights are random (not
+    the usual zero B matrix), so the adapter changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    path = Path(path)
+    peft_model.save_pretrained(path)
+    return path
+
+
+TINY_FAMILIES = {
+    "idefics2": build_tiny_idefics2,
+    "idefics2-base": partial(build_tiny_idefics2, chat_template=False),
+    "idefics": build_tiny_idefics1,
+}

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
-from actors.idefics2 import Idefics2Engine, Prompt
+from actors.adapters import ModelAdapter, Prompt
+from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
 from bench.model_stage import measure, sample_pages
 from bench.naive import chat_prompt
+from pipeline.config import ModelConfig
 from pipeline.images import image_geometry, split_page
 
 
@@ -36,7 +38,7 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def transcription(engine: Idefics2Engine, pages, geometry, max_new_tokens: int, batch_pages: int) -> dict[str, Any]:
+def transcription(engine: ModelAdapter, pages, geometry, max_new_tokens: int, batch_pages: int) -> dict[str, Any]:
     prompt = chat_prompt(engine.processor, "Transcribe the text of this page.")
     split = [split_page(page, geometry) for page in pages]
     started = time.perf_counter()
@@ -93,7 +95,7 @@ def run(
     print(f"# bench.gpu  {results['date']}  {results['device']}  {architecture} ({parameters / 1e9:.2f} B), {dtype}")
     for splitting in (True, False):
         geometry = image_geometry(processor.image_processor, splitting)
-        engine = Idefics2Engine(model, processor, geometry)
+        engine = Idefics2Adapter(model, processor, geometry, ModelConfig(prompt_format="chat"))
         rendered = sample_pages(pages, geometry.render_longest_edge)
         measure(engine, rendered[:2], geometry, 1, 2, 2, naive_limit=1, fixed_length=True)  # warm-up
         _reset_peak(device)

@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
-from actors.idefics2 import Idefics2Engine, Prompt
+from actors.adapters import ModelAdapter, Prompt
+from actors.families import load_adapter
 from bench import tiny_model
 from bench.naive import chat_prompt, reference_answer
 from jobs.samples import PAGE_SIZES, invoice_pdf
@@ -87,7 +88,7 @@ def _synchronize() -> None:
 
 
 def measure(
-    engine: Idefics2Engine,
+    engine: ModelAdapter,
     pages: list[np.ndarray],
     geometry: ImageGeometry,
     questions_per_page: int,
@@ -141,7 +142,7 @@ def main() -> None:
     model = tiny_model()
     model_config = ModelConfig(id=str(model), dtype="float32")
     geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
     pages = sample_pages(args.pages, geometry.render_longest_edge)
     measure(engine, pages[:1], geometry, 1, 2, 1)  # warm-up
     print(f"# bench.model_stage  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")

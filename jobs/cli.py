@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from actors.tiny import TINY_FAMILIES
 from jobs.formats import FORMATS, write_result
 from jobs.query import QueryError
 from jobs.submit import SubmitError
@@ -112,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override serve.host")
     serve.add_argument("--port", type=int, help="override serve.port")
 
+    commands.add_parser("models", help="supported model families, their prompt formats and what each supports")
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True)
-    tiny = model_commands.add_parser("tiny", help="build the tiny offline Idefics2 used by the demo and the tests")
+    tiny = model_commands.add_parser("tiny", help="build a tiny offline model (random weights) for demos and tests")
     tiny.add_argument("path", help="directory to save the checkpoint to")
+    tiny.add_argument("--family", default="idefics2", choices=list(TINY_FAMILIES), help="default: %(default)s")
+    lora = model_commands.add_parser("tiny-lora", help="build a tiny PEFT LoRA adapter for a (tiny) checkpoint")
+    lora.add_argument("base", help="the checkpoint directory the adapter applies to")
+    lora.add_argument("path", help="directory to save the adapter to")
     return parser
 
 
@@ -204,10 +210,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
-    if args.command == "model":
-        from actors.tiny import build_tiny_idefics2
+    if args.command == "models":
+        from actors.families import describe_families
 
-        print(f"tiny Idefics2 saved to {build_tiny_idefics2(args.path)}")
+        print(describe_families())
+        return 0
+    if args.command == "model" and args.model_command == "tiny-lora":
+        from actors.tiny import build_tiny_lora
+
+        print(f"tiny LoRA adapter saved to {build_tiny_lora(args.base, args.path)}")
+        return 0
+    if args.command == "model":
+        print(f"tiny {args.family} model saved to {TINY_FAMILIES[args.family](args.path)}")
         return 0
     from jobs import submit
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.budget import start_ledger
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.documents import DocumentListing, ReadDocument
-from pipeline.images import ImageGeometry, ModelLoadError, SplitPage, model_load_hint, resolve_image_geometry
+from pipeline.images import ImageGeometry, SplitPage, resolve_image_geometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import RETRYABLE, Status
 from pipeline.sink import RunWriter, committed_runs, read_committed
@@ -118,17 +118,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def check_model(config: JobConfig) -> str | None:
-    """Fail before any work if the checkpoint is not an Idefics2 one; returns its resolved commit, if any."""
-    from transformers import AutoConfig
+def check_gpus(config: JobConfig) -> None:
+    """Fail before any work when the actors need GPUs that this machine's Ray instance lacks. A cluster
+    joined through RAY_ADDRESS may start GPU workers on demand (autoscaling), so there it is a warning."""
+    import ray
 
-    try:
-        model_config = AutoConfig.from_pretrained(config.model.id, revision=config.model.revision)
-    except Exception as error:
-        raise ModelLoadError(model_load_hint(config.model.id, error)) from error
-    if model_config.model_type != "idefics2":
-        raise ModelLoadError(f"{config.model.id} is a {model_config.model_type!r} checkpoint, not idefics2")
-    return getattr(model_config, "_commit_hash", None)
+    wanted = config.actors.num_gpus_per_actor
+    available = ray.cluster_resources().get("GPU", 0)
+    if wanted == 0 or available >= wanted:
+        return
+    message = f"actors.num_gpus_per_actor={wanted:g} but the Ray cluster has {available:g} GPUs"
+    if os.environ.get("RAY_ADDRESS"):
+        log.warning("%s; waiting for the autoscaler to start GPU workers", message)
+        return
+    quantized = f" and model.quantization=none ({config.model.quantization} needs a GPU)"
+    raise ConfigError(
+        f"{message} (this machine has none): submit the job to a GPU cluster (docqa submit, RAY_ADDRESS) or set "
+        f"actors.num_gpus_per_actor=0{quantized if config.model.quantization != 'none' else ''}"
+    )
 
 
 def completed_documents(config: JobConfig, recovered: pa.Table) -> frozenset[tuple[str, str]]:
@@ -175,14 +182,14 @@ def build_page_dataset(
 def build_dataset(
     config: JobConfig, geometry: ImageGeometry, run_id: str, completed: frozenset[tuple[str, str]], ledger
 ):
-    """The Ray Data plan: the CPU stages, then the Idefics2 actor pool, streamed."""
+    """The Ray Data plan: the CPU stages, then the model actor pool, streamed."""
     from ray.data import ActorPoolStrategy
 
-    from actors.idefics2 import Idefics2Predictor
+    from actors.predictor import PagePredictor
 
     pool = config.actors
     return build_page_dataset(config, geometry, completed, ledger).map_batches(
-        Idefics2Predictor,
+        PagePredictor,
         fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.num_gpus_per_actor,
@@ -209,11 +216,15 @@ def run_job(
     earlier attempt of the same run id wrote before it died are kept, not processed again."""
     started_at = datetime.now(UTC)
     run_id = config.run_id or new_run_id(started_at)
+    from actors.families import check_checkpoint
+
+    checkpoint = check_checkpoint(config.model)
     geometry = resolve_image_geometry(config.model, config.render)
-    model_commit = check_model(config)
     check_input(config.input, config.storage)
     if is_s3(config.output):
         check_bucket(config.output, config.storage)
+    ensure_ray()
+    check_gpus(config)
     try:
         writer = RunWriter(
             config.output,
@@ -227,7 +238,6 @@ def run_job(
         raise StorageError(f"cannot write to output {config.output}: {error}") from None
     log.info("run %s: %s → %s", run_id, config.input, writer.directory)
 
-    ensure_ray()
     import ray
     import ray.data
 
@@ -260,7 +270,13 @@ def run_job(
         "input": config.input,
         "output": config.output,
         "config": config.redacted(),
-        "model": {"id": config.model.id, "revision": config.model.revision, "commit": model_commit},
+        "model": {
+            "id": config.model.id,
+            "revision": config.model.revision,
+            "commit": checkpoint.commit,
+            "family": checkpoint.family,
+            "adapter": config.model.adapter,
+        },
         "image_geometry": geometry.__dict__,
         "versions": package_versions(),
         "counts": stats.counts(),

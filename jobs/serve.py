@@ -253,11 +253,13 @@ def build_app(config: JobConfig) -> serve.Application:
 
 def start_server(config: JobConfig) -> str:
     """Start (or update) the application on this Ray instance; returns its base URL."""
-    from jobs.run import check_model, ensure_ray
+    from actors.families import check_checkpoint
+    from jobs.run import check_gpus, ensure_ray
 
-    check_model(config)
+    check_checkpoint(config.model)
     application = build_app(config)
     ensure_ray()
+    check_gpus(config)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(application, name=APPLICATION_NAME, route_prefix="/", blocking=False)
     return f"http://{config.serve.host}:{config.serve.port}"

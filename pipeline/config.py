@@ -46,7 +46,6 @@ class QuestionTemplate(_Strict):
     text: str = Field(min_length=1, description="Question, may use {file_name}, {page_number}, {num_pages}.")
     pages: str | int | list[str | int] = Field("all", description='all, first, last, or ranges such as "1-3,-1".')
     max_new_tokens: int = Field(64, ge=1, le=8192)
-    prompt_format: Literal["chat", "raw"] = "chat"
 
     @field_validator("text")
     @classmethod
@@ -77,18 +76,25 @@ class QuestionTemplate(_Strict):
         """The question text with its variables filled in."""
         return self.text.format(file_name=file_name, page_number=page_number, num_pages=num_pages)
 
-    def prompt(self, question: str) -> str:
-        """The model prompt: Idefics2's chat turn for instruct checkpoints, or the image then the text for base ones."""
-        if self.prompt_format == "chat":
-            return f"User:<image>{question}<end_of_utterance>\nAssistant:"
-        return f"<image>{question}"
-
 
 class ModelConfig(_Strict):
+    """The checkpoint and how to load and prompt it; `docqa models` lists the supported families."""
+
     id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local checkpoint directory.")
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    prompt_format: Literal["auto", "chat", "raw"] = Field(
+        "auto",
+        description="chat: the instruct turn; raw: image then 'Question: … Answer:' (base checkpoints); auto: "
+        "the known checkpoint's format, else chat when the processor has a chat template, else raw.",
+    )
+    stop_at_newline: bool | None = Field(None, description="End answers at the first newline; null: on for raw.")
+    adapter: str | None = Field(None, description="PEFT (LoRA/QLoRA) adapter, Hub id or directory, applied on id.")
+    adapter_revision: str | None = None
+    quantization: Literal["none", "bnb-4bit", "awq"] = Field(
+        "none", description="bnb-4bit: nf4 + double quantization, fp16 compute; awq: an AWQ checkpoint. GPU only."
+    )
 
 
 class RenderConfig(_Strict):
@@ -193,6 +199,15 @@ class JobConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     budget: BudgetConfig = BudgetConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _quantization_needs_gpu(self) -> JobConfig:
+        if self.model.quantization != "none" and self.actors.num_gpus_per_actor == 0:
+            raise ValueError(
+                f"model.quantization={self.model.quantization} runs on CUDA GPUs only; set "
+                "actors.num_gpus_per_actor (e.g. 1) on a cluster with GPUs, or model.quantization=none"
+            )
+        return self
 
     def selected_pages(self, num_pages: int) -> list[int]:
         """Pages that at least one question applies to; only these are rendered."""

@@ -1,10 +1,11 @@
-"""Stage 4: split each page into the sub-images Idefics2 consumes, exactly as its image processor does.
+"""Stage 4: split each page into the sub-images the model consumes, exactly as its image processor does.
 
 Idefics2's processor (PIL backend) splits an image into 4 crops plus the whole image when splitting is
 on, then resizes each so its longest edge is at most ``longest_edge`` and no edge is below
-``shortest_edge`` (bilinear), then rescales by 1/255, normalizes and pads. This stage does the split and
-the resize on the CPU and keeps uint8; the actor does the cheap rescale/normalize/pad (``PixelNormalizer``)
-so that images travel through Ray's object store as raw uint8, four times smaller than float32.
+``shortest_edge`` (bilinear), then rescales by 1/255, normalizes and pads. Idefics1's processor resizes the
+whole image to a square (bicubic) and never splits. This stage does the split and the resize on the CPU and
+keeps uint8; the actor does the cheap rescale/normalize/pad (``PixelNormalizer``) so that images travel
+through Ray's object store as raw uint8, four times smaller than float32.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ImageGeometry:
     rescale_factor: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    square: bool = False  # Idefics1: every image is resized to a longest_edge square, bicubic
 
     @property
     def render_longest_edge(self) -> int:
@@ -60,25 +62,33 @@ def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeo
 
 
 def image_geometry(processor: Any, image_splitting: bool | None, model_id: str = "model") -> ImageGeometry:
-    """The geometry of a loaded Idefics2 image processor; ``image_splitting`` None keeps its setting."""
+    """The geometry of a loaded Idefics2 or Idefics1 image processor; ``image_splitting`` None keeps its
+    setting (Idefics1 has none: asking for it is an error)."""
     from transformers.image_utils import PILImageResampling
 
-    size = processor.size
-    longest = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
-    shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+    size = dict(processor.size) if isinstance(processor.size, dict) else processor.size.__dict__
+    square = bool(size.get("height")) and size.get("height") == size.get("width")
+    longest = size.get("height") if square else size.get("longest_edge")
+    shortest = size.get("height") if square else size.get("shortest_edge")
+    resample = PILImageResampling.BICUBIC if square else PILImageResampling.BILINEAR
     unsupported = [
         name
         for name, ok in [
             ("do_resize", processor.do_resize),
             ("do_rescale", processor.do_rescale),
             ("do_normalize", processor.do_normalize),
-            ("resample=bilinear", processor.resample in (PILImageResampling.BILINEAR, 2, None)),
+            (f"resample={resample.name.lower()}", processor.resample in (resample, resample.value, None)),
         ]
         if not ok
     ]
     if not longest or not shortest or unsupported:
         raise ModelLoadError(f"{model_id}: unsupported image processor settings {unsupported or size}")
-    splitting = processor.do_image_splitting if image_splitting is None else image_splitting
+    if square and image_splitting:
+        raise ModelLoadError(
+            f"{model_id} is an Idefics1 checkpoint, which has no image splitting: leave render.image_splitting "
+            "unset or set it to false"
+        )
+    splitting = False if square else processor.do_image_splitting if image_splitting is None else image_splitting
     mean, std = processor.image_mean, processor.image_std
     return ImageGeometry(
         longest_edge=int(longest),
@@ -87,11 +97,15 @@ def image_geometry(processor: Any, image_splitting: bool | None, model_id: str =
         rescale_factor=float(processor.rescale_factor),
         mean=tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
         std=tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)),
+        square=square,
     )
 
 
 def resized_size(height: int, width: int, geometry: ImageGeometry) -> tuple[int, int]:
-    """Idefics2's resize rule: cap the longest edge (keeping the aspect ratio), then floor both edges."""
+    """Idefics2's resize rule: cap the longest edge (keeping the aspect ratio), then floor both edges.
+    Idefics1's: the square."""
+    if geometry.square:
+        return geometry.longest_edge, geometry.longest_edge
     aspect_ratio = width / height
     if width >= height and width > geometry.longest_edge:
         width = geometry.longest_edge
@@ -111,10 +125,11 @@ def split_page(image: np.ndarray, geometry: ImageGeometry) -> list[np.ndarray]:
     else:
         parts = [image]
     out = []
+    resample = Image.BICUBIC if geometry.square else Image.BILINEAR
     for part in parts:
         target = resized_size(part.shape[0], part.shape[1], geometry)
         if target != part.shape[:2]:
-            part = np.asarray(Image.fromarray(np.ascontiguousarray(part)).resize(target[::-1], Image.BILINEAR))
+            part = np.asarray(Image.fromarray(np.ascontiguousarray(part)).resize(target[::-1], resample))
         out.append(np.ascontiguousarray(part))
     return out
 

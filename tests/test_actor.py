@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.idefics2 import Idefics2Engine, Prompt, split_on_out_of_memory
+from actors.adapters import Prompt, split_on_out_of_memory
+from actors.families import load_adapter
 from bench.naive import chat_prompt, reference_answer
 from jobs.samples import PAGE_SIZES, invoice_pdf
 from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
@@ -35,12 +36,12 @@ def pages(tiny_model: Path) -> list[np.ndarray]:
 def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.ndarray], splitting: bool) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
     geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
-    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
     prompts, expected_questions = [], []
     for page_index in range(len(pages)):
         for template in QUESTIONS:
             question = template.question("inv.pdf", page_index + 1, len(pages))
-            prompts.append(Prompt(page_index, template.prompt(question), template.max_new_tokens))
+            prompts.append(Prompt(page_index, engine.prompt(question), template.max_new_tokens))
             expected_questions.append((page_index, question, template.max_new_tokens))
     answers = engine.answer([split_page(page, geometry) for page in pages], prompts)
 
@@ -62,14 +63,14 @@ def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.n
 def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndarray]) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
     geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = Idefics2Engine.load(model_config, geometry, torch.device("cpu"))
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
     images_encoded: list[int] = []
     engine.model.model.vision_model.register_forward_hook(
         lambda module, args, kwargs, output: images_encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
     )
     pages = pages + pages  # two pages of each size
     prompts = [
-        Prompt(page_index, template.prompt(template.question("f", 1, 1)), template.max_new_tokens)
+        Prompt(page_index, engine.prompt(template.question("f", 1, 1)), template.max_new_tokens)
         for page_index in range(len(pages))
         for template in QUESTIONS
     ]
@@ -100,7 +101,7 @@ def test_a_batch_that_runs_out_of_memory_is_split() -> None:
 def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_answers(
     tiny_model: Path, pages: list[np.ndarray]
 ) -> None:
-    from actors.idefics2 import Idefics2Predictor
+    from actors.predictor import PagePredictor
     from pipeline.config import load_config
     from pipeline.images import pack_images
 
@@ -133,7 +134,7 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
         "error": column("", ""),
         "render_ms": np.array([1.0, 1.0]),
     }
-    rows = Idefics2Predictor(config, geometry, "r1")(batch).to_pylist()
+    rows = PagePredictor(config, geometry, "r1")(batch).to_pylist()
     by_document = {(row["document"], row["question_id"]): row for row in rows}
     assert len(rows) == 4 and set(by_document) == {
         (d, q) for d in ("/in/good.pdf", "/in/broken.pdf") for q in ("number", "total")

@@ -42,22 +42,11 @@ def test_bad_page_selection_is_rejected(spec: str) -> None:
         parse_page_selection(spec)
 
 
-def test_template_variables_and_prompt_formats() -> None:
+def test_template_variables() -> None:
     config = load_config(
-        None,
-        {
-            **MINIMAL,
-            "questions": [
-                {"id": "a", "text": "Page {page_number}/{num_pages} of {file_name}?"},
-                {"id": "b", "text": "Question: total? Answer:", "prompt_format": "raw"},
-            ],
-        },
+        None, {**MINIMAL, "questions": [{"id": "a", "text": "Page {page_number}/{num_pages} of {file_name}?"}]}
     )
-    chat, raw = config.questions
-    question = chat.question("inv.pdf", 2, 5)
-    assert question == "Page 2/5 of inv.pdf?"
-    assert chat.prompt(question) == "User:<image>Page 2/5 of inv.pdf?<end_of_utterance>\nAssistant:"
-    assert raw.prompt(raw.question("x", 1, 1)) == "<image>Question: total? Answer:"
+    assert config.questions[0].question("inv.pdf", 2, 5) == "Page 2/5 of inv.pdf?"
 
 
 def test_invalid_config_names_every_bad_field(tmp_path: Path) -> None:

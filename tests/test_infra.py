@@ -102,4 +102,4 @@ def test_ray_cluster_config_passes_rays_validation() -> None:
 def test_dockerfile_builds_on_the_ray_gpu_image() -> None:
     dockerfile = (ROOT / "infra/Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-gpu$", dockerfile, re.M)
-    assert "poppler-utils" in dockerfile and "pip install --no-cache-dir ." in dockerfile
+    assert "poppler-utils" in dockerfile and 'pip install --no-cache-dir ".[bnb]"' in dockerfile

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench.naive import reference_answer
+from bench.naive import chat_prompt, reference_answer
 from jobs.cli import main
 from pipeline.config import ModelConfig, RenderConfig, load_config
 from pipeline.images import resolve_image_geometry
@@ -134,9 +134,8 @@ def test_pipeline_answers_equal_the_naive_reference(
             row["page_number"], geometry.render_longest_edge
         )
         template = next(q for q in config.questions if q.id == row["question_id"])
-        prompt = template.prompt(row["question"])
         assert (row["answer"], row["generated_tokens"]) == reference_answer(
-            processor, model, page, prompt, template.max_new_tokens
+            processor, model, page, chat_prompt(processor, row["question"]), template.max_new_tokens
         )
         checked += 1
     assert checked >= 20

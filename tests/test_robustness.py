@@ -222,7 +222,7 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             for process in psutil.process_iter(["cmdline"]):
-                if any("Idefics2Predictor" in part for part in process.info["cmdline"] or []):
+                if any("PagePredictor" in part for part in process.info["cmdline"] or []):
                     try:
                         if process.cpu_times().user > 4:  # model loaded and answering
                             process.kill()

@@ -1,0 +1,88 @@
+"""The supported model families, told apart by the checkpoint's model_type; the one place that maps a
+checkpoint to its adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actors.adapters import FamilyInfo, ModelAdapter
+from actors.idefics1 import IdeficsAdapter
+from actors.idefics2 import Idefics2Adapter
+from pipeline.config import ModelConfig
+from pipeline.images import ImageGeometry, ModelLoadError, model_load_hint
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {a.info.model_type: a for a in [Idefics2Adapter, IdeficsAdapter]}
+FAMILIES: list[FamilyInfo] = [adapter.info for adapter in ADAPTERS.values()]
+
+
+@dataclass(frozen=True)
+class CheckpointCheck:
+    family: str
+    commit: str | None  # the Hub commit the revision resolved to, when known
+
+
+def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
+    if model_type not in ADAPTERS:
+        supported = ", ".join(f"{info.name} ({info.model_type})" for info in FAMILIES)
+        raise ModelLoadError(f"{model_id} is a {model_type!r} checkpoint; supported families: {supported}")
+    return ADAPTERS[model_type]
+
+
+def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
+    """Fail before any work if the checkpoint is of no supported family or asks for what its family cannot do."""
+    from transformers import AutoConfig
+
+    try:
+        checkpoint = AutoConfig.from_pretrained(model.id, revision=model.revision)
+    except Exception as error:
+        raise ModelLoadError(model_load_hint(model.id, error)) from error
+    info = adapter_class(checkpoint.model_type, model.id).info
+    if model.quantization != "none" and model.quantization not in info.quantization:
+        raise ModelLoadError(f"model.quantization={model.quantization} is not available for {info.name} checkpoints")
+    quantized = getattr(checkpoint, "quantization_config", None) or {}
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
+    if model.quantization == "awq" and str(method).lower() != "awq":
+        raise ModelLoadError(
+            f"model.quantization=awq needs an AWQ checkpoint (HuggingFaceM4/idefics2-8b-AWQ); {model.id} is not one"
+        )
+    if model.adapter:
+        from peft import PeftConfig
+
+        try:
+            PeftConfig.from_pretrained(model.adapter, revision=model.adapter_revision)
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            raise ModelLoadError(f"cannot load model.adapter {model.adapter!r}: {reason}") from error
+    return CheckpointCheck(info.name, getattr(checkpoint, "_commit_hash", None))
+
+
+def describe_families() -> str:
+    """The text of `docqa models`."""
+    lines = []
+    for info in FAMILIES:
+        lines += [
+            f"{info.name}  (model_type {info.model_type}: {info.classes})",
+            "  prompt formats (model.prompt_format):",
+            *[f"    {name:<5} {text!r}" for name, text in info.prompt_formats.items()],
+            "    raw answers end at the first newline (model.stop_at_newline)",
+            f"  image splitting: {'yes, 4 crops + the page' if info.image_splitting else 'no, one square image'}",
+            f"  quantization (model.quantization, GPU only): {', '.join(info.quantization)}",
+            "  adapters: PEFT LoRA / QLoRA on top of model.id (model.adapter)",
+            "  checkpoints:",
+            *[f"    {c.id:<36} {c.prompt_format:<5} {c.note}" for c in info.checkpoints],
+            "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
+def load_adapter(model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
+    """The adapter of the checkpoint's family, loaded on ``device``."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model.id, revision=model.revision).model_type
+    except Exception as error:
+        raise ModelLoadError(model_load_hint(model.id, error)) from error
+    return adapter_class(model_type, model.id).load(model, geometry, device)

@@ -1,0 +1,69 @@
+"""Idefics1 (HuggingFaceM4/idefics-9b-instruct and family): IdeficsForVisionText2Text, whose text layers
+cross-attend to the image instead of reading image tokens. No image splitting: one square image per page.
+
+The prompt is the one IdeficsProcessor builds from ["User:", image, "question<end_of_utterance>",
+"\\nAssistant:"] (the model card's, with add_end_of_utterance_token=False); the page goes through the vision
+encoder and perceiver once and every question reuses the result as ``perceiver_embeddings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.adapters import Checkpoint, FamilyInfo, ModelAdapter
+
+IMAGE_IN_PROMPT = "<fake_token_around_image><image><fake_token_around_image>"
+
+
+class IdeficsAdapter(ModelAdapter):
+    info = FamilyInfo(
+        name="idefics",
+        model_type="idefics",
+        classes="IdeficsForVisionText2Text + IdeficsProcessor",
+        prompt_formats={
+            "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
+            "raw": "<image>Question: {question} Answer:",
+        },
+        unknown_prompt_format="chat",  # Idefics1 processors ship no chat template; most checkpoints are instruct
+        image_splitting=False,
+        quantization=("bnb-4bit",),
+        checkpoints=(
+            Checkpoint("HuggingFaceM4/idefics-9b-instruct", "chat", "Idefics1 instruct"),
+            Checkpoint("HuggingFaceM4/idefics-9b", "raw", "Idefics1 base: answers end at the first newline"),
+            Checkpoint("HuggingFaceM4/idefics-80b-instruct", "chat", "Idefics1 80B instruct"),
+        ),
+    )
+    model_class = "IdeficsForVisionText2Text"
+
+    def prompt(self, question: str) -> str:
+        # As IdeficsProcessor writes it: BOS, and the image between its two marker tokens.
+        text = super().prompt(question).replace("<image>", IMAGE_IN_PROMPT)
+        return f"{self.tokenizer.bos_token}{text}"
+
+    def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
+        values, _ = self.pixel_batch(pages)
+        model = self.model.model
+        hidden = model.vision_model(pixel_values=values.flatten(0, 1)).last_hidden_state
+        if self.model.config.use_resampler:
+            hidden = model.perceiver_resampler(hidden)
+        return list(hidden.unflatten(0, values.shape[:2]))  # per page: (1 image, tokens, hidden)
+
+    def _generation_inputs(self, prompts: list[str], features: list[torch.Tensor]) -> dict[str, Any]:
+        from transformers.models.idefics.processing_idefics import (
+            image_attention_mask_for_packed_input_ids,
+            incremental_to_binary_attention_mask,
+        )
+
+        inputs = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        incremental, _ = image_attention_mask_for_packed_input_ids(inputs["input_ids"], self.tokenizer, "pt")
+        image_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=1)
+        embeddings = "perceiver_embeddings" if self.model.config.use_resampler else "image_encoder_embeddings"
+        return {
+            "input_ids": inputs["input_ids"].to(self.device),
+            "attention_mask": inputs["attention_mask"].to(self.device),
+            "image_attention_mask": image_mask.to(self.device),
+            embeddings: torch.stack(features),
+        }
