@@ -23,6 +23,11 @@ from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry, ModelLoadError, PixelNormalizer, model_load_hint
 
 END_OF_UTTERANCE = "<end_of_utterance>"
+# Both families are prompted alike: the instruct turn, or the base models' Question/Answer frame.
+PROMPT_FORMATS = {
+    "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
+    "raw": "<image>Question: {question} Answer:",
+}
 Item = TypeVar("Item")
 Output = TypeVar("Output")
 
@@ -104,9 +109,9 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
     """(model, processor) of a checkpoint on ``device``: dtype, attention, quantization, PEFT adapter."""
     from transformers import AutoProcessor
 
-    if model.quantization != "none" and device.type != "cuda":
-        raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
     quantized = model.quantization != "none"
+    if quantized and device.type != "cuda":
+        raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
     try:
         processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
         loaded = model_class.from_pretrained(

@@ -4,6 +4,7 @@ checkpoint to its adapter."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,14 +31,19 @@ def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
     return ADAPTERS[model_type]
 
 
-def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
-    """Fail before any work if the checkpoint is of no supported family or asks for what its family cannot do."""
+def checkpoint_config(model: ModelConfig) -> Any:
+    """The checkpoint's config.json (its model_type names the family)."""
     from transformers import AutoConfig
 
     try:
-        checkpoint = AutoConfig.from_pretrained(model.id, revision=model.revision)
+        return AutoConfig.from_pretrained(model.id, revision=model.revision)
     except Exception as error:
         raise ModelLoadError(model_load_hint(model.id, error)) from error
+
+
+def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
+    """Fail before any work if the checkpoint is of no supported family or asks for what its family cannot do."""
+    checkpoint = checkpoint_config(model)
     info = adapter_class(checkpoint.model_type, model.id).info
     if model.quantization != "none" and model.quantization not in info.quantization:
         raise ModelLoadError(f"model.quantization={model.quantization} is not available for {info.name} checkpoints")
@@ -79,10 +85,4 @@ def describe_families() -> str:
 
 def load_adapter(model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
     """The adapter of the checkpoint's family, loaded on ``device``."""
-    from transformers import AutoConfig
-
-    try:
-        model_type = AutoConfig.from_pretrained(model.id, revision=model.revision).model_type
-    except Exception as error:
-        raise ModelLoadError(model_load_hint(model.id, error)) from error
-    return adapter_class(model_type, model.id).load(model, geometry, device)
+    return adapter_class(checkpoint_config(model).model_type, model.id).load(model, geometry, device)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.adapters import Checkpoint, FamilyInfo, ModelAdapter
+from actors.adapters import PROMPT_FORMATS, Checkpoint, FamilyInfo, ModelAdapter
 
 IMAGE_IN_PROMPT = "<fake_token_around_image><image><fake_token_around_image>"
 
@@ -23,10 +23,7 @@ class IdeficsAdapter(ModelAdapter):
         name="idefics",
         model_type="idefics",
         classes="IdeficsForVisionText2Text + IdeficsProcessor",
-        prompt_formats={
-            "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
-            "raw": "<image>Question: {question} Answer:",
-        },
+        prompt_formats=PROMPT_FORMATS,
         unknown_prompt_format="chat",  # Idefics1 processors ship no chat template; most checkpoints are instruct
         image_splitting=False,
         quantization=("bnb-4bit",),

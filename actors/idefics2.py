@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.adapters import Checkpoint, FamilyInfo, ModelAdapter
+from actors.adapters import PROMPT_FORMATS, Checkpoint, FamilyInfo, ModelAdapter
 
 
 class Idefics2Adapter(ModelAdapter):
@@ -19,10 +19,7 @@ class Idefics2Adapter(ModelAdapter):
         name="idefics2",
         model_type="idefics2",
         classes="Idefics2ForConditionalGeneration + Idefics2Processor",
-        prompt_formats={
-            "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
-            "raw": "<image>Question: {question} Answer:",
-        },
+        prompt_formats=PROMPT_FORMATS,
         unknown_prompt_format="raw",  # Idefics2 instruct checkpoints ship a chat template, base ones do not
         image_splitting=True,
         quantization=("bnb-4bit", "awq"),
