@@ -197,9 +197,9 @@ class ModelAdapter(ABC):
         """Image features of each page (its sub-images through the vision encoder and perceiver)."""
 
     @abstractmethod
-    def _generation_inputs(self, prompts: list[str], features: list[torch.Tensor]) -> dict[str, Any]:
-        """``generate`` keyword arguments for prompts (left padded) and the image features of their pages;
-        ``input_ids`` among them."""
+    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
+        """``generate`` keyword arguments for prompts, prompt i about the page whose image features are
+        ``features[pages[i]]``; ``input_ids`` among them."""
 
     @torch.inference_mode()
     def encode_pages(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
@@ -222,12 +222,18 @@ class ModelAdapter(ABC):
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], features: list[torch.Tensor], max_new_tokens: int, fixed_length: bool = False
+        self,
+        prompts: list[str],
+        pages: list[int],
+        features: list[torch.Tensor],
+        max_new_tokens: int,
+        fixed_length: bool = False,
     ) -> list[Answer]:
-        """Greedy, left-padded batched generation from precomputed image features; decodes new tokens only.
-        ``fixed_length`` forces max_new_tokens tokens (benchmarks of random-weight models, which never stop)."""
+        """Greedy batched generation, prompt i about page ``pages[i]`` from its precomputed image features;
+        decodes new tokens only. ``fixed_length`` forces max_new_tokens tokens (benchmarks of random-weight
+        models, which never stop)."""
         started = time.perf_counter()
-        inputs = self._generation_inputs(prompts, features)
+        inputs = self._generation_inputs(prompts, pages, features)
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -264,7 +270,7 @@ class ModelAdapter(ABC):
         for max_new_tokens, indices in by_length.items():
             group = split_on_out_of_memory(
                 lambda chunk, n=max_new_tokens: self.generate(
-                    [prompts[i].text for i in chunk], [features[prompts[i].page] for i in chunk], n, fixed_length
+                    [prompts[i].text for i in chunk], [prompts[i].page for i in chunk], features, n, fixed_length
                 ),
                 indices,
             )

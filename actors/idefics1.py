@@ -48,7 +48,7 @@ class IdeficsAdapter(ModelAdapter):
             hidden = model.perceiver_resampler(hidden)
         return list(hidden.unflatten(0, values.shape[:2]))  # per page: (1 image, tokens, hidden)
 
-    def _generation_inputs(self, prompts: list[str], features: list[torch.Tensor]) -> dict[str, Any]:
+    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
         from transformers.models.idefics.processing_idefics import (
             image_attention_mask_for_packed_input_ids,
             incremental_to_binary_attention_mask,
@@ -62,5 +62,5 @@ class IdeficsAdapter(ModelAdapter):
             "input_ids": inputs["input_ids"].to(self.device),
             "attention_mask": inputs["attention_mask"].to(self.device),
             "image_attention_mask": image_mask.to(self.device),
-            embeddings: torch.stack(features),
+            embeddings: torch.stack([features[page] for page in pages]),
         }

@@ -1,7 +1,9 @@
 """Idefics2 (HuggingFaceM4/idefics2-8b and its base, chatty, AWQ and fine-tuned checkpoints).
 
 The page's sub-images go through the vision encoder and perceiver once; every question about the page
-reuses those features through ``mm_encoder_outputs``, so the encoder never runs inside ``generate``.
+reuses those features through ``mm_encoder_outputs``, so the encoder never runs inside ``generate``. With
+``model.prefix_cache`` the prompt tokens all questions share (``User:`` and the page's 66-326 image tokens)
+are read once per page too, and each question starts from a copy of their KV cache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 
 from actors.adapters import PROMPT_FORMATS, Checkpoint, FamilyInfo, ModelAdapter
+from pipeline.config import ModelConfig
+from pipeline.images import ImageGeometry
 
 
 class Idefics2Adapter(ModelAdapter):
@@ -32,8 +36,9 @@ class Idefics2Adapter(ModelAdapter):
     )
     model_class = "AutoModelForImageTextToText"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any, processor: Any, geometry: ImageGeometry, model_config: ModelConfig) -> None:
+        super().__init__(model, processor, geometry, model_config)
+        self.prefix_cache = model_config.prefix_cache
         # The prompt text expands <image> into 5 or 1 image blocks; it must agree with our split stage.
         self.processor.image_processor.do_image_splitting = self.geometry.splitting
 
@@ -41,8 +46,59 @@ class Idefics2Adapter(ModelAdapter):
         values, mask = self.pixel_batch(pages)
         return list(self.model.model.get_image_features(pixel_values=values, pixel_attention_mask=mask).pooler_output)
 
-    def _generation_inputs(self, prompts: list[str], features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
+        if self.prefix_cache and len(set(pages)) < len(pages):  # some page has several questions to share it
+            token_lists = self.processor(text=prompts)["input_ids"]
+            shared = shared_prefix_length(token_lists)
+            if all(self.model.config.image_token_id not in tokens[shared:] for tokens in token_lists):
+                return self._prefilled_inputs(token_lists, shared, pages, features)
         inputs = self.processor(text=prompts, padding=True, return_tensors="pt").to(self.device)
-        return {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+        return {**inputs, "mm_encoder_outputs": image_outputs([features[page] for page in pages])}
+
+    def _prefilled_inputs(
+        self, token_lists: list[list[int]], shared: int, pages: list[int], features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """Run the shared prefix once per page, then lay each prompt out as prefix | padding | its own tokens
+        with the prefix's KV cache copied to it. Position ids follow the attention mask, so every prompt
+        sees the positions it has when left padded; ``generate`` reads only the tokens past the cache."""
+        distinct = sorted(set(pages))
+        prefix = torch.tensor([token_lists[0][:shared]] * len(distinct), device=self.device)
+        prefilled = self.model(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            mm_encoder_outputs=image_outputs([features[page] for page in distinct]),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = prefilled.past_key_values
+        cache.batch_select_indices(torch.tensor([distinct.index(page) for page in pages], device=self.device))
+        width = max(len(tokens) for tokens in token_lists)
+        input_ids = torch.full((len(token_lists), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        input_ids[:, :shared], attention_mask[:, :shared] = prefix[0].cpu(), 1
+        for row, tokens in enumerate(token_lists):
+            own = len(tokens) - shared
+            input_ids[row, width - own :] = torch.tensor(tokens[shared:])
+            attention_mask[row, width - own :] = 1
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "past_key_values": cache,
+        }
+
+
+def image_outputs(features: list[torch.Tensor]) -> dict[str, Any]:
+    """Precomputed image features in the form Idefics2's forward takes instead of pixel values."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+
+def shared_prefix_length(token_lists: list[list[int]]) -> int:
+    """How many leading tokens all prompts have in common, leaving each at least one token of its own
+    (``generate`` needs one to start from)."""
+    shared = min(len(tokens) for tokens in token_lists) - 1
+    for position in range(shared):
+        if any(tokens[position] != token_lists[0][position] for tokens in token_lists):
+            return position
+    return shared

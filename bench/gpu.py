@@ -4,8 +4,9 @@ bf16 (no checkpoint can be downloaded), answer lengths fixed (min_new_tokens = m
     .venv/bin/python -m bench.gpu [--json results.json]
 
 For image splitting on and off: short answers (3 questions x 16 tokens per page; ours against the naive
-loop, same run) and transcription (1 question x 512 tokens per page). Reports page-questions/s, pages/s,
-output tokens/s and peak GPU memory. ``--architecture tiny --device cpu`` runs the same code on a CPU.
+loop, and ours without against with the shared-prefix KV cache, same run) and transcription (1 question x
+512 tokens per page). Reports page-questions/s, pages/s, output tokens/s and peak GPU memory.
+``--architecture tiny --device cpu`` runs the same code on a CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from actors.adapters import ModelAdapter, Prompt
 from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
-from bench.model_stage import measure, sample_pages
+from bench.model_stage import compare_prefix_cache, measure, sample_pages
 from bench.naive import chat_prompt
 from pipeline.config import ModelConfig
 from pipeline.images import image_geometry, split_page
@@ -101,6 +102,7 @@ def run(
         _reset_peak(device)
         short = measure(engine, rendered, geometry, 3, short_tokens, batch_pages, naive_limit, fixed_length=True)
         short_peak = _peak_memory_gib(device)
+        prefix = compare_prefix_cache(model, processor, rendered, geometry, 3, short_tokens, batch_pages, True)
         _reset_peak(device)
         transcribe = transcription(engine, rendered[:transcribe_pages], geometry, transcribe_tokens, batch_pages)
         transcribe_peak = _peak_memory_gib(device)
@@ -108,11 +110,13 @@ def run(
             "splitting": splitting,
             "short": {**short.as_dict(), "pages_per_s": short.ours_rate / 3, "peak_gib": short_peak},
             "short_tokens_per_s": short.ours_rate * short_tokens,
+            "prefix_cache": prefix.as_dict(),
             "transcription": {**transcribe, "max_new_tokens": transcribe_tokens, "peak_gib": transcribe_peak},
         }
         results["runs"].append(run_result)
         memory = f", peak {short_peak:.1f} GiB" if short_peak is not None else ""
         print(f"splitting {'on ' if splitting else 'off'}: {short.line()}{memory}")
+        print(f"splitting {'on ' if splitting else 'off'}: shared-prefix KV cache, {prefix.line()}")
         memory = f", peak {transcribe_peak:.1f} GiB" if transcribe_peak is not None else ""
         print(
             f"splitting {'on ' if splitting else 'off'}: transcription {transcribe_tokens} tokens: "
@@ -123,7 +127,7 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--architecture", default="idefics2-8b", choices=["idefics2-8b", "tiny"])
+    parser.add_argument("--architecture", default="idefics2-8b", choices=["idefics2-8b", "small", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--pages", type=int, default=32)
     parser.add_argument("--batch-pages", type=int, default=16)

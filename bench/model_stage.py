@@ -1,6 +1,7 @@
 """Model stage: the naive approach (one Idefics2Processor call and one generate per page-question, as in
 the model card) against our engine (each page encoded once, all its questions in one batched generate),
-same pages, same greedy outputs (checked), same run.
+same pages, same greedy outputs (checked), same run. Then our engine with and without the shared-prefix
+KV cache (model.prefix_cache), on the small architecture whose pages carry Idefics2-8B's image-token count.
 
     .venv/bin/python -m bench.model_stage                       # tiny Idefics2 on CPU, 1, 3 and 8 questions
     .venv/bin/python -m bench.gpu                               # full-size Idefics2-8B on a GPU (bench/gpu.py)
@@ -14,16 +15,20 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import torch
 
 from actors.adapters import ModelAdapter, Prompt
 from actors.families import load_adapter
+from actors.idefics2 import Idefics2Adapter
+from actors.tiny import build_random_idefics2
 from bench import tiny_model
 from bench.naive import chat_prompt, reference_answer
 from jobs.samples import PAGE_SIZES, invoice_pdf
-from pipeline.images import ImageGeometry, split_page
+from pipeline.config import ModelConfig
+from pipeline.images import ImageGeometry, image_geometry, split_page
 from pipeline.rasterize import open_pdf
 
 QUESTIONS = [
@@ -87,6 +92,27 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def answer_all(
+    engine: ModelAdapter,
+    split: list[list[np.ndarray]],
+    prompts_text: list[str],
+    max_new_tokens: int,
+    batch_pages: int,
+    fixed_length: bool,
+) -> tuple[list[str], float]:
+    """Our engine over split pages, every prompt on every page, ``batch_pages`` pages per call: the answers
+    (page by page) and the seconds it took."""
+    answers: list[str] = []
+    _synchronize()
+    started = time.perf_counter()
+    for first in range(0, len(split), batch_pages):
+        chunk = split[first : first + batch_pages]
+        prompts = [Prompt(i, text, max_new_tokens) for i in range(len(chunk)) for text in prompts_text]
+        answers += [answer.text for answer in engine.answer(chunk, prompts, fixed_length)]
+    _synchronize()
+    return answers, time.perf_counter() - started
+
+
 def measure(
     engine: ModelAdapter,
     pages: list[np.ndarray],
@@ -103,15 +129,7 @@ def measure(
     processor = engine.processor
     prompts_text = [chat_prompt(processor, question) for question in questions]
     split = [split_page(page, geometry) for page in pages]
-    ours: list[str] = []
-    _synchronize()
-    started = time.perf_counter()
-    for first in range(0, len(pages), batch_pages):
-        chunk = split[first : first + batch_pages]
-        prompts = [Prompt(i, text, max_new_tokens) for i in range(len(chunk)) for text in prompts_text]
-        ours += [answer.text for answer in engine.answer(chunk, prompts, fixed_length)]
-    _synchronize()
-    ours_s = time.perf_counter() - started
+    ours, ours_s = answer_all(engine, split, prompts_text, max_new_tokens, batch_pages, fixed_length)
 
     pairs = [(page, question) for page in range(len(pages)) for question in range(len(questions))]
     pairs = pairs[: naive_limit or len(pairs)]
@@ -128,6 +146,54 @@ def measure(
     return StageResult(questions_per_page, max_new_tokens, len(ours), ours_s, len(pairs), naive_s, same)
 
 
+@dataclass
+class PrefixCacheResult:
+    questions_per_page: int
+    page_questions: int
+    without_s: float
+    with_s: float
+    same_answers: int
+
+    @property
+    def ratio(self) -> float:
+        return self.without_s / self.with_s
+
+    def line(self) -> str:
+        return (
+            f"{self.questions_per_page} question(s)/page: without {self.page_questions / self.without_s:8.2f} "
+            f"page-questions/s, with {self.page_questions / self.with_s:8.2f} page-questions/s, ratio "
+            f"{self.ratio:5.2f} (same answers {self.same_answers}/{self.page_questions})"
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def compare_prefix_cache(
+    model: Any,
+    processor: Any,
+    pages: list[np.ndarray],
+    geometry: ImageGeometry,
+    questions_per_page: int,
+    max_new_tokens: int,
+    batch_pages: int,
+    fixed_length: bool = False,
+) -> PrefixCacheResult:
+    """Our engine on the same pages with model.prefix_cache off, then on; the answers must be the same."""
+    split = [split_page(page, geometry) for page in pages]
+    prompts_text = [chat_prompt(processor, question) for question in QUESTIONS[:questions_per_page]]
+    runs = {}
+    for prefix_cache in (False, True):
+        engine = Idefics2Adapter(
+            model, processor, geometry, ModelConfig(prompt_format="chat", prefix_cache=prefix_cache)
+        )
+        answer_all(engine, split[:1], prompts_text, 2, 1, fixed_length)  # warm-up
+        runs[prefix_cache] = answer_all(engine, split, prompts_text, max_new_tokens, batch_pages, fixed_length)
+    (without, without_s), (with_cache, with_s) = runs[False], runs[True]
+    same = sum(a == b for a, b in zip(without, with_cache, strict=True))
+    return PrefixCacheResult(questions_per_page, len(without), without_s, with_s, same)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=8)
@@ -135,7 +201,7 @@ def main() -> None:
     parser.add_argument("--batch-pages", type=int, default=4, help="pages per engine call (actors.batch_size)")
     args = parser.parse_args()
 
-    from pipeline.config import ModelConfig, RenderConfig
+    from pipeline.config import RenderConfig
     from pipeline.images import resolve_image_geometry
 
     torch.manual_seed(0)
@@ -152,6 +218,19 @@ def main() -> None:
         result = measure(engine, pages, geometry, questions_per_page, args.max_new_tokens, args.batch_pages)
         assert result.same_answers == result.naive_page_questions, result
         print(result.line())
+
+    model, processor = build_random_idefics2("small")
+    geometry = image_geometry(processor.image_processor, True)
+    pages = sample_pages(args.pages, geometry.render_longest_edge)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    print(f"shared-prefix KV cache, small architecture ({parameters / 1e6:.0f} M parameters, 64 image tokens per")
+    print(f"sub-image: {args.pages} pages, answers fixed at {args.max_new_tokens} tokens), ours without vs with:")
+    for questions_per_page in (1, 3, 8):
+        prefix = compare_prefix_cache(
+            model, processor, pages, geometry, questions_per_page, args.max_new_tokens, args.batch_pages, True
+        )
+        assert prefix.same_answers == prefix.page_questions, prefix
+        print(prefix.line())
 
 
 if __name__ == "__main__":

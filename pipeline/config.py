@@ -95,6 +95,11 @@ class ModelConfig(_Strict):
     quantization: Literal["none", "bnb-4bit", "awq"] = Field(
         "none", description="bnb-4bit: nf4 + double quantization, fp16 compute; awq: an AWQ checkpoint. GPU only."
     )
+    prefix_cache: bool = Field(
+        True,
+        description="Read the prompt prefix that every question about a page shares (its image tokens) once per "
+        "page and reuse its KV cache for each question (Idefics2; Idefics1 has no image tokens to share).",
+    )
 
 
 class RenderConfig(_Strict):

@@ -83,6 +83,47 @@ def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndar
     assert len(images_encoded) == len(sizes) < len(pages)
 
 
+@pytest.mark.parametrize("splitting", [True, False])
+def test_questions_about_a_page_share_its_image_tokens_read_once(
+    tiny_model: Path, pages: list[np.ndarray], splitting: bool
+) -> None:
+    """The shared-prefix KV cache: the language model reads each page's image tokens once, however many
+    questions (of different lengths: padding between prefix and question) ask about it, and every answer
+    is still the naive generate's."""
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32")
+    geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    image_tokens_read: list[int] = []
+
+    def count_image_tokens(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        """Image tokens in the prompt the language model reads (decoding steps, one token each, excluded:
+        a random model may well decode the image token id)."""
+        if kwargs["input_ids"].shape[1] > 1:
+            image_tokens_read.append(int((kwargs["input_ids"] == engine.model.config.image_token_id).sum()))
+
+    engine.model.model.register_forward_hook(count_image_tokens, with_kwargs=True)
+    questions = ["What is the invoice number?", "Total?", "Who is the customer named on this invoice, in full?"]
+    prompts = [Prompt(page, engine.prompt(question), 10) for page in range(len(pages)) for question in questions]
+    answers = engine.answer([split_page(page, geometry) for page in pages], prompts)
+
+    per_page = engine.processor.image_seq_len * (5 if splitting else 1)
+    assert sum(image_tokens_read) == per_page * len(pages)  # without the cache: per question, 3 times as many
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    processor.image_processor.do_image_splitting = splitting
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for answer, prompt in zip(answers, prompts, strict=True):
+        expected = reference_answer(processor, model, pages[prompt.page], prompt.text, 10)
+        assert (answer.text, answer.generated_tokens) == expected
+
+    without = load_adapter(model_config.model_copy(update={"prefix_cache": False}), geometry, torch.device("cpu"))
+    image_tokens_read.clear()
+    without.model.model.register_forward_hook(count_image_tokens, with_kwargs=True)
+    assert [a.text for a in without.answer([split_page(page, geometry) for page in pages], prompts)] == [
+        a.text for a in answers
+    ]
+    assert sum(image_tokens_read) == per_page * len(prompts)
+
+
 def test_a_batch_that_runs_out_of_memory_is_split() -> None:
     calls: list[int] = []
 

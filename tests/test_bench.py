@@ -18,6 +18,7 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_architecture() -> None:
         assert short["page_questions"] == 3 * 3 and short["naive_page_questions"] == 4
         assert short["same_answers"] == 4  # ours and the naive loop give the same greedy answers
         assert short["ratio"] > 0 and short["peak_gib"] is None  # no GPU memory on a CPU
+        assert entry["prefix_cache"]["same_answers"] == entry["prefix_cache"]["page_questions"] == 3 * 3
         transcription = entry["transcription"]
         # fixed length: every page gets exactly max_new_tokens tokens
         assert transcription["tokens_per_s"] * transcription["seconds"] == pytest.approx(2 * 5)
