@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
-from pipeline.documents import DocumentListing, ReadDocument
-from pipeline.images import ImageGeometry, SplitPage, resolve_image_geometry
-from pipeline.rasterize import RasterizeDocument
+from pipeline.document_pages import DocumentPages
+from pipeline.documents import DocumentListing
+from pipeline.images import ImageGeometry, resolve_image_geometry
 from pipeline.rows import RETRYABLE, Status
 from pipeline.sink import RunWriter, committed_runs, read_committed
 from pipeline.storage import StorageError, check_bucket, check_input, is_s3
@@ -163,19 +163,19 @@ def completed_documents(config: JobConfig, recovered: pa.Table) -> frozenset[tup
 def build_page_dataset(
     config: JobConfig, geometry: ImageGeometry, completed: frozenset[tuple[str, str]] = frozenset(), ledger=None
 ):
-    """The CPU part of the plan: list → read → rasterize → split, as Ray tasks; rows are split pages."""
+    """The CPU part of the plan: list, then read → rasterize → split each document in one Ray task; rows are
+    split pages."""
     import ray.data
 
-    # The same explicit resources on every CPU stage fuse them into one task; the memory reservation also
-    # keeps Ray from fusing them into the actor, where they would hold up the GPU.
-    cpu_stage = {"num_cpus": 1, "memory": config.render.task_memory_mb * 1024 * 1024}
-    return (
-        ray.data.read_datasource(
-            DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger)
-        )
-        .map(ReadDocument(config.limits, config.storage), **cpu_stage)
-        .flat_map(RasterizeDocument(config, geometry, ledger if config.budget.max_pages else None), **cpu_stage)
-        .map(SplitPage(geometry), **cpu_stage)
+    listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger)
+    return ray.data.read_datasource(listing).map_batches(
+        DocumentPages(config, geometry, ledger if config.budget.max_pages else None),
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=1,
+        # Bounds the concurrent renders per node, and keeps Ray from fusing this task into the actor,
+        # where it would hold up the GPU.
+        memory=config.render.task_memory_mb * 1024 * 1024,
     )
 
 

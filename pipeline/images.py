@@ -117,29 +117,36 @@ def resized_size(height: int, width: int, geometry: ImageGeometry) -> tuple[int,
 
 
 def split_page(image: np.ndarray, geometry: ImageGeometry) -> list[np.ndarray]:
-    """(H, W, 3) uint8 page → the uint8 sub-images the model sees: 4 crops + the page, or the page alone."""
+    """(H, W, 3) uint8 page → the uint8 sub-images the model sees: 4 crops + the page, or the page alone.
+    Parts that keep their size are views of ``image``, not copies."""
     height, width = image.shape[:2]
     if geometry.splitting:
         mid_h, mid_w = height // 2, width // 2
         parts = [image[:mid_h, :mid_w], image[:mid_h, mid_w:], image[mid_h:, :mid_w], image[mid_h:, mid_w:], image]
     else:
         parts = [image]
-    out = []
     resample = Image.BICUBIC if geometry.square else Image.BILINEAR
+    out = []
     for part in parts:
         target = resized_size(part.shape[0], part.shape[1], geometry)
         if target != part.shape[:2]:
             part = np.asarray(Image.fromarray(np.ascontiguousarray(part)).resize(target[::-1], resample))
-        out.append(np.ascontiguousarray(part))
+        out.append(part)
     return out
 
 
-def pack_images(images: list[np.ndarray]) -> tuple[bytes, list[int]]:
-    """uint8 (H, W, 3) arrays → one raw buffer and their [h0, w0, h1, w1, ...] shapes (no PNG, no copies of note)."""
-    return b"".join(image.tobytes() for image in images), [dim for image in images for dim in image.shape[:2]]
+def pack_images(images: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """uint8 (H, W, 3) arrays (views welcome) → one flat uint8 buffer, each copied into it once, and their
+    [h0, w0, h1, w1, ...] shapes. Raw pixels: no PNG, no header."""
+    buffer = np.empty(sum(image.size for image in images), dtype=np.uint8)
+    offset = 0
+    for image in images:
+        buffer[offset : offset + image.size].reshape(image.shape)[...] = image
+        offset += image.size
+    return buffer, [dim for image in images for dim in image.shape[:2]]
 
 
-def unpack_images(buffer: bytes, shapes: list[int] | np.ndarray) -> list[np.ndarray]:
+def unpack_images(buffer: bytes | np.ndarray, shapes: list[int] | np.ndarray) -> list[np.ndarray]:
     flat = np.frombuffer(buffer, dtype=np.uint8)
     images, offset = [], 0
     for height, width in zip(shapes[0::2], shapes[1::2], strict=True):
@@ -150,17 +157,16 @@ def unpack_images(buffer: bytes, shapes: list[int] | np.ndarray) -> list[np.ndar
 
 
 class SplitPage:
-    """Ray Data stage: a rendered page row → the same row with its packed sub-images instead of the page."""
+    """Stage 4: a rendered page row → the same row with its packed sub-images instead of the page."""
 
     def __init__(self, geometry: ImageGeometry) -> None:
         self.geometry = geometry
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {key: value for key, value in row.items() if key not in ("image", "height", "width")}
-        out.update(sub_images=b"", sub_image_shapes=[])
-        if row["image"]:
-            [page] = unpack_images(row["image"], [row["height"], row["width"]])
-            out["sub_images"], out["sub_image_shapes"] = pack_images(split_page(page, self.geometry))
+        out = {key: value for key, value in row.items() if key != "image"}
+        out.update(sub_images=np.empty(0, dtype=np.uint8), sub_image_shapes=[])
+        if row["image"] is not None:
+            out["sub_images"], out["sub_image_shapes"] = pack_images(split_page(row["image"], self.geometry))
         return out
 
 

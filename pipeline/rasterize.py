@@ -190,9 +190,7 @@ class RasterizeDocument:
             "status": row["status"],
             "error": row["error"],
             "render_ms": 0.0,
-            "image": b"",
-            "height": 0,
-            "width": 0,
+            "image": None,  # the rendered page, (H, W, 3) uint8
         }
         if row["status"] != Status.OK:
             return [base]
@@ -259,13 +257,5 @@ class RasterizeDocument:
                 reason = f"cannot render page {page_number}: {type(error).__name__}: {error}"
                 rows.append({**page_row, "status": Status.RENDER_ERROR.value, "error": reason})
                 continue
-            rows.append(
-                {
-                    **page_row,
-                    "render_ms": (time.perf_counter() - started) * 1000,
-                    "image": image.tobytes(),
-                    "height": image.shape[0],
-                    "width": image.shape[1],
-                }
-            )
+            rows.append({**page_row, "render_ms": (time.perf_counter() - started) * 1000, "image": image})
         return rows

@@ -14,7 +14,6 @@ from pipeline.images import (
     ModelLoadError,
     PixelNormalizer,
     SplitPage,
-    pack_images,
     resolve_image_geometry,
     split_page,
     unpack_images,
@@ -59,9 +58,7 @@ def test_split_stage_matches_idefics2_processor(splitting: bool, sizes: dict[str
 def test_split_stage_row_roundtrip_is_raw_uint8() -> None:
     geometry = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
     page = _page(896, 693, 1)
-    buffer, _ = pack_images([page])
-    row = {"uri": "x", "image": buffer, "height": 896, "width": 693}
-    out = SplitPage(geometry)(row)
+    out = SplitPage(geometry)({"uri": "x", "image": page})
     assert "image" not in out and out["uri"] == "x"
     sub_images = unpack_images(out["sub_images"], out["sub_image_shapes"])
     assert [image.shape for image in sub_images] == [
@@ -71,8 +68,35 @@ def test_split_stage_row_roundtrip_is_raw_uint8() -> None:
         (448, 347, 3),
         (448, 346, 3),
     ]
-    assert len(out["sub_images"]) == sum(image.size for image in sub_images)  # raw bytes: no PNG, no header
+    assert out["sub_images"].nbytes == sum(image.size for image in sub_images)  # raw bytes: no PNG, no header
     for ours, expected in zip(sub_images, split_page(page, geometry), strict=True):
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_page_table_wraps_the_sub_image_buffers_without_copying_them() -> None:
+    from pipeline.document_pages import PAGE_SCHEMA, page_table
+
+    geometry = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+    document = {"uri": "x", "file_size": 1, "source_version": "v", "etag": "", "version_id": "", "sha256": "h"}
+    document.update(num_pages=3, document_rows=3, repaired=False, error="", render_ms=1.0)
+    rows = [
+        SplitPage(geometry)({**document, "page_number": 1, "status": "ok", "image": _page(896, 693, 1)}),
+        SplitPage(geometry)({**document, "page_number": 2, "status": "render_error", "image": None}),
+        SplitPage(geometry)({**document, "page_number": 3, "status": "ok", "image": _page(300, 200, 2)}),
+    ]
+    table = page_table(rows)
+    assert table.schema == PAGE_SCHEMA and table.num_rows == 3
+    assert table["page_number"].to_pylist() == [1, 2, 3] and table["status"].to_pylist()[1] == "render_error"
+    for index, row in enumerate(rows):
+        chunk = table["sub_images"].chunk(index)
+        assert chunk.buffers()[2].address == row["sub_images"].ctypes.data  # the same memory
+        assert chunk[0].as_py() == row["sub_images"].tobytes()
+        assert table["sub_image_shapes"][index].as_py() == row["sub_image_shapes"]
+    # What the actor gets from Ray's numpy batch format: the same pixels.
+    [sub_images] = table.slice(2, 1)["sub_images"].to_numpy(zero_copy_only=False)
+    for ours, expected in zip(
+        unpack_images(sub_images, rows[2]["sub_image_shapes"]), split_page(_page(300, 200, 2), geometry), strict=True
+    ):
         np.testing.assert_array_equal(ours, expected)
 
 
