@@ -78,6 +78,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolve_attention(attn_implementation: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``: flash-attention 2 where it runs (CUDA, half precision, the flash-attn package), else SDPA."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    from transformers.utils import is_flash_attn_2_available
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
+
+
 def split_on_out_of_memory(run: Callable[[list[Item]], list[Output]], items: list[Item]) -> list[Output]:
     """``run(items)``; when the GPU runs out of memory, the same on each half, recursively, so a batch
     that does not fit is answered in smaller ones instead of failing (one item that does not fit raises)."""
@@ -112,13 +122,14 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
     quantized = model.quantization != "none"
     if quantized and device.type != "cuda":
         raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
+    dtype = torch.float16 if quantized else resolve_dtype(model.dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
         loaded = model_class.from_pretrained(
             model.id,
             revision=model.revision,
-            dtype=torch.float16 if quantized else resolve_dtype(model.dtype, device),
-            attn_implementation=model.attn_implementation,
+            dtype=dtype,
+            attn_implementation=resolve_attention(model.attn_implementation, device, dtype),
             quantization_config=quantization_config(model.quantization),
             device_map={"": device} if quantized else None,
         )

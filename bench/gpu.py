@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from actors.adapters import ModelAdapter, Prompt
+from actors.adapters import ModelAdapter, Prompt, resolve_attention
 from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
 from bench.model_stage import compare_prefix_cache, measure, sample_pages
@@ -68,7 +68,7 @@ def run(
     transcribe_pages: int = 16,
     batch_pages: int = 16,
     naive_limit: int = 12,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ) -> dict[str, Any]:
     """Build the model, measure both splitting settings, return the figures (and print them)."""
     device = torch.device(device_name)
@@ -81,19 +81,22 @@ def run(
             model, processor = build_random_idefics2(architecture)
     finally:
         torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn_implementation)
+    attention = resolve_attention(attn_implementation, device, dtype)
+    model.set_attn_implementation(attention)
     build_s = time.perf_counter() - started
     parameters = sum(parameter.numel() for parameter in model.parameters())
     results: dict[str, Any] = {
         "architecture": architecture,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),
+        "attention": attention,
         "parameters": parameters,
         "build_s": build_s,
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "runs": [],
     }
-    print(f"# bench.gpu  {results['date']}  {results['device']}  {architecture} ({parameters / 1e9:.2f} B), {dtype}")
+    size = f"{architecture} ({parameters / 1e9:.2f} B)"
+    print(f"# bench.gpu  {results['date']}  {results['device']}  {size}, {dtype}, {attention}")
     for splitting in (True, False):
         geometry = image_geometry(processor.image_processor, splitting)
         engine = Idefics2Adapter(model, processor, geometry, ModelConfig(prompt_format="chat"))
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--transcribe-tokens", type=int, default=512)
     parser.add_argument("--transcribe-pages", type=int, default=16)
     parser.add_argument("--naive-limit", type=int, default=12, help="page-questions the naive loop answers")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--attn-implementation", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     results = run(

@@ -83,7 +83,10 @@ class ModelConfig(_Strict):
     id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local checkpoint directory.")
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="auto: flash_attention_2 on a CUDA GPU in bf16/fp16 when flash-attn is installed, else sdpa.",
+    )
     prompt_format: Literal["auto", "chat", "raw"] = Field(
         "auto",
         description="chat: the instruct turn; raw: image then 'Question: … Answer:' (base checkpoints); auto: "

@@ -124,6 +124,22 @@ def test_questions_about_a_page_share_its_image_tokens_read_once(
     assert sum(image_tokens_read) == per_page * len(prompts)
 
 
+def test_attention_auto_is_sdpa_where_flash_attention_cannot_run(tiny_model: Path) -> None:
+    from transformers.utils import is_flash_attn_2_available
+
+    from actors.adapters import resolve_attention
+
+    cuda = torch.device("cuda")
+    assert resolve_attention("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert resolve_attention("auto", cuda, torch.float32) == "sdpa"  # flash-attention runs in half precision only
+    expected = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    assert resolve_attention("auto", cuda, torch.bfloat16) == expected
+    assert resolve_attention("eager", cuda, torch.bfloat16) == "eager"  # an explicit choice is kept
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32")
+    engine = load_adapter(model_config, resolve_image_geometry(model_config, RenderConfig()), torch.device("cpu"))
+    assert model_config.attn_implementation == "auto" and engine.model.config._attn_implementation == "sdpa"
+
+
 def test_a_batch_that_runs_out_of_memory_is_split() -> None:
     calls: list[int] = []
 
