@@ -83,14 +83,14 @@ def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndar
     assert len(images_encoded) == len(sizes) < len(pages)
 
 
-@pytest.mark.parametrize("splitting", [True, False])
+@pytest.mark.parametrize(("splitting", "prompt_format"), [(True, "chat"), (False, "chat"), (True, "raw")])
 def test_questions_about_a_page_share_its_image_tokens_read_once(
-    tiny_model: Path, pages: list[np.ndarray], splitting: bool
+    tiny_model: Path, pages: list[np.ndarray], splitting: bool, prompt_format: str
 ) -> None:
     """The shared-prefix KV cache: the language model reads each page's image tokens once, however many
     questions (of different lengths: padding between prefix and question) ask about it, and every answer
-    is still the naive generate's."""
-    model_config = ModelConfig(id=str(tiny_model), dtype="float32")
+    is still the naive generate's, in both prompt formats (raw: with the newline stop rule)."""
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32", prompt_format=prompt_format)
     geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
     engine = load_adapter(model_config, geometry, torch.device("cpu"))
     image_tokens_read: list[int] = []
@@ -112,7 +112,9 @@ def test_questions_about_a_page_share_its_image_tokens_read_once(
     processor.image_processor.do_image_splitting = splitting
     model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
     for answer, prompt in zip(answers, prompts, strict=True):
-        expected = reference_answer(processor, model, pages[prompt.page], prompt.text, 10)
+        expected = reference_answer(
+            processor, model, pages[prompt.page], prompt.text, 10, stop_at_newline=prompt_format == "raw"
+        )
         assert (answer.text, answer.generated_tokens) == expected
 
     without = load_adapter(model_config.model_copy(update={"prefix_cache": False}), geometry, torch.device("cpu"))
