@@ -62,10 +62,11 @@ class Idefics2Adapter(ModelAdapter):
         with the prefix's KV cache copied to it. Position ids follow the attention mask, so every prompt
         sees the positions it has when left padded; ``generate`` reads only the tokens past the cache."""
         distinct = sorted(set(pages))
-        prefix = torch.tensor([token_lists[0][:shared]] * len(distinct), device=self.device)
+        prefix = torch.tensor(token_lists[0][:shared])
+        prefix_ids = prefix.repeat(len(distinct), 1).to(self.device)
         prefilled = self.model(
-            input_ids=prefix,
-            attention_mask=torch.ones_like(prefix),
+            input_ids=prefix_ids,
+            attention_mask=torch.ones_like(prefix_ids),
             mm_encoder_outputs=image_outputs([features[page] for page in distinct]),
             use_cache=True,
             logits_to_keep=1,
@@ -75,7 +76,7 @@ class Idefics2Adapter(ModelAdapter):
         width = max(len(tokens) for tokens in token_lists)
         input_ids = torch.full((len(token_lists), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        input_ids[:, :shared], attention_mask[:, :shared] = prefix[0].cpu(), 1
+        input_ids[:, :shared], attention_mask[:, :shared] = prefix, 1
         for row, tokens in enumerate(token_lists):
             own = len(tokens) - shared
             input_ids[row, width - own :] = torch.tensor(tokens[shared:])

@@ -148,6 +148,15 @@ SMALL = {
 ARCHITECTURES = {"tiny": TINY, "small": SMALL, "idefics2-8b": IDEFICS2_8B}
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The offline tokenizer's pad, BOS and EOS ids, as model configs take them."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def build_random_idefics2(architecture: str = "tiny", seed: int = 0):
     """(model, processor) with random weights, in memory, on the current default device and dtype (set
     them with ``torch.device(...)`` and ``torch.set_default_dtype``): the real Idefics2 classes, the offline
@@ -165,11 +174,7 @@ def build_random_idefics2(architecture: str = "tiny", seed: int = 0):
         image_seq_len=image_seq_len,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
     )
-    special = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    special = special_token_ids(tokenizer)
     text_config = {"vocab_size": len(tokenizer), **sizes["text_config"], **special}
     config = Idefics2Config(
         vision_config=sizes["vision_config"],
@@ -227,11 +232,7 @@ def build_tiny_idefics1(path: str | Path, seed: int = 0) -> Path:
     processor = IdeficsProcessor(
         image_processor=IdeficsImageProcessorPil(image_size=TINY_IDEFICS1_IMAGE_SIZE), tokenizer=tokenizer
     )
-    special = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    special = special_token_ids(tokenizer)
     config = IdeficsConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

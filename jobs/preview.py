@@ -14,7 +14,7 @@ def preview(output: str, limit: int = 12, width: int = 36) -> str:
     if not runs:
         return f"no committed run under {output}"
     latest = runs[-1]
-    table = read_committed(output, latest["run_id"]).select(COLUMNS)
+    table = read_committed(output, latest["run_id"], records=runs).select(COLUMNS)
     rows = [[_cell(value, width) for value in row.values()] for row in table.slice(0, limit).to_pylist()]
     widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(COLUMNS)]
     lines = [f"run {latest['run_id']}: {table.num_rows} rows, first {len(rows)}:"]

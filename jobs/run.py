@@ -138,13 +138,15 @@ def check_gpus(config: JobConfig) -> None:
     )
 
 
-def completed_documents(config: JobConfig, recovered: pa.Table) -> frozenset[tuple[str, str]]:
+def completed_documents(
+    config: JobConfig, committed: list[dict[str, Any]], recovered: pa.Table
+) -> frozenset[tuple[str, str]]:
     """(URI, version) of documents that already have a complete, final set of rows for this config's
-    fingerprint in a committed run (or in the recovered parts of this run): these are not processed again."""
+    fingerprint in a committed run (``committed``: their records) or in the recovered parts of this run:
+    these are not processed again."""
     columns = ["run_id", "document", "source_version", "config_fingerprint", "document_rows", "status"]
-    rows = pa.concat_tables(
-        [read_committed(config.output, storage=config.storage, columns=columns), recovered.select(columns)]
-    )
+    earlier = read_committed(config.output, storage=config.storage, columns=columns, records=committed)
+    rows = pa.concat_tables([earlier, recovered.select(columns)])
     rows = rows.filter(pc.equal(rows.column("config_fingerprint"), config.fingerprint()))
     groups: dict[tuple[str, str, str], list[int]] = {}
     for run_id, document, version, _, expected, status in zip(*rows.to_pydict().values(), strict=True):
@@ -246,7 +248,7 @@ def run_job(
     if writer.recovered.num_rows:
         log.info("resuming run %s: %d rows of an earlier attempt kept", run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
-    completed = completed_documents(config, writer.recovered)
+    completed = completed_documents(config, writer.committed, writer.recovered)
     ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
     dataset = build_dataset(config, geometry, run_id, completed, ledger)

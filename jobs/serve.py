@@ -1,13 +1,12 @@
 """`docqa serve`: ask questions about one uploaded PDF now, on Ray Serve.
 
 The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own stages on
-the upload (RasterizeDocument in its sandbox, then SplitPage) and sends each page with its questions to
-the AnswerModel deployment, which batches pages across requests. Answers come back as rows with the
-fields of the Parquet output.
+the upload (``DocumentPages.split_pages``: RasterizeDocument in its sandbox, then SplitPage) and sends each
+page with its questions to the AnswerModel deployment, which batches pages across requests. Answers come
+back as rows with the fields of the Parquet output.
 """
 
 import asyncio
-import hashlib
 import hmac
 import os
 import secrets
@@ -22,8 +21,9 @@ from ray import serve
 
 from actors.serving import AnswerModel
 from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
-from pipeline.images import ImageGeometry, SplitPage, resolve_image_geometry
-from pipeline.rasterize import RasterizeDocument
+from pipeline.document_pages import DocumentPages
+from pipeline.documents import document_of_bytes
+from pipeline.images import ImageGeometry, resolve_image_geometry
 from pipeline.rows import OUTPUT_SCHEMA, Status
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
@@ -127,7 +127,6 @@ class AnswerAPI:
         self.geometry = geometry
         self.model = model
         self.token = config.serve.token.get_secret_value().encode() if config.serve.token else b""
-        self.split = SplitPage(geometry)
         self.render_lock = asyncio.Lock()  # one sandboxed renderer per process
 
     @api.get("/healthz")
@@ -213,19 +212,7 @@ class AnswerAPI:
 
     def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[dict[str, Any]]:
         """The batch pipeline's rasterize and split stages, on one uploaded document."""
-        digest = hashlib.sha256(data).hexdigest()
-        document = {
-            "uri": file_name,
-            "file_size": len(data),
-            "source_version": digest,
-            "etag": "",
-            "version_id": "",
-            "sha256": digest,
-            "data": data,
-            "status": Status.OK.value,
-            "error": "",
-        }
-        return [self.split(page) for page in RasterizeDocument(config, self.geometry)(document)]
+        return DocumentPages(config, self.geometry).split_pages(document_of_bytes(file_name, data))
 
 
 def build_app(config: JobConfig) -> serve.Application:

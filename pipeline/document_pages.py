@@ -66,4 +66,9 @@ class DocumentPages:
         self.split = SplitPage(geometry)
 
     def __call__(self, listed: pa.Table) -> pa.Table:
-        return page_table([self.split(page) for ref in listed.to_pylist() for page in self.rasterize(self.read(ref))])
+        return page_table([page for ref in listed.to_pylist() for page in self.split_pages(self.read(ref))])
+
+    def split_pages(self, document: dict[str, Any]) -> list[dict[str, Any]]:
+        """A read document's split page rows (or the one row saying why it has none); the online endpoint
+        runs this on uploads."""
+        return [self.split(page) for page in self.rasterize(document)]

@@ -66,6 +66,23 @@ class DocumentListing(Datasource):
         return [ReadTask(self._blocks, metadata, schema=REF_SCHEMA, per_task_row_limit=per_task_row_limit)]
 
 
+def document_of_bytes(uri: str, data: bytes) -> dict[str, Any]:
+    """A document that arrived as bytes (an upload), as the read stage would hand it on: its content hash
+    stands for its version."""
+    digest = hashlib.sha256(data).hexdigest()
+    return {
+        "uri": uri,
+        "file_size": len(data),
+        "source_version": digest,
+        "etag": "",
+        "version_id": "",
+        "sha256": digest,
+        "data": data,
+        "status": Status.OK.value,
+        "error": "",
+    }
+
+
 def _too_large(size: int, limit: int) -> dict[str, str]:
     return {"status": Status.FILE_TOO_LARGE.value, "error": f"file is {size} bytes, over limits.max_file_bytes={limit}"}
 

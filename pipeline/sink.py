@@ -63,7 +63,8 @@ class RunWriter:
         self.filesystem, root = filesystem_for(output, storage)
         self.directory = run_directory(root, run_date, run_id)
         self.rows_per_file = rows_per_file
-        for record in committed_runs(output, storage):
+        self.committed = committed_runs(output, storage)  # the runs already committed under output
+        for record in self.committed:
             if record["run_id"] == run_id:
                 raise RunExistsError(f"run {run_id!r} is already committed in {record['directory']}; pick another id")
         self.files: list[str] = []
@@ -147,14 +148,19 @@ def committed_runs(output: str, storage: StorageConfig | None = None) -> list[di
 
 
 def read_committed(
-    output: str, run_id: str | None = None, storage: StorageConfig | None = None, columns: list[str] | None = None
+    output: str,
+    run_id: str | None = None,
+    storage: StorageConfig | None = None,
+    columns: list[str] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> pa.Table:
-    """Rows of the committed runs (or of one), never of an uncommitted run."""
+    """Rows of the committed runs (or of one), never of an uncommitted run. ``records``: the runs'
+    records when the caller has just listed them (``committed_runs``), so they are not listed again."""
     filesystem, _ = filesystem_for(output, storage or StorageConfig())
     schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(name) for name in columns])
     paths = [
         f"{record['directory']}/{name}"
-        for record in committed_runs(output, storage)
+        for record in (committed_runs(output, storage) if records is None else records)
         if run_id is None or record["run_id"] == run_id
         for name in record["files"]
     ]

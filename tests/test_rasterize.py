@@ -8,7 +8,7 @@ import pytest
 
 from jobs.samples import invoice_pdf
 from pipeline.config import StorageConfig, load_config
-from pipeline.documents import ReadDocument
+from pipeline.documents import ReadDocument, document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import Status
@@ -39,9 +39,7 @@ def _pdf(pages: int, size=(612, 792), **save) -> bytes:
 
 
 def _rasterize(data: bytes, config) -> list[dict]:
-    row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "h", "data": data, "status": "ok", "error": ""}
-    row.update(etag="", version_id="", source_version="")
-    return RasterizeDocument(config, GEOMETRY)(row)
+    return RasterizeDocument(config, GEOMETRY)(document_of_bytes("/x/doc.pdf", data))
 
 
 @pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])

@@ -14,6 +14,7 @@ import pytest
 from jobs.cli import main
 from jobs.samples import invoice_pdf
 from pipeline.config import load_config
+from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import DocumentError, RasterizeDocument
 from pipeline.rows import Status
@@ -33,9 +34,7 @@ def _config(pages="first", **sections):
 
 
 def _rasterize(data: bytes, config) -> list[dict]:
-    row = {"uri": "/x/doc.pdf", "file_size": len(data), "sha256": "", "data": data, "status": "ok", "error": ""}
-    row.update(etag="", version_id="", source_version="")
-    return RasterizeDocument(config, GEOMETRY)(row)
+    return RasterizeDocument(config, GEOMETRY)(document_of_bytes("/x/doc.pdf", data))
 
 
 def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> None:
