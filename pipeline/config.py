@@ -230,10 +230,11 @@ class JobConfig(_Strict):
 
     def fingerprint(self) -> str:
         """What the answers depend on (questions, model, rendering): a document is processed again when it
-        changes. Limits, actors, storage and budgets do not change answers and are left out."""
+        changes. Limits, actors, storage, budgets and model.prefix_cache (the same answers, faster) do not
+        change answers and are left out."""
         relevant = {
             "questions": [question.model_dump(mode="json") for question in self.questions],
-            "model": self.model.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json", exclude={"prefix_cache"}),
             "render": {"backend": self.render.backend, "image_splitting": self.render.image_splitting},
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

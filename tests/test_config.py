@@ -90,6 +90,21 @@ def test_cli_style_overrides_reach_nested_fields(tmp_path: Path) -> None:
         load_config(path, {"questions.7.text": "x"})
 
 
+def test_fingerprint_changes_with_what_answers_depend_on_only() -> None:
+    base = {"input": "in", "output": "out", "questions": [{"id": "q", "text": "Total?"}]}
+    fingerprint = load_config(None, base).fingerprint()
+    same_answers = ["model.prefix_cache=false", "actors.batch_size=16", "limits.document_timeout_s=10"]
+    for assignment in same_answers:
+        field, value = assignment.split("=")
+        assert load_config(None, {**base, field: value}).fingerprint() == fingerprint, assignment
+    for field, value in [
+        ("model.id", "other/model"),
+        ("questions.0.text", "Due?"),
+        ("render.image_splitting", "false"),
+    ]:
+        assert load_config(None, {**base, field: value}).fingerprint() != fingerprint, field
+
+
 def test_unreadable_and_non_mapping_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
