@@ -1,21 +1,41 @@
 # docqa: `make demo` and `make test` work from a fresh clone; each sets up what it needs first.
 PYTHON ?= python3
-# The CPU build of torch, installed before anything that depends on it (else pip pulls the CUDA build, several GB).
+# Every package of the CPU development/CI environment, pinned with hashes (`make lock` upgrades it on purpose).
+LOCK := requirements-lock.txt
+# Where the CPU build of torch comes from when locking (a local wheel here; else PyTorch's CPU index).
+TORCH_FIND_LINKS ?= /opt/wheels
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+LATEST := .venv-latest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test demo bench bench-gpu bench-s3 bench-corpus lint clean
+.PHONY: setup poppler test test-latest lock demo bench bench-gpu bench-s3 bench-corpus lint clean
 
-$(INSTALLED): pyproject.toml
+# Exactly the lock (hash-checked, no resolution), then docqa itself without its dependencies.
+$(INSTALLED): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $@
+
+# Re-resolve every package to the newest versions pyproject.toml allows and write the lock.
+lock: $(INSTALLED)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bnb --upgrade --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
+		--index-url https://pypi.org/simple --custom-compile-command "make lock" -o $(LOCK)
+
+# The whole suite against the newest versions pyproject.toml allows, in its own venv: drift shows up here
+# as a failing command, not as a broken fresh clone. What it resolved: $(LATEST)/resolved.txt.
+test-latest: poppler
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,bnb]"
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/resolved.txt
+	$(LATEST)/bin/python -m pytest -p no:cacheprovider
 
 poppler:
 	@command -v pdftoppm >/dev/null 2>&1 || { \
@@ -41,9 +61,10 @@ demo: setup $(DEMO)/tiny-idefics2/config.json
 bench: setup
 	$(BIN)/python -m bench.report
 
-# Full-size Idefics2-8B architecture, random weights, bf16, on a GPU machine.
+# Full-size Idefics2-8B architecture, random weights, bf16, on a GPU machine; one JSON per section in bench-gpu/.
 bench-gpu: setup
-	$(BIN)/python -m bench.gpu --json bench-gpu.json
+	test -d .bench-pages || $(BIN)/python -m bench.gpu pages .bench-pages
+	$(BIN)/python -m bench.gpu run --pages-dir .bench-pages --out bench-gpu
 
 bench-corpus: setup
 	$(BIN)/python -m bench.corpus
@@ -56,4 +77,4 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) $(LATEST) .pytest_cache .ruff_cache

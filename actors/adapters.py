@@ -19,10 +19,12 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
-from pipeline.images import ImageGeometry, ModelLoadError, PixelNormalizer, model_load_hint
+from pipeline.images import ImageGeometry, ModelLoadError, model_load_hint
 
 END_OF_UTTERANCE = "<end_of_utterance>"
+ENCODER_IMAGES = 40  # sub-images per vision-encoder call (8 split pages): bounds its activations
 # Both families are prompted alike: the instruct turn, or the base models' Question/Answer frame.
 PROMPT_FORMATS = {
     "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
@@ -151,14 +153,60 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
     return [token for token, text in enumerate(texts) if "\n" in text]
 
 
+class PixelNormalizer:
+    """uint8 sub-images -> pixel_values and pixel_attention_mask on the model's device: rescale, normalize
+    and zero padding, bit-identical to the Idefics processors. A per-channel table of the 256 uint8 levels is
+    computed with the processors' own float64-then-float32 arithmetic and looked up on the device, so pages
+    cross to the GPU as uint8 (a quarter of float32) and the CPU does no per-pixel arithmetic."""
+
+    def __init__(self, geometry: ImageGeometry, device: torch.device) -> None:
+        levels = (np.arange(256, dtype=np.float64) * geometry.rescale_factor).astype(np.float32)
+        mean = np.array(geometry.mean, dtype=np.float32)[:, None]
+        std = np.array(geometry.std, dtype=np.float32)[:, None]
+        table = ((levels[None, :] - mean) / std).astype(np.float32)  # (3, 256)
+        self.device = device
+        self.table = torch.from_numpy(table).to(device)
+
+    def batch(self, pages: list[list[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages of (H, W, 3) uint8 sub-images -> pixel_values (pages, images, 3, H, W) float32 and the
+        pixel mask (pages, images, H, W), zero padded to the largest, on the device."""
+        count = max(len(images) for images in pages)
+        height = max(image.shape[0] for images in pages for image in images)
+        width = max(image.shape[1] for images in pages for image in images)
+        pixels = np.zeros((len(pages), count, height, width, 3), dtype=np.uint8)
+        mask = np.zeros((len(pages), count, height, width), dtype=bool)
+        for i, images in enumerate(pages):
+            for j, image in enumerate(images):
+                h, w = image.shape[:2]
+                pixels[i, j, :h, :w] = image
+                mask[i, j, :h, :w] = True
+        pixels_on_device, mask_on_device = (self._to_device(torch.from_numpy(array)) for array in (pixels, mask))
+        pixels_on_device = pixels_on_device.permute(0, 1, 4, 2, 3)  # (pages, images, 3, H, W)
+        values = torch.empty(pixels_on_device.shape, dtype=torch.float32, device=self.device)
+        for i in range(len(pages)):  # a page and a channel at a time: the int64 indices stay small
+            for channel in range(3):
+                values[i, :, channel] = torch.take(self.table[channel], pixels_on_device[i, :, channel].long())
+        values.masked_fill_(~mask_on_device[:, :, None], 0.0)
+        return values, mask_on_device
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host to device; from pinned memory on a GPU, so the copy does not wait on pageable memory."""
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+
 class ModelAdapter(ABC):
     """One model family behind the interface the pipeline uses: ``load``, ``prompt``, ``answer``.
 
-    Subclasses prepare inputs (``prompt``, ``_encode``, ``_generation_inputs``) and name their model class;
-    generation, decoding, batching and memory handling are shared."""
+    Subclasses prepare inputs (``prompt``, ``tokenize``, ``_encode``, ``_generation_inputs``) and name their
+    model class; families whose decoding needs nothing but the KV cache (``_decode_step``) are decoded with
+    continuous batching (``actors.decoding``), the others with transformers' ``generate``. Batching, memory
+    handling, stop rules and confidences are shared."""
 
     info: ClassVar[FamilyInfo]
     model_class: ClassVar[str]  # transformers class that loads the checkpoint
+    slot_decoding: ClassVar[bool] = False  # whether ``_decode_step`` is implemented
 
     def __init__(self, model: Any, processor: Any, geometry: ImageGeometry, model_config: ModelConfig) -> None:
         """From a loaded model and processor (the benchmarks build full-size models in memory); ``load``
@@ -169,7 +217,7 @@ class ModelAdapter(ABC):
         self.device = next(model.parameters()).device
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.normalizer = PixelNormalizer(geometry)
+        self.normalizer = PixelNormalizer(geometry, self.device)
         self.prompt_format = self.resolve_prompt_format(model_config, processor)
         self.stop_at_newline = (
             self.prompt_format == "raw" if model_config.stop_at_newline is None else model_config.stop_at_newline
@@ -178,6 +226,18 @@ class ModelAdapter(ABC):
         self.stop_token_ids = sorted(set(stop + (newline_token_ids(self.tokenizer) if self.stop_at_newline else [])))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.decoder = (
+            SlotDecoder(
+                self._decode_step,
+                self._kv_shapes(),
+                self.model.dtype,
+                self.device,
+                model_config.cuda_graphs,
+                model_config.decode_slots,
+            )
+            if self.slot_decoding and model_config.continuous_batching
+            else None
+        )
 
     @classmethod
     def load(cls, model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
@@ -208,9 +268,38 @@ class ModelAdapter(ABC):
         """Image features of each page (its sub-images through the vision encoder and perceiver)."""
 
     @abstractmethod
-    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
-        """``generate`` keyword arguments for prompts, prompt i about the page whose image features are
-        ``features[pages[i]]``; ``input_ids`` among them."""
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        """The token ids of each prompt, as the family's processor lays them out (image tokens included)."""
+
+    @abstractmethod
+    def _generation_inputs(
+        self, token_lists: list[list[int]], pages: list[int], features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """Model keyword arguments for tokenized prompts, prompt i about the page whose image features are
+        ``features[pages[i]]``: ``input_ids`` and ``attention_mask`` (left padded), and ``cache`` when a
+        prefix of them is already in one."""
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Next-token logits of one token per row from the KV cache alone (families with ``slot_decoding``)."""
+        raise NotImplementedError
+
+    def _kv_shapes(self) -> list[tuple[int, int]]:
+        """(key/value heads, head dim) of each language-model layer."""
+        text = self.model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return [(text.num_key_value_heads, head_dim)] * text.num_hidden_layers
+
+    def left_padded(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask of token lists, left padded, on the device."""
+        width = max(len(tokens) for tokens in token_lists)
+        input_ids = torch.full((len(token_lists), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, tokens in enumerate(token_lists):
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            attention_mask[row, width - len(tokens) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
 
     @torch.inference_mode()
     def encode_pages(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
@@ -221,30 +310,41 @@ class ModelAdapter(ABC):
             groups[max(image.shape[0] for image in images), max(image.shape[1] for image in images)].append(index)
         features: list[torch.Tensor | None] = [None] * len(pages)
         for indices in groups.values():
-            encoded = split_on_out_of_memory(self._encode, [pages[i] for i in indices])
-            for index, page_features in zip(indices, encoded, strict=True):
-                features[index] = page_features
+            pages_per_call = max(1, ENCODER_IMAGES // max(len(pages[i]) for i in indices))
+            for first in range(0, len(indices), pages_per_call):
+                chunk = indices[first : first + pages_per_call]
+                encoded = split_on_out_of_memory(self._encode, [pages[i] for i in chunk])
+                for index, page_features in zip(chunk, encoded, strict=True):
+                    features[index] = page_features
         return [page_features for page_features in features if page_features is not None]
 
     def pixel_batch(self, pages: list[list[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         """pixel_values (pages, images, 3, H, W) in the model's dtype and the pixel mask, on the device."""
         values, mask = self.normalizer.batch(pages)
-        return torch.from_numpy(values).to(self.device, self.model.dtype), torch.from_numpy(mask).to(self.device)
+        return values.to(self.model.dtype), mask
+
+    def _answer_of(self, tokens: list[int], probabilities: list[float], model_ms: float) -> Answer:
+        """Decode generated tokens up to the first stop token (included in the count)."""
+        length = next((i + 1 for i, token in enumerate(tokens) if token in self.stop_token_ids), len(tokens))
+        text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        if self.stop_at_newline:
+            text = text.split("\n", 1)[0]
+        return Answer(text.strip(), length, float(np.mean(probabilities[:length])), model_ms)
 
     @torch.inference_mode()
     def generate(
         self,
-        prompts: list[str],
+        token_lists: list[list[int]],
         pages: list[int],
         features: list[torch.Tensor],
         max_new_tokens: int,
         fixed_length: bool = False,
     ) -> list[Answer]:
-        """Greedy batched generation, prompt i about page ``pages[i]`` from its precomputed image features;
-        decodes new tokens only. ``fixed_length`` forces max_new_tokens tokens (benchmarks of random-weight
-        models, which never stop)."""
+        """transformers' batched greedy ``generate``, prompt i about page ``pages[i]`` from its precomputed
+        image features; decodes new tokens only. ``fixed_length`` forces max_new_tokens tokens (benchmarks of
+        random-weight models, which never stop)."""
         started = time.perf_counter()
-        inputs = self._generation_inputs(prompts, pages, features)
+        inputs = self._generation_inputs(token_lists, pages, features)
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -258,34 +358,86 @@ class ModelAdapter(ABC):
         elapsed_ms = (time.perf_counter() - started) * 1000
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         step_logits = torch.stack(output.logits, dim=1).float()  # (batch, steps, vocab)
-        token_probs = step_logits.softmax(-1).gather(-1, new_tokens[:, :, None]).squeeze(-1).cpu()
-        answers = []
-        for row, tokens in enumerate(new_tokens.cpu().tolist()):
-            length = next((i + 1 for i, token in enumerate(tokens) if token in self.stop_token_ids), len(tokens))
-            text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
-            if self.stop_at_newline:
-                text = text.split("\n", 1)[0]
-            answers.append(Answer(text.strip(), length, float(token_probs[row, :length].mean()), elapsed_ms))
-        return answers
+        token_probs = step_logits.softmax(-1).gather(-1, new_tokens[:, :, None]).squeeze(-1).cpu().tolist()
+        return [
+            self._answer_of(tokens, probabilities, elapsed_ms)
+            for tokens, probabilities in zip(new_tokens.cpu().tolist(), token_probs, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def _prefill(self, inputs: dict[str, Any]) -> Prefilled:
+        """The first step of ``generate``: the prompts' tokens not yet in ``inputs``' cache through the model
+        (position ids follow the attention mask), their KV cache and next-token logits."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        cache = inputs.get("cache")
+        cached = cache.get_seq_length() if cache is not None else 0
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask", "cache")}
+        output = self.model(
+            input_ids=input_ids[:, cached:],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, cached:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return Prefilled(output.cache, attention_mask, output.logits[:, -1].float())
+
+    def decode_in_slots(
+        self, token_lists: list[list[int]], prompts: list[Prompt], features: list[torch.Tensor], fixed_length: bool
+    ) -> list[Answer]:
+        """Continuous batching (``actors.decoding``) of tokenized prompts, each to its own length cap."""
+        requests = [
+            DecodeRequest(len(tokens), prompt.max_new_tokens, prompt.max_new_tokens if fixed_length else 0)
+            for tokens, prompt in zip(token_lists, prompts, strict=True)
+        ]
+
+        def prefill(indices: list[int]) -> Prefilled:
+            pages = [prompts[i].page for i in indices]
+            return self._prefill(self._generation_inputs([token_lists[i] for i in indices], pages, features))
+
+        if self.decoder is None:
+            raise RuntimeError("continuous batching is off (model.continuous_batching) or not supported by this family")
+        decoded = self.decoder.run(requests, prefill, self.stop_token_ids)
+        return [self._answer_of(d.tokens, d.probabilities, d.milliseconds) for d in decoded]
+
+    def _uses_slots(self, token_lists: list[list[int]], prompts: list[Prompt]) -> bool:
+        """Continuous batching, unless an answer could reach past the model's sliding attention window
+        (there each row would see more than the model was built to)."""
+        if self.decoder is None:
+            return False
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        longest = max(len(tokens) for tokens in token_lists) + max(prompt.max_new_tokens for prompt in prompts)
+        return window is None or longest <= window
 
     def answer(self, pages: list[list[np.ndarray]], prompts: list[Prompt], fixed_length: bool = False) -> list[Answer]:
         """Answer every prompt (in order) about its page; each page goes through the vision encoder once.
-        Prompts with the same length cap share one generate call (split in halves if it runs out of memory)."""
+        With continuous batching all prompts are decoded together, each to its own length; else prompts
+        with the same length cap share one ``generate`` call. Either way a batch that runs out of GPU memory
+        is answered in halves."""
+        if not prompts:
+            return []
         started = time.perf_counter()
         features = self.encode_pages(pages)
         encode_ms_per_page = (time.perf_counter() - started) * 1000 / max(len(pages), 1)
-        by_length: dict[int, list[int]] = defaultdict(list)
+        token_lists = self.tokenize([prompt.text for prompt in prompts])
+        slots = self._uses_slots(token_lists, prompts)
+
+        def run(chunk: list[int]) -> list[Answer]:
+            chunk_tokens, chunk_prompts = [token_lists[i] for i in chunk], [prompts[i] for i in chunk]
+            if slots:
+                return self.decode_in_slots(chunk_tokens, chunk_prompts, features, fixed_length)
+            pages = [prompt.page for prompt in chunk_prompts]
+            return self.generate(chunk_tokens, pages, features, chunk_prompts[0].max_new_tokens, fixed_length)
+
+        groups: dict[int, list[int]] = defaultdict(list)  # generate: one call per length cap
         for index, prompt in enumerate(prompts):
-            by_length[prompt.max_new_tokens].append(index)
+            groups[0 if slots else prompt.max_new_tokens].append(index)
         answers: list[Answer | None] = [None] * len(prompts)
-        for max_new_tokens, indices in by_length.items():
-            group = split_on_out_of_memory(
-                lambda chunk, n=max_new_tokens: self.generate(
-                    [prompts[i].text for i in chunk], [prompts[i].page for i in chunk], features, n, fixed_length
-                ),
-                indices,
-            )
-            for index, answer in zip(indices, group, strict=True):
+        for indices in groups.values():
+            for index, answer in zip(indices, split_on_out_of_memory(run, indices), strict=True):
                 answers[index] = Answer(
                     answer.text, answer.generated_tokens, answer.confidence, answer.model_ms + encode_ms_per_page
                 )

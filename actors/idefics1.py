@@ -3,7 +3,9 @@ cross-attend to the image instead of reading image tokens. No image splitting: o
 
 The prompt is the one IdeficsProcessor builds from ["User:", image, "question<end_of_utterance>",
 "\\nAssistant:"] (the model card's, with add_end_of_utterance_token=False); the page goes through the vision
-encoder and perceiver once and every question reuses the result as ``perceiver_embeddings``.
+encoder once and every question reuses its output as ``image_encoder_embeddings``. (The perceiver runs
+in every step: since transformers 5.24 the model feeds its own image outputs back at each decoding step as
+encoder embeddings, so handing it perceiver outputs would resample them twice.)
 """
 
 from __future__ import annotations
@@ -42,25 +44,26 @@ class IdeficsAdapter(ModelAdapter):
 
     def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
         values, _ = self.pixel_batch(pages)
-        model = self.model.model
-        hidden = model.vision_model(pixel_values=values.flatten(0, 1)).last_hidden_state
-        if self.model.config.use_resampler:
-            hidden = model.perceiver_resampler(hidden)
+        hidden = self.model.model.vision_model(pixel_values=values.flatten(0, 1)).last_hidden_state
         return list(hidden.unflatten(0, values.shape[:2]))  # per page: (1 image, tokens, hidden)
 
-    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    def _generation_inputs(
+        self, token_lists: list[list[int]], pages: list[int], features: list[torch.Tensor]
+    ) -> dict[str, Any]:
         from transformers.models.idefics.processing_idefics import (
             image_attention_mask_for_packed_input_ids,
             incremental_to_binary_attention_mask,
         )
 
-        inputs = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-        incremental, _ = image_attention_mask_for_packed_input_ids(inputs["input_ids"], self.tokenizer, "pt")
+        input_ids, attention_mask = self.left_padded(token_lists)
+        incremental, _ = image_attention_mask_for_packed_input_ids(input_ids.cpu(), self.tokenizer, "pt")
         image_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=1)
-        embeddings = "perceiver_embeddings" if self.model.config.use_resampler else "image_encoder_embeddings"
         return {
-            "input_ids": inputs["input_ids"].to(self.device),
-            "attention_mask": inputs["attention_mask"].to(self.device),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "image_attention_mask": image_mask.to(self.device),
-            embeddings: torch.stack([features[page] for page in pages]),
+            "image_encoder_embeddings": torch.stack([features[page] for page in pages]),
         }

@@ -42,25 +42,35 @@ class Idefics2Adapter(ModelAdapter):
         # The prompt text expands <image> into 5 or 1 image blocks; it must agree with our split stage.
         self.processor.image_processor.do_image_splitting = self.geometry.splitting
 
+    slot_decoding = True  # image tokens are read at prefill; decoding needs only the KV cache
+
     def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
         values, mask = self.pixel_batch(pages)
         return list(self.model.model.get_image_features(pixel_values=values, pixel_attention_mask=mask).pooler_output)
 
-    def _generation_inputs(self, prompts: list[str], pages: list[int], features: list[torch.Tensor]) -> dict[str, Any]:
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        return self.processor(text=prompts)["input_ids"]
+
+    def _generation_inputs(
+        self, token_lists: list[list[int]], pages: list[int], features: list[torch.Tensor]
+    ) -> dict[str, Any]:
         if self.prefix_cache and len(set(pages)) < len(pages):  # some page has several questions to share it
-            token_lists = self.processor(text=prompts)["input_ids"]
             shared = shared_prefix_length(token_lists)
             if all(self.model.config.image_token_id not in tokens[shared:] for tokens in token_lists):
                 return self._prefilled_inputs(token_lists, shared, pages, features)
-        inputs = self.processor(text=prompts, padding=True, return_tensors="pt").to(self.device)
-        return {**inputs, "mm_encoder_outputs": image_outputs([features[page] for page in pages])}
+        input_ids, attention_mask = self.left_padded(token_lists)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_encoder_outputs": image_outputs([features[page] for page in pages]),
+        }
 
     def _prefilled_inputs(
         self, token_lists: list[list[int]], shared: int, pages: list[int], features: list[torch.Tensor]
     ) -> dict[str, Any]:
         """Run the shared prefix once per page, then lay each prompt out as prefix | padding | its own tokens
         with the prefix's KV cache copied to it. Position ids follow the attention mask, so every prompt
-        sees the positions it has when left padded; ``generate`` reads only the tokens past the cache."""
+        sees the positions it has when left padded; the model reads only the tokens past the cache."""
         distinct = sorted(set(pages))
         prefix = torch.tensor(token_lists[0][:shared])
         prefix_ids = prefix.repeat(len(distinct), 1).to(self.device)
@@ -71,21 +81,20 @@ class Idefics2Adapter(ModelAdapter):
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = prefilled.past_key_values
+        cache = prefilled.cache
         cache.batch_select_indices(torch.tensor([distinct.index(page) for page in pages], device=self.device))
-        width = max(len(tokens) for tokens in token_lists)
-        input_ids = torch.full((len(token_lists), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        input_ids[:, :shared], attention_mask[:, :shared] = prefix, 1
-        for row, tokens in enumerate(token_lists):
-            own = len(tokens) - shared
-            input_ids[row, width - own :] = torch.tensor(tokens[shared:])
-            attention_mask[row, width - own :] = 1
-        return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "past_key_values": cache,
-        }
+        own, own_mask = self.left_padded([tokens[shared:] for tokens in token_lists])
+        input_ids = torch.cat([prefix_ids[:1].expand(len(token_lists), -1), own], dim=1)
+        attention_mask = torch.cat([torch.ones_like(input_ids[:, :shared]), own_mask], dim=1)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        hidden = self.model.model.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
 
 
 def image_outputs(features: list[torch.Tensor]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from bench import tiny_model
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "format-corpus"

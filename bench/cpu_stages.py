@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "format-corpus"
 # Idefics2-8B's image processor (HuggingFaceM4/idefics2-8b/preprocessor_config.json).
 IDEFICS2_8B_GEOMETRY = {

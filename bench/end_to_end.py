@@ -16,7 +16,6 @@ from pathlib import Path
 
 from bench import tiny_model
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}

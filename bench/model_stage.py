@@ -26,10 +26,8 @@ from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
 from bench import tiny_model
 from bench.naive import chat_prompt, reference_answer
-from jobs.samples import PAGE_SIZES, invoice_pdf
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry, image_geometry, split_page
-from pipeline.rasterize import open_pdf
 
 QUESTIONS = [
     "What is the invoice number?",
@@ -78,6 +76,9 @@ class StageResult:
 
 def sample_pages(count: int, longest_edge: int) -> list[np.ndarray]:
     """``count`` rendered invoice pages of mixed sizes (letter, A4, A4 landscape)."""
+    from jobs.samples import PAGE_SIZES, invoice_pdf  # PyMuPDF: imported here, bench.gpu runs without it
+    from pipeline.rasterize import open_pdf
+
     sizes = list(PAGE_SIZES.values())
     pages = []
     for number in range(count):

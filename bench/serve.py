@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 
 from bench import free_port, tiny_model
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOKEN = "bench-token"

@@ -171,7 +171,7 @@ def build_page_dataset(
 
     listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger)
     return ray.data.read_datasource(listing).map_batches(
-        DocumentPages(config, geometry, ledger if config.budget.max_pages else None),
+        DocumentPages(config, geometry, ledger),
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=1,
@@ -261,6 +261,7 @@ def run_job(
             last_report = time.monotonic()
     log.info("%s", stats.progress_line())
     ledger_report = ray.get(ledger.report.remote())
+    render_isolation = ledger_report.pop("render_isolation")
     ray.kill(ledger)
 
     finished_at = datetime.now(UTC)
@@ -283,6 +284,7 @@ def run_job(
         "versions": package_versions(),
         "counts": stats.counts(),
         "incremental": {"config_fingerprint": config.fingerprint(), **ledger_report},
+        "render_isolation": render_isolation,
     }
     record_path = writer.commit(record)
     return RunSummary(run_id, record_path, stats.counts(), stats.elapsed, ledger_report, dataset.stats())

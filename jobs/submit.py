@@ -33,10 +33,25 @@ def job_client(address: str | None):
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    from ray.exceptions import AuthenticationError
+
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError as error:
+        raise SubmitError(token_error(address, error)) from None
     except Exception as error:  # noqa: BLE001 - connection errors come in several types
         raise SubmitError(f"cannot reach the Ray job server at {address}: {error}") from None
+
+
+def token_error(address: str, error: Exception) -> str:
+    """What to do when the cluster (token authentication, Ray's default) turns docqa away."""
+    problem = "rejected the token docqa sent" if "Authentication failed" in str(error) else "got no token from docqa"
+    return (
+        f"the Ray cluster at {address} {problem}. Give the client the cluster's token, either "
+        "RAY_AUTH_MODE=token with the token in RAY_AUTH_TOKEN or in the file named by RAY_AUTH_TOKEN_PATH, "
+        "or RAY_AUTH_MODE=token with the token in the default token file ~/.ray/auth_token "
+        "(`ray get-auth-token` on the head prints it)"
+    )
 
 
 def _status(client, submission_id: str) -> str | None:

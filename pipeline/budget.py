@@ -1,4 +1,4 @@
-"""Per-run budgets and listing counts, shared by the distributed stages through one small Ray actor."""
+"""Per-run budgets, listing counts and render isolation, shared by the stages through one small Ray actor."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from typing import Any
 
 
 class RunLedger:
-    """Pages left in this run's budget, and what the listing skipped or left for the next run."""
+    """Pages left in this run's budget, what the listing skipped or left for the next run, and the isolation
+    of the render helpers."""
 
     def __init__(self, max_pages: int | None) -> None:
         self.max_pages = max_pages
         self.pages_taken = 0
         self.documents_deferred = 0
         self.listing: dict[str, int] = {"unchanged": 0, "left": 0}
+        self.render_isolation: set[str] = set()
 
     def take_pages(self, pages: int) -> bool:
         """Reserve a whole document's pages; False once the budget cannot hold them (the document waits)."""
@@ -25,12 +27,17 @@ class RunLedger:
     def record_listing(self, unchanged: int, left: int) -> None:
         self.listing = {"unchanged": unchanged, "left": left}
 
+    def record_isolation(self, network: str) -> None:
+        """How a render helper's network was closed (or why not), as it reported on starting."""
+        self.render_isolation.add(network)
+
     def report(self) -> dict[str, Any]:
         return {
             "unchanged_documents": self.listing["unchanged"],
             "left_documents": self.listing["left"],
             "deferred_documents": self.documents_deferred,
             "pages_taken": self.pages_taken,
+            "render_isolation": sorted(self.render_isolation),
         }
 
 

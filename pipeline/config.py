@@ -24,6 +24,8 @@ from pipeline.pages import PageRange, parse_page_selection, selection_contains
 
 DEFAULT_MODEL_ID = "HuggingFaceM4/idefics2-8b"
 TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
+# Model settings that change how fast answers come, not what they are: left out of the fingerprint.
+SPEED_ONLY_MODEL_FIELDS = {"prefix_cache", "continuous_batching", "decode_slots", "cuda_graphs"}
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,23 @@ class ModelConfig(_Strict):
         True,
         description="Read the prompt prefix that every question about a page shares (its image tokens) once per "
         "page and reuse its KV cache for each question (Idefics2; Idefics1 has no image tokens to share).",
+    )
+    continuous_batching: bool = Field(
+        True,
+        description="Decode every question of a batch together, each to its own length, refilling the place of "
+        "a finished answer from those waiting (Idefics2); false: transformers' generate per group of questions "
+        "with the same max_new_tokens, each group running until its longest answer ends.",
+    )
+    decode_slots: int | None = Field(
+        None,
+        ge=1,
+        description="With continuous batching: most answers decoded at once; null: as many as fit in 60% of the "
+        "free GPU memory (at most 256), 64 on a CPU.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="With continuous batching on a CUDA GPU: capture the decoding step once as a CUDA graph and "
+        "replay it (one launch per step instead of thousands).",
     )
 
 
@@ -230,11 +249,11 @@ class JobConfig(_Strict):
 
     def fingerprint(self) -> str:
         """What the answers depend on (questions, model, rendering): a document is processed again when it
-        changes. Limits, actors, storage, budgets and model.prefix_cache (the same answers, faster) do not
-        change answers and are left out."""
+        changes. Limits, actors, storage, budgets and the model's speed settings (the same answers, faster)
+        do not change answers and are left out."""
         relevant = {
             "questions": [question.model_dump(mode="json") for question in self.questions],
-            "model": self.model.model_dump(mode="json", exclude={"prefix_cache"}),
+            "model": self.model.model_dump(mode="json", exclude=SPEED_ONLY_MODEL_FIELDS),
             "render": {"backend": self.render.backend, "image_splitting": self.render.image_splitting},
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

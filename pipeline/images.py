@@ -4,8 +4,8 @@ Idefics2's processor (PIL backend) splits an image into 4 crops plus the whole i
 on, then resizes each so its longest edge is at most ``longest_edge`` and no edge is below
 ``shortest_edge`` (bilinear), then rescales by 1/255, normalizes and pads. Idefics1's processor resizes the
 whole image to a square (bicubic) and never splits. This stage does the split and the resize on the CPU and
-keeps uint8; the actor does the cheap rescale/normalize/pad (``PixelNormalizer``) so that images travel
-through Ray's object store as raw uint8, four times smaller than float32.
+keeps uint8; the actor does the rescale/normalize/pad on its device (``actors.adapters.PixelNormalizer``) so
+that images travel through Ray's object store and to the GPU as raw uint8, four times smaller than float32.
 """
 
 from __future__ import annotations
@@ -168,32 +168,3 @@ class SplitPage:
         if row["image"] is not None:
             out["sub_images"], out["sub_image_shapes"] = pack_images(split_page(row["image"], self.geometry))
         return out
-
-
-class PixelNormalizer:
-    """Rescale + normalize + pad, bit-identical to Idefics2's processor: a per-channel lookup table of the
-    256 possible uint8 values, computed with the processor's own float64-then-float32 arithmetic."""
-
-    def __init__(self, geometry: ImageGeometry) -> None:
-        levels = (np.arange(256, dtype=np.float64) * geometry.rescale_factor).astype(np.float32)
-        mean = np.array(geometry.mean, dtype=np.float32)[:, None]
-        std = np.array(geometry.std, dtype=np.float32)[:, None]
-        self.table = ((levels[None, :] - mean) / std).astype(np.float32)  # (3, 256)
-
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 → (3, H, W) float32."""
-        return self.table[np.arange(3)[:, None, None], image.transpose(2, 0, 1)]
-
-    def batch(self, pages: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """Pages of sub-images → pixel_values (pages, images, 3, H, W) and pixel_attention_mask, zero padded."""
-        count = max(len(images) for images in pages)
-        height = max(image.shape[0] for images in pages for image in images)
-        width = max(image.shape[1] for images in pages for image in images)
-        values = np.zeros((len(pages), count, 3, height, width), dtype=np.float32)
-        mask = np.zeros((len(pages), count, height, width), dtype=np.int64)
-        for i, images in enumerate(pages):
-            for j, image in enumerate(images):
-                h, w = image.shape[:2]
-                values[i, j, :, :h, :w] = self.normalize(image)
-                mask[i, j, :h, :w] = 1
-        return values, mask

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.config import JobConfig, LimitsConfig
 from pipeline.images import ImageGeometry
 from pipeline.rows import DocumentError, Status
-from pipeline.sandbox import SandboxedDocument, SandboxFailure
+from pipeline.sandbox import RenderSandbox, SandboxedDocument, SandboxFailure
 
 PDF_MAGIC = b"%PDF-"
 ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
@@ -178,7 +178,8 @@ class RasterizeDocument:
     def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
         self.config = config
         self.geometry = geometry
-        self.ledger = ledger  # the run's page budget, when it has one
+        self.ledger = ledger  # the run's ledger: its page budget, and how the render helpers are isolated
+        self.isolation_reported: set[int] = set()  # helper processes whose isolation the ledger has
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         base = {
@@ -210,12 +211,19 @@ class RasterizeDocument:
             return [
                 {**base, "status": Status.CORRUPT.value, "error": f"cannot open it: {type(error).__name__}: {error}"}
             ]
+        self._report_isolation(document.sandbox)
         try:
             return self._render_pages(document, {**base, "repaired": document.repaired})
         except SandboxFailure as error:  # out of time: the document fails as a whole, partial pages dropped
             return [{**base, "status": error.status.value, "error": error.reason}]
         finally:
             document.close()
+
+    def _report_isolation(self, sandbox: RenderSandbox) -> None:
+        """Tell the run's ledger how a new helper process was isolated (once per helper)."""
+        if self.ledger is not None and sandbox.process_id not in self.isolation_reported:
+            self.isolation_reported.add(sandbox.process_id)
+            self.ledger.record_isolation.remote(sandbox.isolation["network"])
 
     def _render_pages(self, document: PdfDocument, base: dict[str, Any]) -> list[dict[str, Any]]:
         num_pages = document.num_pages
@@ -228,7 +236,7 @@ class RasterizeDocument:
         if not pages:
             reason = f"no question applies to any of its {num_pages} page(s)"
             return [{**base, "status": Status.NO_APPLICABLE_PAGES.value, "error": reason}]
-        if self.ledger is not None:
+        if self.ledger is not None and self.config.budget.max_pages is not None:
             import ray
 
             if not ray.get(self.ledger.take_pages.remote(len(pages))):

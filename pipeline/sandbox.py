@@ -5,17 +5,32 @@ process keeps one helper (started once, reused across documents) that runs under
 (RLIMIT_AS); every call carries the document's wall-clock deadline. A helper that misses the deadline is
 killed and replaced (the document gets ``timeout``); one that dies or runs out of memory is replaced too
 (``memory_limit`` or ``render_error``). The rest of the run never notices.
+
+The helper is the one process that parses hostile bytes, so it holds nothing worth stealing: it starts with
+a minimal environment (no credentials, tokens or proxy settings), in a private temporary directory, and
+before it reads a byte it sets no-new-privileges and loads a seccomp filter (pyseccomp over libseccomp)
+that refuses every socket but a Unix one, so it can reach no network and no instance-metadata endpoint.
+Where the filter cannot be loaded it logs once that isolation is reduced; every helper reports what was in
+force, and the run record lists it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import logging
 import mmap
 import os
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -27,6 +42,13 @@ from pipeline.rows import DocumentError, Status
 # Shared between the parent and its helper: holds a rendered page up to about 22 megapixels (RGB).
 PIXEL_BUFFER_BYTES = 64 * 1024 * 1024
 SHARED = "shared"
+# The only variables of the worker's environment the helper gets (poppler's pdftoppm is found on PATH).
+PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH")
+START_TIMEOUT_S = 60.0
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_CLOSED = "closed: seccomp refuses every socket but AF_UNIX"
+
+log = logging.getLogger(__name__)
 
 
 class SandboxFailure(Exception):
@@ -42,15 +64,53 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
 
 
+def confine() -> str:
+    """In the helper, before it reads a document: no new privileges, then the network filter. Returns how
+    the network is closed, or why it is not."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    try:
+        import pyseccomp as seccomp
+
+        syscall_filter = seccomp.SyscallFilter(seccomp.ALLOW)
+        refuse = seccomp.ERRNO(errno.EACCES)
+        syscall_filter.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
+        syscall_filter.add_rule(refuse, "io_uring_setup")  # io_uring can open sockets without socket()
+        syscall_filter.load()
+    except Exception as error:  # noqa: BLE001 - no libseccomp, or a kernel or container that refuses filters
+        return f"open: the seccomp filter could not be loaded ({type(error).__name__}: {error})"
+    return SECCOMP_CLOSED
+
+
+def isolation_report(network: str, probe_address: tuple[str, int] | None = None) -> dict[str, Any]:
+    """What the helper itself sees: its environment's names, no-new-privileges, its working directory, and
+    whether a TCP connection (to ``probe_address`` if given) can be made."""
+    try:
+        with socket.create_connection(probe_address or ("127.0.0.1", 9), timeout=2):
+            connect = "connected"
+    except OSError as error:
+        connect = f"refused by the sandbox ({error.strerror})" if error.errno == errno.EACCES else "failed"
+    status = Path("/proc/self/status").read_text()
+    return {
+        "network": network,
+        "connect": connect,
+        "no_new_privileges": "NoNewPrivs:\t1" in status,
+        "environment": sorted(os.environ),
+        "working_directory": os.getcwd(),
+    }
+
+
 def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> None:
     """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...).
-    Rendered pixels go through the shared buffer when they fit (a pipe moves 8 MB pages slowly)."""
+    Rendered pixels go through the shared buffer when they fit (a pipe moves 8 MB pages slowly). The first
+    answer, before any request, is the isolation report."""
+    network = confine()
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     from pipeline.rasterize import open_pdf  # after the cap: the parsers' own memory counts against it
 
     pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
 
     requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    connection.send(("ok", isolation_report(network)))
     document = None
     while True:
         try:
@@ -63,6 +123,8 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
                     document.close()
                 document = open_pdf(*arguments)
                 answer: tuple[Any, ...] = ("ok", (document.num_pages, document.repaired))
+            elif operation == "isolation":
+                answer = ("ok", isolation_report(network, *arguments))
             elif operation == "page_size":
                 answer = ("ok", document.page_size(*arguments))
             elif operation == "render":
@@ -97,31 +159,38 @@ class RenderSandbox:
 
     def _start(self) -> None:
         """A fresh interpreter (never a fork of a multi-threaded Ray worker, nor a re-import of its main
-        module) in its own session, so that killing it also ends any poppler process it started."""
+        module) in its own session, so that killing it also ends any poppler process it started; with a
+        minimal environment and a private temporary directory. Waits for its isolation report."""
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
         pixels_fd = os.memfd_create("docqa-render-pixels")
         os.ftruncate(pixels_fd, PIXEL_BUFFER_BYTES)
         self.pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
+        self.private_dir = tempfile.mkdtemp(prefix="docqa-render-")
+        self._remove_private_dir = weakref.finalize(self, shutil.rmtree, self.private_dir, True)
         code = (
             f"from pipeline.sandbox import serve; "
             f"serve({child_reads}, {child_writes}, {self.memory_bytes}, {pixels_fd})"
         )
-        environment = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
-        }
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
             pass_fds=(child_reads, child_writes, pixels_fd),
             stdin=subprocess.DEVNULL,
-            env=environment,
+            env=helper_environment(self.private_dir),
+            cwd=self.private_dir,
             start_new_session=True,
         )
         for fd in (child_reads, child_writes, pixels_fd):
             os.close(fd)
         self._requests = Connection(parent_writes, readable=False)
         self._connection = Connection(parent_reads, writable=False)
+        self.isolation = self._receive("start", time.monotonic() + START_TIMEOUT_S)
+        if not self.isolation["network"].startswith("closed"):
+            _log_reduced_isolation(self.isolation["network"])
+
+    @property
+    def process_id(self) -> int:
+        return self._process.pid
 
     def _replace(self) -> None:
         try:
@@ -131,12 +200,12 @@ class RenderSandbox:
         self._process.wait(timeout=30)
         self._requests.close()
         self._connection.close()
+        self._remove_private_dir()
         self._start()
 
-    def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
-        """Run one operation in the helper; raises DocumentError as the helper reported it, or SandboxFailure."""
+    def _receive(self, operation: str, deadline: float) -> Any:
+        """The helper's answer by the deadline; a helper that misses it or dies is replaced."""
         try:
-            self._requests.send((operation, arguments))
             ready = self._connection.poll(max(0.0, deadline - time.monotonic()))
         except (BrokenPipeError, OSError):
             ready = True  # the helper is gone; recv below reports it
@@ -147,6 +216,8 @@ class RenderSandbox:
             answer = self._connection.recv()
         except (EOFError, OSError):
             code = self._process.poll()
+            if operation == "start":
+                raise SandboxFailure(Status.RENDER_ERROR, f"the renderer did not start (exit code {code})") from None
             self._replace()
             raise SandboxFailure(
                 Status.RENDER_ERROR, f"the renderer died during {operation} (exit code {code})"
@@ -160,6 +231,33 @@ class RenderSandbox:
         if kind == "exception":
             raise RuntimeError(reason)
         raise DocumentError(Status(kind), reason)
+
+    def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
+        """Run one operation in the helper; raises DocumentError as the helper reported it, or SandboxFailure."""
+        try:
+            self._requests.send((operation, arguments))
+        except (BrokenPipeError, OSError):
+            pass  # the helper is gone; _receive reports it
+        return self._receive(operation, deadline)
+
+
+def helper_environment(private_dir: str) -> dict[str, str]:
+    """The helper's whole environment: a few harmless variables of the worker's, and its private directory
+    as home and temporary directory."""
+    environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
+    return {
+        **environment,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
+        "HOME": private_dir,
+        "TMPDIR": private_dir,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+@functools.cache
+def _log_reduced_isolation(network: str) -> None:
+    """Once per process and reason."""
+    log.warning("render isolation reduced: the helper's network is %s", network)
 
 
 _SANDBOXES: dict[int, RenderSandbox] = {}

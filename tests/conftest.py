@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,13 @@ from jobs.samples import write_samples
 
 # No test may reach the Hugging Face Hub: the default checkpoint must fail fast and clearly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's default, token authentication, for every Ray the tests start (ray.init and `ray start --head`) and
+# every client they run; the token is this session's own, never the user's ~/.ray/auth_token.
+RAY_AUTH_TOKEN_FILE = Path(tempfile.mkdtemp(prefix="docqa-ray-auth-")) / "auth_token"
+RAY_AUTH_TOKEN_FILE.write_text(secrets.token_hex(32))
+atexit.register(shutil.rmtree, RAY_AUTH_TOKEN_FILE.parent, ignore_errors=True)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(RAY_AUTH_TOKEN_FILE))
+os.environ.pop("RAY_AUTH_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Credentials for the loopback S3 server, set before Ray starts so its workers inherit them. Distinctive
 # values, so tests can prove they never reach logs, errors or outputs.

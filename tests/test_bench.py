@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bench.end_to_end import operator_wall_times
-from bench.gpu import run
+from bench.gpu import main
 
 
-def test_gpu_benchmark_runs_on_cpu_with_the_tiny_architecture() -> None:
-    results = run(
-        "tiny", "cpu", pages=3, short_tokens=4, transcribe_tokens=5, transcribe_pages=2, batch_pages=2, naive_limit=4
-    )
-    assert [entry["splitting"] for entry in results["runs"]] == [True, False]
-    for entry in results["runs"]:
-        short = entry["short"]
-        assert short["page_questions"] == 3 * 3 and short["naive_page_questions"] == 4
-        assert short["same_answers"] == 4  # ours and the naive loop give the same greedy answers
-        assert short["ratio"] > 0 and short["peak_gib"] is None  # no GPU memory on a CPU
-        assert entry["prefix_cache"]["same_answers"] == entry["prefix_cache"]["page_questions"] == 3 * 3
-        transcription = entry["transcription"]
+def test_gpu_benchmark_runs_on_cpu_with_the_tiny_architecture(tmp_path: Path) -> None:
+    pages_dir, out = tmp_path / "pages", tmp_path / "out"
+    main(["pages", str(pages_dir), "--count", "3", "--longest-edge", "500"])
+    sections = "short,transcription,engines,prefix,sweep,encoder"
+    arguments = "--architecture tiny --device cpu --pages 3 --batch-pages 2 --naive-limit 4 --short-tokens 4"
+    arguments += " --transcribe-tokens 5 --transcribe-pages 2 --transcribe-batches 2 --sweep-batches 1,2"
+    arguments += f" --encoder-images 5 --varied-rows 3 --sections {sections}"
+    main(["run", "--pages-dir", str(pages_dir), "--out", str(out), *arguments.split()])
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in sections.split(",")}
+    assert all("error" not in result for result in results.values()), results
+    short = results["short"]["runs"]
+    assert [entry["splitting"] for entry in short] == [True, False]
+    for entry in short:
+        assert entry["page_questions"] == 3 * 3 and entry["naive_page_questions"] == 4
+        assert entry["same_answers"] == 4  # ours and the naive loop give the same greedy answers
+        assert entry["ratio"] > 0 and entry["peak_gib"] is None  # no GPU memory on a CPU
+    for run in results["prefix"]["runs"]:
+        assert run["same_answers"] == run["page_questions"]
+    for run in results["transcription"]["runs"]:
         # fixed length: every page gets exactly max_new_tokens tokens
-        assert transcription["tokens_per_s"] * transcription["seconds"] == pytest.approx(2 * 5)
+        assert run["tokens_per_s"] * run["seconds"] == pytest.approx(run["pages"] * 5)
+    for case in ("short", "transcription"):
+        engines = results["engines"][case]["runs"]
+        assert set(engines) == {"generate", "slots", "slots+graphs"}
+        questions = engines["generate"]["same_answers_as_generate"]
+        assert all(engine["same_answers_as_generate"] == questions for engine in engines.values())
+    assert [run["batch_pages"] for run in results["sweep"]["runs"]] == [1, 2]
+    assert results["encoder"]["preparation"]["ratio"] > 0
 
 
 def test_stage_times_are_read_from_ray_data_stats(ray_session) -> None:

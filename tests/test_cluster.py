@@ -19,7 +19,8 @@ from pipeline.sink import committed_runs, read_committed
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A head node in its own process group; its dashboard address is what `docqa submit` talks to."""
+    """A head node in its own process group, with token authentication (conftest sets RAY_AUTH_MODE=token
+    and the session's token file); its dashboard address is what `docqa submit` talks to."""
     temp_dir = tmp_path_factory.mktemp("ray")
     dashboard_port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -121,3 +122,22 @@ def test_stop_and_unknown_ids(ray_cluster: str, capsys) -> None:
     assert "no job 'no-such-job'" in capsys.readouterr().err
     assert main(["status", "x", "--address", "http://127.0.0.1:9"]) == 1
     assert "cannot reach the Ray job server" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("client_environment", "problem"),
+    [({"RAY_AUTH_MODE": "disabled"}, "got no token from docqa"), ({"RAY_AUTH_TOKEN": "x" * 64}, "rejected the token")],
+)
+def test_a_client_without_the_clusters_token_is_told_how_to_give_it(
+    ray_cluster: str, client_environment: dict[str, str], problem: str
+) -> None:
+    command = [sys.executable, "-m", "jobs.cli", "status", "docqa-run-x", "--address", ray_cluster]
+    result = subprocess.run(
+        command, env={**os.environ, **client_environment}, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"docqa: the Ray cluster at {ray_cluster} {problem}"), result.stderr
+    for fix in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN ", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"):
+        assert fix in message
+    assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text() not in result.stderr

@@ -108,9 +108,11 @@ def test_each_family_runs_end_to_end_and_equals_its_reference(
 
 def test_idefics1_pixels_are_bit_identical_to_its_image_processor(models: dict) -> None:
     import numpy as np
+    import torch
     from PIL import Image
 
-    from pipeline.images import PixelNormalizer, split_page
+    from actors.adapters import PixelNormalizer
+    from pipeline.images import split_page
 
     processor = AutoProcessor.from_pretrained(models["idefics"]["id"]).image_processor
     geometry = resolve_image_geometry(ModelConfig(id=models["idefics"]["id"]), RenderConfig())
@@ -118,7 +120,7 @@ def test_idefics1_pixels_are_bit_identical_to_its_image_processor(models: dict) 
     for height, width in [(112, 112), (150, 87), (60, 200), (1000, 707)]:
         page = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         [image] = split_page(page, geometry)
-        ours = PixelNormalizer(geometry).normalize(image)
+        ours = PixelNormalizer(geometry, torch.device("cpu")).batch([[image]])[0][0, 0].numpy()
         expected = processor([Image.fromarray(page)], return_tensors="pt")[0].numpy()
         np.testing.assert_array_equal(ours, expected)
 

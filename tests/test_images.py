@@ -4,15 +4,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
+from actors.adapters import PixelNormalizer
 from pipeline.config import ModelConfig, RenderConfig
 from pipeline.images import (
     ImageGeometry,
     ModelLoadError,
-    PixelNormalizer,
     SplitPage,
     resolve_image_geometry,
     split_page,
@@ -44,12 +45,12 @@ def _geometry_of(processor: Idefics2ImageProcessorPil, splitting: bool) -> Image
 def test_split_stage_matches_idefics2_processor(splitting: bool, sizes: dict[str, int]) -> None:
     processor = Idefics2ImageProcessorPil(do_image_splitting=splitting, size=sizes)
     geometry = _geometry_of(processor, splitting)
-    normalizer = PixelNormalizer(geometry)
+    normalizer = PixelNormalizer(geometry, torch.device("cpu"))
     for seed, (height, width) in enumerate(PAGE_SHAPES):
         page = _page(height, width, seed)
         expected = processor([[Image.fromarray(page)]], return_tensors="np")
         sub_images = split_page(page, geometry)
-        ours, mask = normalizer.batch([sub_images])
+        ours, mask = (tensor.numpy() for tensor in normalizer.batch([sub_images]))
         assert ours.shape == expected["pixel_values"].shape
         np.testing.assert_array_equal(mask, expected["pixel_attention_mask"])
         np.testing.assert_array_equal(ours, expected["pixel_values"])  # bit-identical, padding included

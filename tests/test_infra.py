@@ -2,6 +2,7 @@
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def _load(name: str) -> dict:
 
 
 def _cluster_needs(cluster: dict) -> None:
-    """Head without tasks, GPU workers, the docqa image, the job config mounted on the head."""
+    """Head without tasks, GPU workers, the docqa image, the job config mounted on the head, Ray token
+    authentication through KubeRay's authOptions."""
+    assert cluster["authOptions"] == {"mode": "token"}
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_container = head["template"]["spec"]["containers"][0]
@@ -65,6 +68,11 @@ def test_cronjob_submits_the_nightly_run_to_the_long_lived_cluster() -> None:
     command = pod["containers"][0]["command"]
     assert command[:2] == ["docqa", "submit"] and "--nightly" in command
     assert command[command.index("--address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    # The submitter holds the token KubeRay generated for the cluster (a Secret named after it).
+    environment = {variable["name"]: variable for variable in pod["containers"][0]["env"]}
+    assert environment["RAY_AUTH_MODE"]["value"] == "token"
+    secret = environment["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": cluster["metadata"]["name"], "key": "auth_token"}
     _cluster_needs(cluster["spec"])
 
 
@@ -93,6 +101,11 @@ def test_ray_cluster_config_passes_rays_validation() -> None:
     workers = [node for name, node in raw["available_node_types"].items() if name != raw["head_node_type"]]
     assert workers and all(node["node_config"]["InstanceType"].startswith(("g", "p")) for node in workers)
     assert raw["docker"]["image"].endswith("/docqa:0.1.0")
+    # Token authentication on every node: the mode in every container, ray start under it, the token file.
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    for command in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
+        assert "ray start" not in command or "RAY_AUTH_MODE=token ray start" in command
+    assert raw["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["head"]["unknown_field"] = 1
     with pytest.raises(Exception, match="unknown_field"):
@@ -102,4 +115,23 @@ def test_ray_cluster_config_passes_rays_validation() -> None:
 def test_dockerfile_builds_on_the_ray_gpu_image() -> None:
     dockerfile = (ROOT / "infra/Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-gpu$", dockerfile, re.M)
-    assert "poppler-utils" in dockerfile and 'pip install --no-cache-dir ".[bnb]"' in dockerfile
+    assert "poppler-utils" in dockerfile
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r /tmp/image-lock.txt" in dockerfile
+
+
+def test_the_image_installs_the_lock_less_its_cpu_torch(tmp_path: Path) -> None:
+    """The Dockerfile's own filter, run on the committed lock: every pin but torch survives, hashes included."""
+    dockerfile = (ROOT / "infra/Dockerfile").read_text()
+    command = re.search(r"(awk .*?) > /tmp/image-lock.txt", dockerfile).group(1)
+    lock = (ROOT / "requirements-lock.txt").read_text()
+    image_lock = subprocess.run(command, shell=True, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+    def pins(text: str) -> dict[str, str]:
+        return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", text, re.M))
+
+    locked, image = pins(lock), pins(image_lock)
+    assert locked["torch"].endswith("+cpu") and "torch" not in image
+    assert image == {name: version for name, version in locked.items() if name != "torch"}
+    assert {"bitsandbytes", "transformers", "ray"} <= set(image)
+    torch_entry = re.search(r"^torch==.*?(?=^\S)", lock, re.M | re.S).group(0)
+    assert image_lock.count("--hash=sha256:") == lock.count("--hash=sha256:") - torch_entry.count("--hash=sha256:")

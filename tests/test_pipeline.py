@@ -15,6 +15,7 @@ from pipeline.config import ModelConfig, RenderConfig, load_config
 from pipeline.images import resolve_image_geometry
 from pipeline.rasterize import open_pdf
 from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.sandbox import SECCOMP_CLOSED
 from pipeline.sink import RUN_RECORD, committed_runs, read_committed
 
 JOB = """
@@ -113,6 +114,7 @@ def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
     assert record["run_id"] == "r1" and record["counts"]["rows"] == len(rows)
     assert record["counts"]["documents"] == documents
     assert record["config"]["render"]["backend"] == backend and record["versions"]["transformers"].startswith("5.")
+    assert record["render_isolation"] == [SECCOMP_CLOSED]  # every render helper of the run had its network closed
     assert sum(pq.read_metadata(f"{record['directory']}/{name}").num_rows for name in record["files"]) == len(rows)
 
 

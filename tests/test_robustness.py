@@ -1,7 +1,9 @@
-"""Hostile input: isolation (deadline, memory cap, crashes), limits, passwords, active content, no escapes."""
+"""Hostile input: isolation (deadline, memory cap, crashes, no secrets, no network), limits, passwords,
+active content, no escapes."""
 
 import os
 import signal
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +20,7 @@ from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import DocumentError, RasterizeDocument
 from pipeline.rows import Status
-from pipeline.sandbox import SHARED, RenderSandbox, SandboxFailure
+from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox, SandboxFailure
 from pipeline.sink import committed_runs, read_committed
 from tests.conftest import write_job
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
@@ -64,6 +66,52 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
     assert sandbox.pixels[: shape[0] * shape[1] * 3].min() < 255  # an invoice page, not blank
     with pytest.raises(DocumentError):
         sandbox.call("open", (b"%PDF-1.7 garbage", "pymupdf", ()), time.monotonic() + 30)
+
+
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "docqa-test-secret-do-not-log-9f3a7c",
+    "AWS_SESSION_TOKEN": "session-token-4f1c",
+    "RAY_AUTH_TOKEN": "ray-token-7d2e",
+    "DOCQA_SERVE_TOKEN": "serve-token-1a9b",
+    "HTTPS_PROXY": "http://proxy.internal:3128",
+    "no_proxy": "169.254.169.254",
+}
+
+
+def test_the_render_helper_holds_no_secrets_and_reaches_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    sandbox = RenderSandbox(memory_mb=1024)
+    try:
+        # Read from outside: the helper's environment and kernel status, as the kernel holds them.
+        environ = Path(f"/proc/{sandbox.process_id}/environ").read_bytes()
+        assert not [value for value in SECRETS.values() if value.encode() in environ]
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ.split(b"\0") if entry}
+        assert not names & set(SECRETS) and not [name for name in names if name.startswith(("AWS_", "RAY_"))]
+        status = Path(f"/proc/{sandbox.process_id}/status").read_text()
+        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status  # no-new-privileges, a seccomp filter
+        private = Path(sandbox.private_dir)
+        assert Path(os.readlink(f"/proc/{sandbox.process_id}/cwd")) == private
+        assert private.stat().st_mode & 0o777 == 0o700
+
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(1)
+            address = listener.getsockname()
+            with socket.create_connection(address, timeout=2):  # the listener takes this process's connection
+                listener.accept()[0].close()
+            report = sandbox.call("isolation", (address,), time.monotonic() + 30)
+            with pytest.raises(TimeoutError):  # and nothing from the helper
+                listener.accept()
+        assert report["connect"] == "refused by the sandbox (Permission denied)"
+        assert report["network"] == sandbox.isolation["network"] == SECCOMP_CLOSED
+        assert report["working_directory"] == str(private)
+
+        # It still renders, through the shared pixel buffer.
+        sandbox.call("open", (invoice_pdf(1, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30)
+        buffer, shape = sandbox.call("render", (1, 448), time.monotonic() + 30)
+        assert buffer == SHARED and shape[2] == 3
+    finally:
+        os.killpg(sandbox.process_id, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])

@@ -1,0 +1,80 @@
+"""Continuous batching over a slot KV cache (actors/decoding.py) gives the answers of the naive single-sample
+generate, whatever the slot count, the steps queued between two reads, and the moves of the cache."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from actors.adapters import Prompt
+from actors.families import load_adapter
+from bench.model_stage import sample_pages
+from bench.naive import reference_answer
+from pipeline.config import ModelConfig, RenderConfig
+from pipeline.images import resolve_image_geometry, split_page
+
+QUESTIONS = ["What is the invoice number?", "Total?", "Who is the customer named on this invoice, in full?"]
+
+
+@pytest.fixture(scope="module")
+def pages() -> list[np.ndarray]:
+    return sample_pages(3, 896)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> tuple[object, object]:
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    return processor, AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(
+    ("settings", "sync_steps", "repeats"),
+    [
+        ({"decode_slots": 1}, 1, 1),  # one answer at a time: every answer is its own admission
+        ({"decode_slots": 2}, 8, 3),  # refills while others decode, eight steps per read, cache moved back
+        ({"continuous_batching": False}, None, 1),  # transformers' generate
+        ({"continuous_batching": False, "prefix_cache": False}, None, 1),
+    ],
+)
+def test_answers_equal_single_sample_generate(
+    tiny_model: Path,
+    pages: list[np.ndarray],
+    reference: tuple[object, object],
+    settings: dict[str, object],
+    sync_steps: int | None,
+    repeats: int,
+) -> None:
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32", **settings)
+    geometry = resolve_image_geometry(model_config, RenderConfig())
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    assert (engine.decoder is not None) == (sync_steps is not None)
+    if engine.decoder is not None:
+        engine.decoder.sync_steps = sync_steps
+    lengths = random.Random(0)
+    prompts = [
+        Prompt(page, engine.prompt(question), lengths.choice([5, 40, 60]))
+        for _ in range(repeats)
+        for page in range(len(pages))
+        for question in QUESTIONS
+    ]
+    answers = engine.answer([split_page(page, geometry) for page in pages], prompts)
+
+    processor, model = reference
+    for answer, prompt in zip(answers, prompts, strict=True):
+        expected = reference_answer(processor, model, pages[prompt.page], prompt.text, prompt.max_new_tokens)
+        assert (answer.text, answer.generated_tokens) == expected
+        assert 0.0 < answer.confidence <= 1.0
+    # Some answers stop early at the end-of-answer token, others run to their length cap.
+    assert {answer.generated_tokens for answer in answers} & {5, 40, 60}
+    assert any(answer.generated_tokens < prompt.max_new_tokens for answer, prompt in zip(answers, prompts, strict=True))
+    if engine.decoder is not None:
+        stats = engine.decoder.stats
+        slots = settings["decode_slots"]
+        assert stats["prefills"] >= len(prompts) / slots  # admissions as slots free up, not one batch
+        if sync_steps > 1:
+            assert stats["moves"] >= 1, stats
