@@ -19,9 +19,10 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from actors.checkpoint import ModelLoadError, model_load_hint
 from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
-from pipeline.images import ImageGeometry, ModelLoadError, model_load_hint
+from pipeline.images import ImageGeometry
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 ENCODER_IMAGES = 40  # sub-images per vision-encoder call (8 split pages): bounds its activations

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from actors.adapters import FamilyInfo, ModelAdapter
+from actors.checkpoint import ModelLoadError, model_load_hint
 from actors.idefics1 import IdeficsAdapter
 from actors.idefics2 import Idefics2Adapter
 from pipeline.config import ModelConfig
-from pipeline.images import ImageGeometry, ModelLoadError, model_load_hint
+from pipeline.images import ImageGeometry
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.info.model_type: a for a in [Idefics2Adapter, IdeficsAdapter]}
 FAMILIES: list[FamilyInfo] = [adapter.info for adapter in ADAPTERS.values()]

@@ -17,7 +17,8 @@ from actors.predictor import PageAnswerer
 from pipeline.config import JobConfig, QuestionTemplate
 from pipeline.images import ImageGeometry
 
-PageRequest = tuple[dict[str, Any], list[QuestionTemplate]]  # a split page row and the questions asked of it
+# A split page row and the request's questions by id (the page row names the ones it gets).
+PageRequest = tuple[dict[str, Any], dict[str, QuestionTemplate]]
 
 
 @serve.deployment
@@ -30,7 +31,7 @@ class AnswerModel:
 
     @serve.batch
     async def answer_page(self, requests: list[PageRequest]) -> list[list[dict[str, Any]]]:
-        """One page and its questions per request → that page's output rows. The model runs in a thread so
+        """One page and its request's questions per request → that page's output rows. The model runs in a thread so
         the replica keeps accepting requests (the next batch fills while this one computes)."""
         pages = [page for page, _ in requests]
         questions = [templates for _, templates in requests]

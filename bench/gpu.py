@@ -44,12 +44,13 @@ from PIL import Image
 
 import actors.adapters
 from actors.adapters import ModelAdapter, Prompt, resolve_attention
+from actors.checkpoint import image_geometry
 from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
 from bench.model_stage import QUESTIONS, compare_prefix_cache, measure
 from bench.naive import chat_prompt
 from pipeline.config import ModelConfig
-from pipeline.images import ImageGeometry, image_geometry, split_page
+from pipeline.images import ImageGeometry, split_page
 
 SECTIONS = ("short", "transcription", "engines", "prefix", "sweep", "encoder", "quantization")
 PRICE_PER_GPU_HOUR = 2.69  # $ per H100-hour, for the cost per million pages

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from actors.adapters import ModelAdapter, Prompt
+from actors.checkpoint import image_geometry
 from actors.families import load_adapter
 from actors.idefics2 import Idefics2Adapter
 from actors.tiny import build_random_idefics2
 from bench import tiny_model
 from bench.naive import chat_prompt, reference_answer
 from pipeline.config import ModelConfig
-from pipeline.images import ImageGeometry, image_geometry, split_page
+from pipeline.images import ImageGeometry, split_page
 
 QUESTIONS = [
     "What is the invoice number?",
@@ -77,7 +78,7 @@ class StageResult:
 def sample_pages(count: int, longest_edge: int) -> list[np.ndarray]:
     """``count`` rendered invoice pages of mixed sizes (letter, A4, A4 landscape)."""
     from jobs.samples import PAGE_SIZES, invoice_pdf  # PyMuPDF: imported here, bench.gpu runs without it
-    from pipeline.rasterize import open_pdf
+    from pipeline.pdf import open_pdf
 
     sizes = list(PAGE_SIZES.values())
     pages = []
@@ -202,8 +203,8 @@ def main() -> None:
     parser.add_argument("--batch-pages", type=int, default=4, help="pages per engine call (actors.batch_size)")
     args = parser.parse_args()
 
+    from actors.checkpoint import resolve_image_geometry
     from pipeline.config import RenderConfig
-    from pipeline.images import resolve_image_geometry
 
     torch.manual_seed(0)
     model = tiny_model()

@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
+from actors.checkpoint import ModelLoadError
 from actors.tiny import TINY_FAMILIES
 from jobs.formats import FORMATS, write_result
 from jobs.query import QueryError
 from jobs.submit import SubmitError
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.images import ModelLoadError
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
 

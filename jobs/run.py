@@ -16,11 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.checkpoint import resolve_image_geometry
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
 from pipeline.document_pages import DocumentPages
 from pipeline.documents import DocumentListing
-from pipeline.images import ImageGeometry, resolve_image_geometry
+from pipeline.images import ImageGeometry
 from pipeline.rows import RETRYABLE, Status
 from pipeline.sink import RunWriter, committed_runs, read_committed
 from pipeline.storage import StorageError, check_bucket, check_input, is_s3
@@ -197,7 +198,7 @@ def build_dataset(
         num_gpus=pool.num_gpus_per_actor,
         num_cpus=pool.num_cpus_per_actor,
         batch_size=pool.batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
     )
 
 
@@ -253,7 +254,6 @@ def run_job(
     last_report = time.monotonic()
     dataset = build_dataset(config, geometry, run_id, completed, ledger)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        batch = batch.filter(pc.not_equal(batch.column("status"), Status.DEFERRED.value))
         writer.write(batch)
         stats.add(batch)
         if time.monotonic() - last_report >= progress_interval_s:

@@ -19,11 +19,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError, create_model
 from ray import serve
 
+from actors.checkpoint import resolve_image_geometry
 from actors.serving import AnswerModel
 from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
 from pipeline.document_pages import DocumentPages
 from pipeline.documents import document_of_bytes
-from pipeline.images import ImageGeometry, resolve_image_geometry
+from pipeline.images import ImageGeometry
 from pipeline.rows import OUTPUT_SCHEMA, Status
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
@@ -166,19 +167,13 @@ class AnswerAPI:
         file_name = os.path.basename(upload.filename or "upload.pdf") or "upload.pdf"
         async with self.render_lock:
             pages = await asyncio.to_thread(self._render, config, file_name, data)
-        if len(pages) == 1 and not pages[0]["page_number"]:  # the document as a whole failed
+        if len(pages) == 1 and pages[0]["page_number"] is None:  # the document as a whole failed
             status, error = pages[0]["status"], pages[0]["error"]
             if status == Status.TOO_MANY_PAGES:
                 error += f" (uploads are capped at serve.max_pages={limits.max_pages})"
             raise RequestFailure(413 if status in TOO_LARGE else 422, status, error)
-        page_rows = await asyncio.gather(
-            *(
-                self.model.answer_page.remote(
-                    (page, config.questions_for_page(int(page["page_number"]), int(page["num_pages"])))
-                )
-                for page in pages
-            )
-        )
+        templates = {question.id: question for question in config.questions}
+        page_rows = await asyncio.gather(*(self.model.answer_page.remote((page, templates)) for page in pages))
         request_id = f"serve-{secrets.token_hex(6)}"
         fingerprint = config.fingerprint()
         rows = [{**row, "run_id": request_id, "config_fingerprint": fingerprint} for rows in page_rows for row in rows]

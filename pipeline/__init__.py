@@ -1,1 +1,3 @@
-"""Ray Data stages of docqa: list → read → rasterize → split → (actor) → rows → Parquet."""
+"""The CPU side of docqa's Ray Data plan, as Ray runs it: ``read_datasource(DocumentListing)`` lists the
+documents; one ``map_batches(DocumentPages)`` task per document reads, rasterizes (in the render helper)
+and splits it; the actor pool (actors/predictor.py) answers; the driver's ``RunWriter`` writes Parquet."""

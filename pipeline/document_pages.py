@@ -1,4 +1,5 @@
-"""Stages 2-4 as one Ray Data task per listed document: read → rasterize → split, then one Arrow table.
+"""``DocumentPages``, the ``map_batches`` operator (pyarrow batches, one task per listed document) that
+reads, rasterizes and splits each document and hands the actor pool one Arrow table of split pages.
 
 Ray would fuse the three stages into one task anyway. Running them as one ``map_batches`` lets us build
 the output table ourselves: each page's sub-image buffer (megabytes of raw pixels) is wrapped by Arrow
@@ -17,27 +18,7 @@ from pipeline.config import JobConfig
 from pipeline.documents import ReadDocument
 from pipeline.images import ImageGeometry, SplitPage
 from pipeline.rasterize import RasterizeDocument
-
-# The split stage's rows, as the actor receives them.
-PAGE_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("file_size", pa.int64()),
-        ("source_version", pa.string()),
-        ("etag", pa.string()),
-        ("version_id", pa.string()),
-        ("sha256", pa.string()),
-        ("num_pages", pa.int64()),
-        ("page_number", pa.int64()),
-        ("document_rows", pa.int64()),
-        ("repaired", pa.bool_()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("render_ms", pa.float64()),
-        ("sub_images", pa.binary()),
-        ("sub_image_shapes", pa.list_(pa.int64())),
-    ]
-)
+from pipeline.rows import PAGE_SCHEMA
 
 
 def _wrapped(buffer: np.ndarray) -> pa.Array:
@@ -58,7 +39,7 @@ def page_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class DocumentPages:
-    """Ray Data stage (map_batches, pyarrow): listed documents → their split pages, or the rows saying why not."""
+    """Listed documents → their split pages, or the rows saying why not."""
 
     def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
         self.read = ReadDocument(config.limits, config.storage)

@@ -1,4 +1,6 @@
-"""Stages 1-2: list the input documents (streamed, inside Ray), then read each one's bytes in the pipeline."""
+"""The input side of the plan: ``DocumentListing``, the Ray Data source (``read_datasource``) that lists the
+input documents as it goes, and ``ReadDocument``, which reads each one's bytes inside the per-document
+``map_batches`` task (pipeline/document_pages.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,10 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import LimitsConfig, StorageConfig
-from pipeline.rows import Status
+from pipeline.rows import Status, document_row, failed
 from pipeline.storage import describe_client_error, iter_documents, read_object
 
 REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("version", pa.string())])
-
-
-def file_name_of(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 class DocumentListing(Datasource):
@@ -70,21 +68,11 @@ def document_of_bytes(uri: str, data: bytes) -> dict[str, Any]:
     """A document that arrived as bytes (an upload), as the read stage would hand it on: its content hash
     stands for its version."""
     digest = hashlib.sha256(data).hexdigest()
-    return {
-        "uri": uri,
-        "file_size": len(data),
-        "source_version": digest,
-        "etag": "",
-        "version_id": "",
-        "sha256": digest,
-        "data": data,
-        "status": Status.OK.value,
-        "error": "",
-    }
+    return document_row(uri, len(data), source_version=digest, sha256=digest, data=data)
 
 
-def _too_large(size: int, limit: int) -> dict[str, str]:
-    return {"status": Status.FILE_TOO_LARGE.value, "error": f"file is {size} bytes, over limits.max_file_bytes={limit}"}
+def _too_large(row: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
+    return failed(row, Status.FILE_TOO_LARGE, f"file is {size} bytes, over limits.max_file_bytes={limit}")
 
 
 class ReadDocument:
@@ -95,35 +83,24 @@ class ReadDocument:
         self.limits = limits
         self.storage = storage
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        uri = row["uri"]
-        out = {
-            "uri": uri,
-            "file_size": int(row["size"]),
-            "source_version": row["version"] or "",
-            "etag": row["etag"] or "",
-            "version_id": "",
-            "sha256": "",
-            "data": b"",
-            "status": Status.OK.value,
-            "error": "",
-        }
+    def __call__(self, ref: dict[str, Any]) -> dict[str, Any]:
+        uri = ref["uri"]
+        out = document_row(uri, int(ref["size"]), source_version=ref["version"] or None, etag=ref["etag"] or None)
         limit = self.limits.max_file_bytes
         if out["file_size"] > limit:
-            return {**out, **_too_large(out["file_size"], limit)}
+            return _too_large(out, out["file_size"], limit)
         try:
             read = read_object(uri, self.storage, limit)
         except Exception as error:  # noqa: BLE001 - any storage failure becomes this document's row
-            out.update(status=Status.READ_ERROR.value, error=describe_client_error(error, f"cannot read {uri}"))
-            return out
+            return failed(out, Status.READ_ERROR, describe_client_error(error, f"cannot read {uri}"))
         etag = read.etag or out["etag"]
         out.update(
             file_size=read.size,
             etag=etag,
-            version_id=read.version_id or "",
+            version_id=read.version_id or None,
             source_version=out["source_version"] or etag,  # a URI from a list file learns its version here
         )
         if read.size > limit:
-            return {**out, **_too_large(read.size, limit)}
+            return _too_large(out, read.size, limit)
         out.update(data=read.data, sha256=hashlib.sha256(read.data).hexdigest())
         return out

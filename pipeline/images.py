@@ -1,4 +1,5 @@
-"""Stage 4: split each page into the sub-images the model consumes, exactly as its image processor does.
+"""Split each page into the sub-images the model consumes, exactly as its image processor does (``SplitPage``,
+in the per-document ``map_batches`` task).
 
 Idefics2's processor (PIL backend) splits an image into 4 crops plus the whole image when splitting is
 on, then resizes each so its longest edge is at most ``longest_edge`` and no edge is below
@@ -16,16 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ModelConfig, RenderConfig
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint (or its processor) could not be loaded; the message says how to fix it."""
-
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """The image rules of a checkpoint's processor, resolved once on the driver."""
+    """The image rules of a checkpoint's processor, resolved once on the driver (actors/checkpoint.py)."""
 
     longest_edge: int
     shortest_edge: int
@@ -39,66 +34,6 @@ class ImageGeometry:
     def render_longest_edge(self) -> int:
         """Longest edge worth rendering: the processor keeps ``longest_edge``, per crop when splitting."""
         return self.longest_edge * (2 if self.splitting else 1)
-
-
-def model_load_hint(model_id: str, error: Exception) -> str:
-    return (
-        f"cannot load model {model_id!r}: {type(error).__name__}: {error}\n"
-        "If this machine has no access to the Hugging Face Hub, download the checkpoint elsewhere and pass its "
-        "local directory with --model PATH (or model.id in the config), or build the offline test model with "
-        "`docqa model tiny PATH` and pass --model PATH."
-    )
-
-
-def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
-    """Read the checkpoint's image processor settings; fails fast (before any work) if it cannot be loaded."""
-    from transformers import AutoImageProcessor
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(model.id, revision=model.revision)
-    except Exception as error:
-        raise ModelLoadError(model_load_hint(model.id, error)) from error
-    return image_geometry(processor, render.image_splitting, model.id)
-
-
-def image_geometry(processor: Any, image_splitting: bool | None, model_id: str = "model") -> ImageGeometry:
-    """The geometry of a loaded Idefics2 or Idefics1 image processor; ``image_splitting`` None keeps its
-    setting (Idefics1 has none: asking for it is an error)."""
-    from transformers.image_utils import PILImageResampling
-
-    size = dict(processor.size) if isinstance(processor.size, dict) else processor.size.__dict__
-    square = bool(size.get("height")) and size.get("height") == size.get("width")
-    longest = size.get("height") if square else size.get("longest_edge")
-    shortest = size.get("height") if square else size.get("shortest_edge")
-    resample = PILImageResampling.BICUBIC if square else PILImageResampling.BILINEAR
-    unsupported = [
-        name
-        for name, ok in [
-            ("do_resize", processor.do_resize),
-            ("do_rescale", processor.do_rescale),
-            ("do_normalize", processor.do_normalize),
-            (f"resample={resample.name.lower()}", processor.resample in (resample, resample.value, None)),
-        ]
-        if not ok
-    ]
-    if not longest or not shortest or unsupported:
-        raise ModelLoadError(f"{model_id}: unsupported image processor settings {unsupported or size}")
-    if square and image_splitting:
-        raise ModelLoadError(
-            f"{model_id} is an Idefics1 checkpoint, which has no image splitting: leave render.image_splitting "
-            "unset or set it to false"
-        )
-    splitting = False if square else processor.do_image_splitting if image_splitting is None else image_splitting
-    mean, std = processor.image_mean, processor.image_std
-    return ImageGeometry(
-        longest_edge=int(longest),
-        shortest_edge=int(shortest),
-        splitting=bool(splitting),
-        rescale_factor=float(processor.rescale_factor),
-        mean=tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
-        std=tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)),
-        square=square,
-    )
 
 
 def resized_size(height: int, width: int, geometry: ImageGeometry) -> tuple[int, int]:
@@ -157,7 +92,7 @@ def unpack_images(buffer: bytes | np.ndarray, shapes: list[int] | np.ndarray) ->
 
 
 class SplitPage:
-    """Stage 4: a rendered page row → the same row with its packed sub-images instead of the page."""
+    """A rendered page row → the same row with its packed sub-images instead of the page."""
 
     def __init__(self, geometry: ImageGeometry) -> None:
         self.geometry = geometry

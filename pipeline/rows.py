@@ -1,4 +1,11 @@
-"""Statuses and the output row schema: one row per document x page x question, or one row saying why not."""
+"""The record that flows between the stages, and the rows it becomes.
+
+A document row (read stage) becomes page rows (rasterize stage: one per rendered page, or one for the whole
+document saying why it has none), then split page rows (PAGE_SCHEMA, what the model actor receives), then
+output rows (OUTPUT_SCHEMA: one per document x page x question, or one saying why not). Every stage builds
+its rows with the constructors here. Missing values are None (null) everywhere; a row with no page number
+speaks for the whole document.
+"""
 
 from __future__ import annotations
 
@@ -25,21 +32,49 @@ class Status(StrEnum):
     TIMEOUT = "timeout"  # opening and rendering took longer than limits.document_timeout_s
     MEMORY_LIMIT = "memory_limit"  # the renderer needed more than limits.render_memory_mb
     MODEL_ERROR = "model_error"  # the model failed on this page
-    DEFERRED = "deferred"  # over this run's page budget: not written, picked up by the next run
 
 
 class DocumentError(Exception):
-    """A document- or page-level failure with its status."""
+    """A document- or page-level failure with its status: the one exception that crosses the render
+    helper's process boundary (it pickles whole)."""
 
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+    def __init__(self, status: Status | str, reason: str) -> None:
+        super().__init__(Status(status), reason)
+        self.status = Status(status)
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 # Failures worth retrying in a later run of the same document version; the others are final for it.
-RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR, Status.DEFERRED})
+RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR})
 
+
+# Carried from the read stage to every row of the document.
+DOCUMENT_FIELDS = ("uri", "file_size", "source_version", "etag", "version_id", "sha256")
+
+# The split stage's rows, as the actor receives them.
+PAGE_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("file_size", pa.int64()),
+        ("source_version", pa.string()),
+        ("etag", pa.string()),
+        ("version_id", pa.string()),
+        ("sha256", pa.string()),
+        ("num_pages", pa.int64()),
+        ("page_number", pa.int64()),  # null: the row speaks for the whole document
+        ("question_ids", pa.list_(pa.string())),  # the questions that apply to this page, in config order
+        ("document_rows", pa.int64()),  # output rows the document will have: the writer's completeness check
+        ("repaired", pa.bool_()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("render_ms", pa.float64()),
+        ("sub_images", pa.binary()),
+        ("sub_image_shapes", pa.list_(pa.int64())),
+    ]
+)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -75,3 +110,77 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(
         [{name: row.get(name) for name in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA
     )
+
+
+def file_name_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def document_row(
+    uri: str,
+    file_size: int,
+    source_version: str | None = None,
+    etag: str | None = None,
+    version_id: str | None = None,
+    sha256: str | None = None,
+    data: bytes = b"",
+) -> dict[str, Any]:
+    """A read document: its identity and bytes, status ok until a stage says otherwise."""
+    return {
+        "uri": uri,
+        "file_size": file_size,
+        "source_version": source_version,
+        "etag": etag,
+        "version_id": version_id,
+        "sha256": sha256,
+        "data": data,
+        "status": Status.OK.value,
+        "error": None,
+    }
+
+
+def failed(row: dict[str, Any], status: Status, reason: str) -> dict[str, Any]:
+    """The row, failed with ``status`` for ``reason``."""
+    return {**row, "status": status.value, "error": reason}
+
+
+def page_row(document: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A rasterized page of ``document`` (or, without a page number, the row that speaks for all of it)."""
+    return {
+        **{field: document[field] for field in DOCUMENT_FIELDS},
+        "num_pages": None,
+        "page_number": None,
+        "question_ids": [],
+        "document_rows": 1,
+        "repaired": False,
+        "status": document["status"],
+        "error": document["error"],
+        "render_ms": None,
+        "image": None,  # the rendered page, (H, W, 3) uint8
+        **fields,
+    }
+
+
+def output_rows(page: dict[str, Any], questions: list[Any], **fields: Any) -> list[dict[str, Any]]:
+    """A split page's output rows: one per question (``QuestionTemplate``, text filled in), or the single
+    row of a document that failed as a whole. ``fields`` sets the rest (run, model, answer columns)."""
+    base = {
+        "document": page["uri"],
+        **{field: page[field] for field in DOCUMENT_FIELDS if field != "uri"},
+        **{field: page[field] for field in ("document_rows", "repaired", "page_number", "num_pages")},
+        "status": page["status"],
+        "error": page["error"],
+        "render_ms": page["render_ms"],
+        **fields,
+    }
+    if base["page_number"] is None:
+        return [base]
+    file_name = file_name_of(base["document"])
+    return [
+        {
+            **base,
+            "question_id": question.id,
+            "question": question.question(file_name, base["page_number"], base["num_pages"]),
+        }
+        for question in questions
+    ]

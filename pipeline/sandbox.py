@@ -51,15 +51,6 @@ SECCOMP_CLOSED = "closed: seccomp refuses every socket but AF_UNIX"
 log = logging.getLogger(__name__)
 
 
-class SandboxFailure(Exception):
-    """The helper missed its deadline, ran out of memory or died; ``status`` says which."""
-
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
 
@@ -105,7 +96,7 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
     answer, before any request, is the isolation report."""
     network = confine()
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    from pipeline.rasterize import open_pdf  # after the cap: the parsers' own memory counts against it
+    from pipeline.pdf import open_pdf  # after the cap: the parsers' own memory counts against it
 
     pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
 
@@ -140,14 +131,15 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
                 document = None
                 answer = ("ok", None)
         except DocumentError as error:
-            answer = ("error", error.status.value, error.reason)
+            answer = ("error", error)
         except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
-            kind = Status.MEMORY_LIMIT.value if _is_out_of_memory(error) else "exception"
-            answer = ("error", kind, f"{type(error).__name__}: {error}")
+            reason = f"{type(error).__name__}: {error}"
+            answer = ("error", DocumentError(Status.MEMORY_LIMIT, reason) if _is_out_of_memory(error) else reason)
         try:
             connection.send(answer)
         except MemoryError:
-            connection.send(("error", Status.MEMORY_LIMIT.value, "the result does not fit in the memory limit"))
+            too_large = DocumentError(Status.MEMORY_LIMIT, "the result does not fit in the memory limit")
+            connection.send(("error", too_large))
 
 
 class RenderSandbox:
@@ -211,29 +203,30 @@ class RenderSandbox:
             ready = True  # the helper is gone; recv below reports it
         if not ready:
             self._replace()
-            raise SandboxFailure(Status.TIMEOUT, f"{operation} did not finish within the document's time limit")
+            raise DocumentError(Status.TIMEOUT, f"{operation} did not finish within the document's time limit")
         try:
             answer = self._connection.recv()
         except (EOFError, OSError):
             code = self._process.poll()
             if operation == "start":
-                raise SandboxFailure(Status.RENDER_ERROR, f"the renderer did not start (exit code {code})") from None
+                raise DocumentError(Status.RENDER_ERROR, f"the renderer did not start (exit code {code})") from None
             self._replace()
-            raise SandboxFailure(
+            raise DocumentError(
                 Status.RENDER_ERROR, f"the renderer died during {operation} (exit code {code})"
             ) from None
-        if answer[0] == "ok":
-            return answer[1]
-        _, kind, reason = answer
-        if kind == Status.MEMORY_LIMIT.value:
+        kind, value = answer
+        if kind == "ok":
+            return value
+        if not isinstance(value, DocumentError):
+            raise RuntimeError(value)  # an unexpected exception in the helper, as text
+        if value.status == Status.MEMORY_LIMIT:
             self._replace()  # its heap may be fragmented or half-initialised: start clean
-            raise SandboxFailure(Status.MEMORY_LIMIT, f"{operation} needed more than the memory limit: {reason}")
-        if kind == "exception":
-            raise RuntimeError(reason)
-        raise DocumentError(Status(kind), reason)
+            raise DocumentError(Status.MEMORY_LIMIT, f"{operation} needed more than the memory limit: {value}")
+        raise value
 
     def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
-        """Run one operation in the helper; raises DocumentError as the helper reported it, or SandboxFailure."""
+        """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
+        status of a helper that missed the deadline (timeout), ran out of memory or died."""
         try:
             self._requests.send((operation, arguments))
         except (BrokenPipeError, OSError):
@@ -290,5 +283,5 @@ class SandboxedDocument:
     def close(self) -> None:
         try:
             self.sandbox.call("close", (), time.monotonic() + 10)
-        except SandboxFailure:
+        except DocumentError:
             pass  # the helper was replaced; nothing is left open

@@ -1,4 +1,5 @@
-"""Stage 6: write a run's rows to Parquet and commit the run.
+"""The sink, on the driver: it iterates the plan's output batches (``iter_batches``), writes a run's rows to
+Parquet and commits the run.
 
 Layout under the output location (local folder or s3:// prefix)::
 

@@ -8,12 +8,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.adapters import Prompt, split_on_out_of_memory
+from actors.checkpoint import resolve_image_geometry
 from actors.families import load_adapter
 from bench.naive import chat_prompt, reference_answer
 from jobs.samples import PAGE_SIZES, invoice_pdf
 from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
-from pipeline.images import resolve_image_geometry, split_page
-from pipeline.rasterize import open_pdf
+from pipeline.images import split_page
+from pipeline.pdf import open_pdf
 
 QUESTIONS = [
     QuestionTemplate(id="number", text="What is the invoice number?", max_new_tokens=6),
@@ -162,7 +163,9 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
 ) -> None:
     from actors.predictor import PagePredictor
     from pipeline.config import load_config
+    from pipeline.document_pages import page_table
     from pipeline.images import pack_images
+    from pipeline.rows import document_row, page_row
 
     config = load_config(
         None,
@@ -175,24 +178,13 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
     )
     geometry = resolve_image_geometry(config.model, config.render)
     buffer, shapes = pack_images(split_page(pages[0], geometry))
-    column = lambda *values: np.array(values, dtype=object)  # noqa: E731 - Ray Data's numpy batch columns
-    batch = {
-        "uri": column("/in/good.pdf", "/in/broken.pdf"),
-        "sub_images": column(buffer, buffer[: len(buffer) // 2]),  # the second page's pixels are cut short
-        "sub_image_shapes": column(shapes, shapes),
-        "source_version": column("v1", "v2"),
-        "document_rows": np.array([2, 2]),
-        "file_size": np.array([10, 20]),
-        "etag": column("", ""),
-        "version_id": column("", ""),
-        "sha256": column("a" * 64, "b" * 64),
-        "repaired": np.array([False, False]),
-        "page_number": np.array([1, 1]),
-        "num_pages": np.array([1, 1]),
-        "status": column("ok", "ok"),
-        "error": column("", ""),
-        "render_ms": np.array([1.0, 1.0]),
-    }
+    pages_in = []
+    for uri, sha256, sub_images in [("/in/good.pdf", "a", buffer), ("/in/broken.pdf", "b", buffer[: len(buffer) // 2])]:
+        document = {**document_row(uri, 10, source_version="v", sha256=sha256 * 64)}
+        page = page_row(document, num_pages=1, page_number=1, question_ids=["number", "total"], document_rows=2)
+        # the second page's pixels are cut short
+        pages_in.append({**page, "render_ms": 1.0, "sub_images": sub_images, "sub_image_shapes": shapes})
+    batch = page_table(pages_in)  # the actor's input, as the CPU stages hand it on
     rows = PagePredictor(config, geometry, "r1")(batch).to_pylist()
     by_document = {(row["document"], row["question_id"]): row for row in rows}
     assert len(rows) == 4 and set(by_document) == {

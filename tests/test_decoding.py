@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.adapters import Prompt
+from actors.checkpoint import resolve_image_geometry
 from actors.families import load_adapter
 from bench.model_stage import sample_pages
 from bench.naive import reference_answer
 from pipeline.config import ModelConfig, RenderConfig
-from pipeline.images import resolve_image_geometry, split_page
+from pipeline.images import split_page
 
 QUESTIONS = ["What is the invoice number?", "Total?", "Who is the customer named on this invoice, in full?"]
 

@@ -8,12 +8,12 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, GPT2Config, IdeficsForVisionText2Text
 
+from actors.checkpoint import resolve_image_geometry
 from bench.naive import chat_prompt, idefics1_reference_answer, raw_prompt, reference_answer
 from jobs.cli import main
 from jobs.samples import write_samples
 from pipeline.config import ModelConfig, RenderConfig
-from pipeline.images import resolve_image_geometry
-from pipeline.rasterize import open_pdf
+from pipeline.pdf import open_pdf
 from pipeline.rows import Status
 from pipeline.sink import committed_runs, read_committed
 from tests.conftest import write_job

@@ -10,15 +10,9 @@ from transformers import AutoProcessor
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
 from actors.adapters import PixelNormalizer
+from actors.checkpoint import ModelLoadError, resolve_image_geometry
 from pipeline.config import ModelConfig, RenderConfig
-from pipeline.images import (
-    ImageGeometry,
-    ModelLoadError,
-    SplitPage,
-    resolve_image_geometry,
-    split_page,
-    unpack_images,
-)
+from pipeline.images import ImageGeometry, SplitPage, split_page, unpack_images
 
 PAGE_SHAPES = [(896, 693), (693, 896), (895, 341), (70, 896), (1960, 1386), (200, 150), (981, 979)]
 
@@ -75,11 +69,12 @@ def test_split_stage_row_roundtrip_is_raw_uint8() -> None:
 
 
 def test_page_table_wraps_the_sub_image_buffers_without_copying_them() -> None:
-    from pipeline.document_pages import PAGE_SCHEMA, page_table
+    from pipeline.document_pages import page_table
+    from pipeline.rows import PAGE_SCHEMA
 
     geometry = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
     document = {"uri": "x", "file_size": 1, "source_version": "v", "etag": "", "version_id": "", "sha256": "h"}
-    document.update(num_pages=3, document_rows=3, repaired=False, error="", render_ms=1.0)
+    document.update(num_pages=3, document_rows=3, repaired=False, error=None, render_ms=1.0, question_ids=["q"])
     rows = [
         SplitPage(geometry)({**document, "page_number": 1, "status": "ok", "image": _page(896, 693, 1)}),
         SplitPage(geometry)({**document, "page_number": 2, "status": "render_error", "image": None}),

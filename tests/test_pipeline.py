@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from actors.checkpoint import resolve_image_geometry
 from bench.naive import chat_prompt, reference_answer
 from jobs.cli import main
 from pipeline.config import ModelConfig, RenderConfig, load_config
-from pipeline.images import resolve_image_geometry
-from pipeline.rasterize import open_pdf
+from pipeline.pdf import open_pdf
 from pipeline.rows import OUTPUT_SCHEMA, Status
 from pipeline.sandbox import SECCOMP_CLOSED
 from pipeline.sink import RUN_RECORD, committed_runs, read_committed

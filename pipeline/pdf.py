@@ -1,0 +1,163 @@
+"""The PDF code the render helper runs (pipeline/sandbox.py): the two backends behind one contract
+(``open_pdf`` → ``PdfDocument``), PyMuPDF (default) and pdf2image/poppler, the header check, and the page
+size rules. Failures are ``DocumentError`` with their status. Nothing here knows of Ray or of the helper."""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.config import LimitsConfig
+from pipeline.rows import DocumentError, Status
+
+PDF_MAGIC = b"%PDF-"
+ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
+PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
+
+
+class PdfDocument(Protocol):
+    num_pages: int
+    repaired: bool  # the parser had to repair the file to open it
+
+    def page_size(self, page_number: int) -> tuple[float, float]:
+        """(width, height) in points, rotation applied."""
+
+    def render(self, page_number: int, longest_edge: int) -> np.ndarray:
+        """The page as (H, W, 3) uint8 RGB of exactly ``rendered_size(page_size, longest_edge)``."""
+
+    def close(self) -> None: ...
+
+
+class PyMuPdfDocument:
+    def __init__(self, data: bytes, passwords: tuple[str, ...] = ()) -> None:
+        import pymupdf
+
+        pymupdf.TOOLS.mupdf_display_errors(False)  # the errors we act on come back as exceptions
+        try:
+            self.document = pymupdf.open(stream=data, filetype="pdf")
+        except Exception as error:  # noqa: BLE001 - MuPDF raises several types for broken files
+            raise DocumentError(Status.CORRUPT, f"MuPDF cannot open it: {error}") from None
+        if self.document.needs_pass and not any(self.document.authenticate(password) for password in passwords):
+            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
+        self.repaired = bool(self.document.is_repaired)
+        try:
+            self.num_pages = self.document.page_count
+        except Exception as error:  # noqa: BLE001 - e.g. "Invalid number of pages" on a broken page tree
+            raise DocumentError(Status.CORRUPT, f"MuPDF cannot count its pages: {error}") from None
+
+    def page_size(self, page_number: int) -> tuple[float, float]:
+        rect = self.document[page_number - 1].rect
+        return rect.width, rect.height
+
+    def render(self, page_number: int, longest_edge: int) -> np.ndarray:
+        import pymupdf
+
+        page = self.document[page_number - 1]
+        rows, columns = rendered_size((page.rect.width, page.rect.height), longest_edge)
+        # MuPDF rounds the pixmap outwards: aim a hair under the exact size.
+        matrix = pymupdf.Matrix((columns - 1e-3) / page.rect.width, (rows - 1e-3) / page.rect.height)
+        pixmap = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
+        rows = np.frombuffer(pixmap.samples, dtype=np.uint8).reshape(pixmap.height, pixmap.stride)
+        return rows[:, : pixmap.width * 3].reshape(pixmap.height, pixmap.width, 3)
+
+    def close(self) -> None:
+        self.document.close()
+
+
+class PopplerDocument:
+    """pdf2image over poppler's pdfinfo/pdftoppm: the second backend, same contract."""
+
+    _PAGE_SIZE = re.compile(r"^Page\s+(\d+)\s+size$")
+    _PAGE_ROT = re.compile(r"^Page\s+(\d+)\s+rot$")
+
+    def __init__(self, data: bytes, passwords: tuple[str, ...] = ()) -> None:
+        from pdf2image import pdfinfo_from_bytes
+        from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
+
+        self.data = data
+        self.repaired = False  # poppler does not say
+        self.password: str | None = None
+        for password in (None, *passwords):
+            try:
+                info = pdfinfo_from_bytes(data, userpw=password)
+                self.password = password
+                break
+            except PDFInfoNotInstalledError:
+                raise
+            except (PDFPageCountError, PDFSyntaxError, ValueError) as error:
+                message = str(error).strip()
+                if "Incorrect password" not in message and "encrypted" not in message.lower():
+                    raise DocumentError(Status.CORRUPT, f"poppler cannot open it: {message[:500]}") from None
+        else:
+            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
+        self.num_pages = int(info.get("Pages", 0))
+        self.sizes: dict[int, tuple[float, float]] = {}
+        if self.num_pages:
+            detail = pdfinfo_from_bytes(data, userpw=self.password, first_page=1, last_page=self.num_pages)
+            rotations = {int(m.group(1)): int(float(v)) for k, v in detail.items() if (m := self._PAGE_ROT.match(k))}
+            for key, value in detail.items():
+                if match := self._PAGE_SIZE.match(key):
+                    page = int(match.group(1))
+                    width, height = (float(part) for part in value.split()[0:3:2])
+                    self.sizes[page] = (height, width) if rotations.get(page, 0) % 180 else (width, height)
+
+    def page_size(self, page_number: int) -> tuple[float, float]:
+        return self.sizes[page_number]
+
+    def render(self, page_number: int, longest_edge: int) -> np.ndarray:
+        from pdf2image import convert_from_bytes
+
+        rows, columns = rendered_size(self.sizes[page_number], longest_edge)
+        [image] = convert_from_bytes(
+            self.data,
+            size=(columns, rows),
+            first_page=page_number,
+            last_page=page_number,
+            fmt="ppm",
+            userpw=self.password,
+        )
+        return np.asarray(image.convert("RGB"))
+
+    def close(self) -> None:
+        self.data = b""
+
+
+def check_header(data: bytes) -> None:
+    """Cheap checks before any parser sees the bytes: empty, or not a PDF by content (never by name)."""
+    if not data:
+        raise DocumentError(Status.EMPTY, "the file is empty (0 bytes)")
+    if PDF_MAGIC not in data[:PDF_HEADER_WINDOW]:
+        raise DocumentError(Status.NOT_PDF, f"no {PDF_MAGIC.decode()} header in the first {PDF_HEADER_WINDOW} bytes")
+
+
+def open_pdf(data: bytes, backend: str, passwords: tuple[str, ...] = ()) -> PdfDocument:
+    """Open a PDF with the configured backend, in this process; raises DocumentError."""
+    check_header(data)
+    document: PdfDocument = (PyMuPdfDocument if backend == "pymupdf" else PopplerDocument)(data, passwords)
+    if document.num_pages == 0:
+        document.close()
+        raise DocumentError(Status.EMPTY, "the PDF has no pages")
+    return document
+
+
+def page_limit_violation(page_size: tuple[float, float], longest_edge: int, limits: LimitsConfig) -> str | None:
+    """Why a page must not be rendered (checked from its size, before any pixel exists), or None."""
+    width, height = page_size
+    if min(width, height) <= 0:
+        return f"page has no area ({width}x{height} pt)"
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        return f"page is {width:.0f}x{height:.0f} pt, over limits.max_aspect_ratio={limits.max_aspect_ratio}"
+    rows, columns = rendered_size(page_size, longest_edge)
+    if rows * columns > limits.max_pixels_per_page:
+        return f"page renders to {columns}x{rows} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
+    return None
+
+
+def rendered_size(page_size: tuple[float, float], longest_edge: int) -> tuple[int, int]:
+    """(height, width) in pixels of a page rendered with its longest edge at ``longest_edge``; both
+    backends render exactly this size."""
+    width, height = page_size
+    zoom = longest_edge / max(width, height)
+    return min(longest_edge, max(1, round(height * zoom))), min(longest_edge, max(1, round(width * zoom)))
