@@ -184,7 +184,8 @@ class RenderSandbox:
     def process_id(self) -> int:
         return self._process.pid
 
-    def _replace(self) -> None:
+    def _kill(self) -> None:
+        """End the helper (and any poppler process it started), its pipes and its private directory."""
         try:
             os.killpg(self._process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -193,6 +194,9 @@ class RenderSandbox:
         self._requests.close()
         self._connection.close()
         self._remove_private_dir()
+
+    def _replace(self) -> None:
+        self._kill()
         self._start()
 
     def _receive(self, operation: str, deadline: float) -> Any:
@@ -201,6 +205,9 @@ class RenderSandbox:
             ready = self._connection.poll(max(0.0, deadline - time.monotonic()))
         except (BrokenPipeError, OSError):
             ready = True  # the helper is gone; recv below reports it
+        if not ready and operation == "start":  # no new helper in turn: the next document tries again
+            self._kill()
+            raise DocumentError(Status.RENDER_ERROR, f"the renderer did not start within {START_TIMEOUT_S:.0f} s")
         if not ready:
             self._replace()
             raise DocumentError(Status.TIMEOUT, f"{operation} did not finish within the document's time limit")
