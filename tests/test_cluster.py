@@ -124,17 +124,26 @@ def test_stop_and_unknown_ids(ray_cluster: str, capsys) -> None:
     assert "cannot reach the Ray job server" in capsys.readouterr().err
 
 
+# A client never told of the token (Ray 2.60 clients send none without RAY_AUTH_MODE=token), and one with a
+# wrong token. None removes the variable from the client's environment.
 @pytest.mark.parametrize(
     ("client_environment", "problem"),
-    [({"RAY_AUTH_MODE": "disabled"}, "got no token from docqa"), ({"RAY_AUTH_TOKEN": "x" * 64}, "rejected the token")],
+    [
+        ({"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN_PATH": None}, "got no token from docqa"),
+        ({"RAY_AUTH_TOKEN": "x" * 64}, "rejected the token"),
+    ],
 )
 def test_a_client_without_the_clusters_token_is_told_how_to_give_it(
-    ray_cluster: str, client_environment: dict[str, str], problem: str
+    ray_cluster: str, client_environment: dict[str, str | None], problem: str, tmp_path: Path
 ) -> None:
+    environment = {**os.environ, "HOME": str(tmp_path)}  # no ~/.ray/auth_token of the user's either
+    for name, value in client_environment.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     command = [sys.executable, "-m", "jobs.cli", "status", "docqa-run-x", "--address", ray_cluster]
-    result = subprocess.run(
-        command, env={**os.environ, **client_environment}, capture_output=True, text=True, timeout=120, check=False
-    )
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"docqa: the Ray cluster at {ray_cluster} {problem}"), result.stderr
