@@ -390,6 +390,8 @@ class ModelAdapter(ABC):
         self, token_lists: list[list[int]], prompts: list[Prompt], features: list[torch.Tensor], fixed_length: bool
     ) -> list[Answer]:
         """Continuous batching (``actors.decoding``) of tokenized prompts, each to its own length cap."""
+        if self.decoder is None:
+            raise RuntimeError("continuous batching is off (model.continuous_batching) or not supported by this family")
         requests = [
             DecodeRequest(len(tokens), prompt.max_new_tokens, prompt.max_new_tokens if fixed_length else 0)
             for tokens, prompt in zip(token_lists, prompts, strict=True)
@@ -399,8 +401,6 @@ class ModelAdapter(ABC):
             pages = [prompts[i].page for i in indices]
             return self._prefill(self._generation_inputs([token_lists[i] for i in indices], pages, features))
 
-        if self.decoder is None:
-            raise RuntimeError("continuous batching is off (model.continuous_batching) or not supported by this family")
         decoded = self.decoder.run(requests, prefill, self.stop_token_ids)
         return [self._answer_of(d.tokens, d.probabilities, d.milliseconds) for d in decoded]
 

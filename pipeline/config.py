@@ -236,14 +236,6 @@ class JobConfig(_Strict):
             )
         return self
 
-    def selected_pages(self, num_pages: int) -> list[int]:
-        """Pages that at least one question applies to; only these are rendered."""
-        return [
-            page
-            for page in range(1, num_pages + 1)
-            if any(question.applies_to(page, num_pages) for question in self.questions)
-        ]
-
     def questions_for_page(self, page_number: int, num_pages: int) -> list[QuestionTemplate]:
         return [question for question in self.questions if question.applies_to(page_number, num_pages)]
 
