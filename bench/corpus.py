@@ -27,7 +27,7 @@ def main() -> None:
 
     from jobs.run import run_job
     from pipeline.config import load_config
-    from pipeline.sink import read_committed
+    from pipeline.tables import read_answers
 
     model = tiny_model()
     peak = {"rss": 0}
@@ -62,7 +62,7 @@ def main() -> None:
     summary = run_job(config, progress_interval_s=30)
     wall = time.perf_counter() - started
     done.set()
-    rows = read_committed(output, summary.run_id)
+    rows = read_answers(output, summary.run_id)
     statuses = Counter(rows.column("status").to_pylist())
     print(f"# bench.corpus  {len(rows)} documents from {CORPUS}")
     print("documents per status: " + ", ".join(f"{status} {n}" for status, n in statuses.most_common()))

@@ -13,11 +13,12 @@ import yaml
 from actors.checkpoint import ModelLoadError
 from actors.tiny import TINY_FAMILIES
 from jobs.formats import FORMATS, write_result
-from jobs.query import QueryError
+from jobs.query import QueryError, parse_as_of
 from jobs.submit import SubmitError
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
+from pipeline.tables import TableError
 
 QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
 
@@ -61,8 +62,15 @@ def _add_query_arguments(parser: argparse.ArgumentParser, run: bool = True) -> N
     parser.add_argument("--config", help="job config to take the output and the storage settings from")
     if run:
         parser.add_argument(
-            "--run", help="one committed run id (default: the current answer per document, page and question)"
+            "--run", help="one run's rows (default: the `current` table: each document's rows of its latest run)"
         )
+    snapshot = parser.add_mutually_exclusive_group()
+    snapshot.add_argument(
+        "--version", type=int, help="time travel: read `current` as of this Delta version (the rest as of its commit)"
+    )
+    snapshot.add_argument(
+        "--as-of", metavar="TIMESTAMP", help="time travel: read the tables as of an ISO 8601 time (UTC if no zone)"
+    )
     parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json lines, parquet")
 
 
@@ -90,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             command.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
 
-    query = commands.add_parser("query", help="SQL over the committed answers (tables: answers, all_rows, runs)")
+    query = commands.add_parser(
+        "query", help="SQL over the output's tables (answers = current, all_rows = every run's rows, runs)"
+    )
     query.add_argument("sql", help='a SELECT statement, e.g. "SELECT document, answer FROM answers LIMIT 5"')
     _add_query_arguments(query)
     answers = commands.add_parser("answers", help="all answers of one document, by page and question")
@@ -104,8 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_arguments(table)
     failures = commands.add_parser("failures", help="documents and pages without answers, and why")
     _add_query_arguments(failures)
-    runs = commands.add_parser("runs", help="committed runs: id, date, documents, pages, failures, duration")
+    runs = commands.add_parser("runs", help="runs: id, state, date, documents, pages, failures, duration")
     _add_query_arguments(runs, run=False)
+    optimize = commands.add_parser("optimize", help="compact the output tables' small files, then vacuum old ones")
+    optimize.add_argument("--output", required=True, help="a job's output: folder or s3:// prefix")
+    optimize.add_argument("--config", help="job config to take the storage settings from")
+    optimize.add_argument(
+        "--retain-hours",
+        type=int,
+        default=168.0,
+        help="keep files that versions of the last H hours need (time travel that far back); default 168 (a week)",
+    )
 
     serve = commands.add_parser("serve", help="answer questions about uploaded PDFs over HTTP (Ray Serve)")
     serve.add_argument("--config", required=True, help="job config: model, render, limits, actors and serve")
@@ -159,7 +178,8 @@ def _query(args: argparse.Namespace) -> int:
     output = args.output or config.output
     if args.format == "parquet" and sys.stdout.isatty():
         raise ConfigError("--format parquet writes binary to stdout; redirect it to a file")
-    store = AnswerStore(output, getattr(args, "run", None), config.storage if config else None)
+    as_of = parse_as_of(args.as_of) if args.as_of else None
+    store = AnswerStore(output, getattr(args, "run", None), config.storage if config else None, args.version, as_of)
     if args.command == "query":
         reader = store.reader(args.sql)
     elif args.command == "answers":
@@ -171,6 +191,18 @@ def _query(args: argparse.Namespace) -> int:
     else:
         reader = store.runs()
     write_result(reader, args.format, sys.stdout, sys.stdout.buffer)
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from pipeline.tables import optimize_output
+
+    storage = load_config(args.config, {"output": args.output}).storage if args.config else None
+    for name, report in optimize_output(args.output, storage, args.retain_hours).items():
+        print(
+            f"{name}: {report['files_before']} → {report['files_after']} files"
+            f" ({report['files_removed']} compacted), {report['vacuumed']} unreferenced files deleted"
+        )
     return 0
 
 
@@ -210,6 +242,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "optimize":
+        return _optimize(args)
     if args.command == "models":
         from actors.families import describe_families
 
@@ -251,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 2
-    except (InputError, ModelLoadError, RunExistsError, StorageError, SubmitError) as error:
+    except (InputError, ModelLoadError, RunExistsError, StorageError, SubmitError, TableError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers
 
 COLUMNS = ["document", "page_number", "question_id", "answer", "confidence", "status", "error"]
 
@@ -14,7 +14,7 @@ def preview(output: str, limit: int = 12, width: int = 36) -> str:
     if not runs:
         return f"no committed run under {output}"
     latest = runs[-1]
-    table = read_committed(output, latest["run_id"], records=runs).select(COLUMNS)
+    table = read_answers(output, latest["run_id"], columns=COLUMNS)
     rows = [[_cell(value, width) for value in row.values()] for row in table.slice(0, limit).to_pylist()]
     widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(COLUMNS)]
     lines = [f"run {latest['run_id']}: {table.num_rows} rows, first {len(rows)}:"]

@@ -1,119 +1,124 @@
-"""Reading answers back: SQL over the committed runs, and the four questions users ask most.
+"""Reading answers back: SQL over the output's Delta tables, and the four questions users ask most.
 
-DuckDB runs in-process over a pyarrow dataset of the committed runs' Parquet files, so local folders and
-s3:// prefixes read the same way (pyarrow's S3 client; DuckDB's httpfs extension is never needed). Only
-committed runs are visible. Three relations can be queried:
+DuckDB runs in-process over pyarrow datasets of the Delta tables (``DeltaTable(...).to_pyarrow_dataset()``),
+so local folders and s3:// prefixes read the same way and only committed data is ever seen. Relations:
 
-- ``answers``: the current answer of every (document, page, question): for each document, the rows of its
-  latest version (the ``source_version`` of the latest run that processed it), and of those the one from
-  the latest run per page and question. With a run id: that run's rows as they are.
-- ``all_rows``: every row of every committed run (or of the selected run).
-- ``runs``: one row per committed run.
+- ``answers``: the ``current`` table: per document, the rows of the latest run that processed it. With a
+  run id: that run's rows as they are (from the ``answers`` table).
+- ``current``: the same as ``answers`` without a run id.
+- ``all_rows``: the ``answers`` table: every row of every run (or of the selected run).
+- ``runs``: one row per run, with its state (running, committed, failed).
 
-Results stream as Arrow record batches (``AnswerStore.reader``); the module functions return whole
-pyarrow Tables for notebooks (``.to_pandas()`` for a DataFrame).
+Time travel: ``version`` reads ``current`` as of that Delta version (and the other tables as of its commit
+time); ``as_of`` reads all three as of a timestamp. Results stream as Arrow record batches
+(``AnswerStore.reader``); the module functions return whole pyarrow Tables for notebooks (``.to_pandas()``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
-from pipeline.rows import OUTPUT_SCHEMA, Status
-from pipeline.sink import committed_runs
-from pipeline.storage import filesystem_for
+from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, RUN_SCHEMA, RUNS, SCHEMAS, OutputTables, TableError
 
 STREAM_BATCH_ROWS = 10_000
-RUNS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("run_date", pa.string()),
-        ("started_at", pa.string()),
-        ("duration_s", pa.float64()),
-        ("documents", pa.int64()),
-        ("failed_documents", pa.int64()),
-        ("pages", pa.int64()),
-        ("failed_pages", pa.int64()),
-        ("answers", pa.int64()),
-        ("rows", pa.int64()),
-        ("model_id", pa.string()),
-        ("input", pa.string()),
-        ("run_order", pa.int64()),
-    ]
-)
-QUERYABLE_COLUMNS = {"answers": OUTPUT_SCHEMA.names, "all_rows": OUTPUT_SCHEMA.names, "runs": RUNS_SCHEMA.names}
-# The current answers: rows of each document's latest version, then the latest run per page and question.
-CURRENT_ANSWERS_SQL = """
-SELECT * EXCLUDE (run_order, latest_version) FROM (
-    SELECT r.*, o.run_order,
-        last_value(coalesce(r.source_version, '')) OVER (
-            PARTITION BY r.document ORDER BY o.run_order
-            ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING
-        ) AS latest_version
-    FROM all_rows AS r JOIN runs AS o USING (run_id)
-)
-WHERE coalesce(source_version, '') = latest_version
-QUALIFY row_number() OVER (PARTITION BY document, page_number, question_id ORDER BY run_order DESC) = 1
-"""
+RUN_COLUMNS = [name for name in RUN_SCHEMA.names if name != "record"]
+QUERYABLE_COLUMNS = {
+    "answers": ANSWER_SCHEMA.names,
+    "current": ANSWER_SCHEMA.names,
+    "all_rows": ANSWER_SCHEMA.names,
+    "runs": RUN_SCHEMA.names,
+}
 
 
 class QueryError(ValueError):
     """A query the engine refused, or a run or document that does not exist; the message says what to do."""
 
 
-def _run_row(order: int, record: dict[str, Any]) -> dict[str, Any]:
-    counts = record.get("counts", {})
-    documents, pages = counts.get("documents", {}), counts.get("pages", {})
-    return {
-        "run_id": record["run_id"],
-        "run_date": record["directory"].rstrip("/").split("/")[-2],
-        "started_at": record["started_at"],
-        "duration_s": record.get("duration_s"),
-        "documents": sum(documents.values()),
-        "failed_documents": sum(n for status, n in documents.items() if status != Status.OK),
-        "pages": sum(pages.values()),
-        "failed_pages": sum(n for status, n in pages.items() if status != Status.OK),
-        "answers": counts.get("answers", 0),
-        "rows": counts.get("rows", 0),
-        "model_id": record.get("model", {}).get("id"),
-        "input": record.get("input"),
-        "run_order": order,
-    }
+def parse_as_of(text: str) -> datetime:
+    """An ISO 8601 date or timestamp; without a time zone it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(f"--as-of {text!r} is not an ISO 8601 timestamp (e.g. 2026-11-24T06:00:00Z)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class AnswerStore:
-    """The committed runs under ``output`` (or only ``run_id``), ready for SQL."""
+    """The output's tables (the latest versions, or as of ``version`` / ``as_of``), ready for SQL; with
+    ``run_id``, ``answers`` holds that run's rows."""
 
-    def __init__(self, output: str, run_id: str | None = None, storage: StorageConfig | None = None) -> None:
+    def __init__(
+        self,
+        output: str,
+        run_id: str | None = None,
+        storage: StorageConfig | None = None,
+        version: int | None = None,
+        as_of: datetime | None = None,
+    ) -> None:
         import duckdb
 
-        storage = storage or StorageConfig()
-        records = committed_runs(output, storage)
-        if not records:
-            raise QueryError(f"no committed runs under {output}")
-        if run_id is not None:
-            selected = [record for record in records if record["run_id"] == run_id]
-            if not selected:
-                known = ", ".join(record["run_id"] for record in records[-5:]) or "none"
-                raise QueryError(f"no committed run {run_id!r} under {output} (latest committed: {known})")
-            records = selected
-        self.records = records
-        filesystem, _ = filesystem_for(output, storage)
-        paths = [f"{record['directory']}/{name}" for record in records for name in record["files"]]
-        rows = (
-            ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=filesystem)
-            if paths
-            else OUTPUT_SCHEMA.empty_table()
-        )
+        tables = OutputTables(output, storage or StorageConfig())
+        try:
+            current = tables.open(CURRENT, version, as_of)
+            if current is None:
+                raise QueryError(f"no docqa output under {output} (no Delta table at {tables.uri(CURRENT)})")
+            if version is not None:  # the history of the latest version: delta-rs 1.6 misnumbers an older one's
+                commits = tables.open(CURRENT).history()
+                as_of = datetime.fromtimestamp(
+                    next(entry["timestamp"] for entry in commits if entry["version"] == version) / 1000, UTC
+                )
+            if as_of is not None:
+                first = datetime.fromtimestamp(min(entry["timestamp"] for entry in current.history()) / 1000, UTC)
+                if as_of < first:
+                    raise QueryError(
+                        f"{output} has no version as of {as_of.isoformat()}: its first commit is {first.isoformat()}"
+                    )
+            datasets = {CURRENT: current.to_pyarrow_dataset(schema=ANSWER_SCHEMA)}
+            for name in (ANSWERS, RUNS):
+                datasets[name] = self._dataset_as_of(tables, name, as_of)
+        except TableError as error:
+            raise QueryError(str(error)) from None
         self.connection = duckdb.connect()
-        self.connection.register("all_rows", rows)
-        run_table = pa.Table.from_pylist([_run_row(i, r) for i, r in enumerate(records)], schema=RUNS_SCHEMA)
-        self.connection.register("runs", run_table)
-        self.connection.execute(f"CREATE VIEW answers AS {'SELECT * FROM all_rows' if run_id else CURRENT_ANSWERS_SQL}")
+        self.connection.register("runs", datasets[RUNS])
+        self.connection.register("all_rows", datasets[ANSWERS])
+        self.connection.register("current", datasets[CURRENT])
+        self.records = [
+            json.loads(text)
+            for text in self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at")
+            .read_all()
+            .column(0)
+            .to_pylist()
+        ]
+        if run_id is None:
+            self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
+            return
+        if not self.reader("SELECT 1 FROM runs WHERE run_id = $1", [run_id]).read_all().num_rows:
+            latest = self.reader("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").read_all()
+            known = ", ".join(latest.column(0).to_pylist()) or "none"
+            raise QueryError(f"no run {run_id!r} under {output} (latest: {known})")
+        self.connection.execute(
+            "CREATE VIEW answers AS SELECT * FROM all_rows WHERE run_id = " + "'" + run_id.replace("'", "''") + "'"
+        )
+
+    @staticmethod
+    def _dataset_as_of(tables: OutputTables, name: str, as_of: datetime | None) -> ds.Dataset:
+        """Table ``name`` as of ``as_of`` (latest without); empty when it had no version yet then."""
+        table = tables.open(name)
+        if table is None:
+            return ds.dataset(SCHEMAS[name].empty_table())
+        if as_of is not None:
+            first = min(entry["timestamp"] for entry in table.history())
+            if as_of.timestamp() * 1000 < first:
+                return ds.dataset(SCHEMAS[name].empty_table())
+            table.load_as_version(as_of)
+        return table.to_pyarrow_dataset(schema=SCHEMAS[name])
 
     def reader(self, sql: str, parameters: Sequence[Any] | None = None) -> pa.RecordBatchReader:
         """The result of ``sql`` as a stream of record batches."""
@@ -195,18 +200,21 @@ class AnswerStore:
         )
 
     def runs(self) -> pa.RecordBatchReader:
-        return self.reader("SELECT * EXCLUDE (run_order) FROM runs ORDER BY run_order")
+        return self.reader(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY started_at, run_id")
 
 
-# The same operations as whole tables, for notebooks: ``query(...).to_pandas()`` for a DataFrame.
+# The same operations as whole tables, for notebooks: ``query(...).to_pandas()`` for a DataFrame. Each takes
+# the snapshot to read: ``version`` (of ``current``) or ``as_of`` (a datetime), the latest by default.
 
 
-def query(output: str, sql: str, run: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
-    return AnswerStore(output, run, storage).reader(sql).read_all()
+def query(output: str, sql: str, run: str | None = None, storage: StorageConfig | None = None, **snapshot) -> pa.Table:
+    return AnswerStore(output, run, storage, **snapshot).reader(sql).read_all()
 
 
-def answers(output: str, document: str, run: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
-    return AnswerStore(output, run, storage).answers_of(document).read_all()
+def answers(
+    output: str, document: str, run: str | None = None, storage: StorageConfig | None = None, **snapshot
+) -> pa.Table:
+    return AnswerStore(output, run, storage, **snapshot).answers_of(document).read_all()
 
 
 def table(
@@ -215,13 +223,14 @@ def table(
     run: str | None = None,
     all_pages: bool = False,
     storage: StorageConfig | None = None,
+    **snapshot,
 ) -> pa.Table:
-    return AnswerStore(output, run, storage).table(questions, all_pages).read_all()
+    return AnswerStore(output, run, storage, **snapshot).table(questions, all_pages).read_all()
 
 
-def failures(output: str, run: str | None = None, storage: StorageConfig | None = None) -> pa.Table:
-    return AnswerStore(output, run, storage).failures().read_all()
+def failures(output: str, run: str | None = None, storage: StorageConfig | None = None, **snapshot) -> pa.Table:
+    return AnswerStore(output, run, storage, **snapshot).failures().read_all()
 
 
-def runs(output: str, storage: StorageConfig | None = None) -> pa.Table:
-    return AnswerStore(output, None, storage).runs().read_all()
+def runs(output: str, storage: StorageConfig | None = None, **snapshot) -> pa.Table:
+    return AnswerStore(output, None, storage, **snapshot).runs().read_all()

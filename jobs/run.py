@@ -15,16 +15,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from actors.checkpoint import resolve_image_geometry
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
 from pipeline.document_pages import DocumentPages
-from pipeline.documents import DocumentListing
+from pipeline.documents import DocumentListing, KnownVersions
 from pipeline.images import ImageGeometry
 from pipeline.rows import RETRYABLE, Status
-from pipeline.sink import RunWriter, committed_runs, read_committed
+from pipeline.sink import RunWriter
 from pipeline.storage import StorageError, check_bucket, check_input, is_s3
+from pipeline.tables import CURRENT, OutputTables, TableError, committed_runs
 
 log = logging.getLogger("docqa")
 
@@ -40,6 +42,7 @@ class RunStats:
     """Counts kept as result batches arrive: drives the progress line and the final summary."""
 
     started: float = field(default_factory=time.monotonic)
+    first_row_s: float | None = None  # seconds from the start to the first result batch
     document_status: dict[str, str] = field(default_factory=dict)  # worst status seen per document
     page_status: Counter[str] = field(default_factory=Counter)
     answers: int = 0
@@ -47,6 +50,8 @@ class RunStats:
     _pages_seen: set[tuple[str, int]] = field(default_factory=set)
 
     def add(self, table: pa.Table) -> None:
+        if self.first_row_s is None:
+            self.first_row_s = self.elapsed
         self.rows += table.num_rows
         columns = table.select(["document", "page_number", "question_id", "status"]).to_pydict()
         for document, page, question, status in zip(*columns.values(), strict=True):
@@ -85,9 +90,10 @@ class RunStats:
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
-    record_path: str
+    output: str
     counts: dict[str, Any]
     wall_s: float
+    first_row_s: float | None
     ledger: dict[str, int]
     stage_stats: str = ""  # Ray Data's per-operator statistics of the run
 
@@ -105,7 +111,7 @@ class RunSummary:
             f"  skipped (unchanged since a committed run): {self.ledger['unchanged_documents']} · left for the next"
             f" run: {self.ledger['left_documents'] + self.ledger['deferred_documents']}\n"
             f"  wall time: {self.wall_s:.1f}s ({pages / max(self.wall_s, 1e-9):.2f} pages/s)\n"
-            f"  output: {self.record_path.rsplit('/', 1)[0]}"
+            f"  output: {self.output} (tables answers, current, runs)"
         )
 
 
@@ -139,33 +145,37 @@ def check_gpus(config: JobConfig) -> None:
     )
 
 
-def completed_documents(
-    config: JobConfig, committed: list[dict[str, Any]], recovered: pa.Table
-) -> frozenset[tuple[str, str]]:
-    """(URI, version) of documents that already have a complete, final set of rows for this config's
-    fingerprint in a committed run (``committed``: their records) or in the recovered parts of this run:
-    these are not processed again."""
-    columns = ["run_id", "document", "source_version", "config_fingerprint", "document_rows", "status"]
-    earlier = read_committed(config.output, storage=config.storage, columns=columns, records=committed)
-    rows = pa.concat_tables([earlier, recovered.select(columns)])
-    rows = rows.filter(pc.equal(rows.column("config_fingerprint"), config.fingerprint()))
-    groups: dict[tuple[str, str, str], list[int]] = {}
-    for run_id, document, version, _, expected, status in zip(*rows.to_pydict().values(), strict=True):
-        if version is None:
-            continue
-        group = groups.setdefault((run_id, document, version), [0, expected, 0])
-        group[0] += 1
-        group[2] += status in RETRYABLE
-    return frozenset(
-        (document, version)
-        for (_, document, version), (count, expected, retry) in groups.items()
-        if count >= expected and not retry
+def completed_documents(config: JobConfig, tables: OutputTables, recovered: pa.Table) -> KnownVersions:
+    """(URI, version) of the documents not to process again: those whose rows in ``current`` are complete
+    and final for this config's fingerprint, and those an earlier attempt of this run committed
+    (``recovered``). Reads only the columns the decision needs, and decides in Arrow, not row by row."""
+    rows = tables.read(
+        CURRENT,
+        columns=["document", "source_version", "document_rows", "status"],
+        filter=(ds.field("config_fingerprint") == config.fingerprint()) & ds.field("source_version").is_valid(),
+    )
+    retry = pc.is_in(rows.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string()))
+    groups = (
+        rows.append_column("retry", pc.cast(retry, pa.int8()))
+        .group_by(["document", "source_version"])
+        .aggregate([("status", "count"), ("document_rows", "max"), ("retry", "max")])
+    )
+    final = groups.filter(
+        pc.and_(
+            pc.greater_equal(groups.column("status_count"), groups.column("document_rows_max")),
+            pc.equal(groups.column("retry_max"), 0),
+        )
+    )
+    resumed = recovered.filter(pc.is_valid(recovered.column("source_version")))
+    return KnownVersions(
+        pa.concat_arrays([final.column("document").combine_chunks(), resumed.column("document").combine_chunks()]),
+        pa.concat_arrays(
+            [final.column("source_version").combine_chunks(), resumed.column("source_version").combine_chunks()]
+        ),
     )
 
 
-def build_page_dataset(
-    config: JobConfig, geometry: ImageGeometry, completed: frozenset[tuple[str, str]] = frozenset(), ledger=None
-):
+def build_page_dataset(config: JobConfig, geometry: ImageGeometry, completed: KnownVersions | None = None, ledger=None):
     """The CPU part of the plan: list, then read → rasterize → split each document in one Ray task; rows are
     split pages."""
     import ray.data
@@ -182,9 +192,7 @@ def build_page_dataset(
     )
 
 
-def build_dataset(
-    config: JobConfig, geometry: ImageGeometry, run_id: str, completed: frozenset[tuple[str, str]], ledger
-):
+def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str, completed: KnownVersions, ledger):
     """The Ray Data plan: the CPU stages, then the model actor pool, streamed."""
     from ray.data import ActorPoolStrategy
 
@@ -210,14 +218,14 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(
-    config: JobConfig, progress_interval_s: float = 5.0, run_date: str | None = None, resume: bool = False
-) -> RunSummary:
+def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str | None = None) -> RunSummary:
     """One run: fail fast on config, model and storage problems, stream the pipeline, commit.
 
-    Documents with committed results for this config are skipped. With ``resume``, complete documents an
-    earlier attempt of the same run id wrote before it died are kept, not processed again."""
+    Documents with complete, final rows for this config in ``current`` are skipped. A run id that an
+    earlier attempt started (it died, or the nightly job is rerun) resumes: the documents that attempt
+    committed are kept and not processed again."""
     started_at = datetime.now(UTC)
+    stats = RunStats()
     run_id = config.run_id or new_run_id(started_at)
     from actors.families import check_checkpoint
 
@@ -228,31 +236,64 @@ def run_job(
         check_bucket(config.output, config.storage)
     ensure_ray()
     check_gpus(config)
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "started_at": started_at.isoformat(),
+        "input": config.input,
+        "output": config.output,
+        "config": config.redacted(),
+        "model": {
+            "id": config.model.id,
+            "revision": config.model.revision,
+            "commit": checkpoint.commit,
+            "family": checkpoint.family,
+            "adapter": config.model.adapter,
+        },
+        "image_geometry": geometry.__dict__,
+        "versions": package_versions(),
+        "incremental": {"config_fingerprint": config.fingerprint()},
+    }
     try:
         writer = RunWriter(
             config.output,
             run_id,
             run_date or f"{started_at:%Y-%m-%d}",
             config.storage,
-            config.output_rows_per_file,
-            resume,
+            record,
+            config.commit_rows,
+            config.commit_interval_s,
         )
-    except OSError as error:
+    except (OSError, TableError) as error:
         raise StorageError(f"cannot write to output {config.output}: {error}") from None
-    log.info("run %s: %s → %s", run_id, config.input, writer.directory)
+    log.info("run %s (attempt %d): %s → %s", run_id, writer.attempt, config.input, config.output)
+    try:
+        return _stream(config, geometry, writer, record, stats, progress_interval_s)
+    except BaseException as error:
+        writer.fail(f"{type(error).__name__}: {error}")
+        raise
 
+
+def _stream(
+    config: JobConfig,
+    geometry: ImageGeometry,
+    writer: RunWriter,
+    record: dict[str, Any],
+    stats: RunStats,
+    progress_interval_s: float,
+) -> RunSummary:
+    """Run the plan into ``writer`` and commit the run; ``stats`` counts from the run's start."""
     import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    stats = RunStats()
     if writer.recovered.num_rows:
-        log.info("resuming run %s: %d rows of an earlier attempt kept", run_id, writer.recovered.num_rows)
+        log.info("resuming run %s: %d rows of an earlier attempt kept", writer.run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
-    completed = completed_documents(config, writer.committed, writer.recovered)
+        stats.first_row_s = None
+    completed = completed_documents(config, writer.tables, writer.recovered)
     ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
-    dataset = build_dataset(config, geometry, run_id, completed, ledger)
+    dataset = build_dataset(config, geometry, writer.run_id, completed, ledger)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         writer.write(batch)
         stats.add(batch)
@@ -266,28 +307,17 @@ def run_job(
 
     finished_at = datetime.now(UTC)
     record = {
-        "run_id": run_id,
-        "started_at": started_at.isoformat(),
+        **record,
         "finished_at": finished_at.isoformat(),
-        "duration_s": round((finished_at - started_at).total_seconds(), 3),
-        "input": config.input,
-        "output": config.output,
-        "config": config.redacted(),
-        "model": {
-            "id": config.model.id,
-            "revision": config.model.revision,
-            "commit": checkpoint.commit,
-            "family": checkpoint.family,
-            "adapter": config.model.adapter,
-        },
-        "image_geometry": geometry.__dict__,
-        "versions": package_versions(),
+        "duration_s": round((finished_at - datetime.fromisoformat(record["started_at"])).total_seconds(), 3),
         "counts": stats.counts(),
-        "incremental": {"config_fingerprint": config.fingerprint(), **ledger_report},
+        "incremental": {**record["incremental"], **ledger_report},
         "render_isolation": render_isolation,
     }
-    record_path = writer.commit(record)
-    return RunSummary(run_id, record_path, stats.counts(), stats.elapsed, ledger_report, dataset.stats())
+    output = writer.commit(record)
+    return RunSummary(
+        writer.run_id, output, stats.counts(), stats.elapsed, stats.first_row_s, ledger_report, dataset.stats()
+    )
 
 
 def nightly_run_id(date: str) -> str:
@@ -300,4 +330,4 @@ def run_nightly(config: JobConfig, date: str, progress_interval_s: float = 5.0) 
     run_id = nightly_run_id(date)
     if any(record["run_id"] == run_id for record in committed_runs(config.output, config.storage)):
         return None
-    return run_job(config.model_copy(update={"run_id": run_id}), progress_interval_s, run_date=date, resume=True)
+    return run_job(config.model_copy(update={"run_id": run_id}), progress_interval_s, run_date=date)

@@ -213,11 +213,20 @@ class ServeConfig(_Strict):
 
 class JobConfig(_Strict):
     input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
-    output: str = Field(min_length=1, description="Folder or s3:// prefix the runs are written under.")
-    output_rows_per_file: int = Field(
-        50_000, ge=1, description="Rows per Parquet file; files are written as rows arrive."
+    output: str = Field(
+        min_length=1, description="Folder or s3:// prefix holding the Delta tables answers, current and runs."
     )
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    commit_rows: int = Field(
+        50_000, ge=1, description="A Delta commit is made once this many rows of complete documents wait."
+    )
+    commit_interval_s: float = Field(
+        60.0, gt=0, description="...or once this long has passed since the last commit: what a crash can lose."
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Default: a new id from the time. A run id an earlier attempt started resumes it.",
+    )
     questions: QuestionList
     model: ModelConfig = ModelConfig()
     render: RenderConfig = RenderConfig()

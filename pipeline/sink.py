@@ -1,56 +1,87 @@
-"""The sink, on the driver: it iterates the plan's output batches (``iter_batches``), writes a run's rows to
-Parquet and commits the run.
+"""The sink, on the driver: it iterates the plan's output batches (``iter_batches``) and commits a run's rows
+to the output's Delta tables (pipeline/tables.py) as its documents complete.
 
-Layout under the output location (local folder or s3:// prefix)::
+The commit protocol:
 
-    OUTPUT/runs/YYYY-MM-DD/RUN_ID/part-00000.parquet ...   the rows (OUTPUT_SCHEMA)
-    OUTPUT/runs/YYYY-MM-DD/RUN_ID/_run.json                 the run record, written last: the commit
-
-A run is visible to readers only once its ``_run.json`` exists (a single object write, atomic on local
-disks and on S3). A run that dies before that leaves files no reader looks at; a committed run is never
-overwritten.
-
-Part files hold complete documents only (every row of a document, per its ``document_rows``) and appear
-atomically (written under a temporary name, then moved), so a run with the same id that starts again
-after a crash can adopt them as they are and skip their documents.
+1. **Claim.** The run's row in ``runs`` is written with state ``running`` in a commit that carries the
+   application transaction (``docqa-run:RUN_ID``, attempt number). Two processes starting the same run id
+   at once write the same transaction id: Delta lets one commit and the other fails (it is told another
+   attempt started). A run id whose row says ``committed`` is refused.
+2. **Parts.** Rows are buffered until their documents are complete (``document_rows``), then, every
+   ``commit_rows`` rows or ``commit_interval_s`` seconds, one part: an append to ``answers`` and a replace
+   of those documents' rows in ``current`` (``overwrite`` with a ``document IN (...)`` predicate), each one
+   Delta commit carrying (``docqa-run:RUN_ID``, part number). Before each commit the table's transaction
+   version is read: a part already applied (a retried commit, a resumed run) is never applied twice.
+   Every visible row belongs to a document whose rows are all visible.
+3. **Resume.** A later attempt of the same run id (after kill -9, a lost driver) finds the parts the dead
+   attempt committed: their documents are not processed again, numbering continues after them, and if the
+   attempt died between a part's ``answers`` and ``current`` commits, ``current`` is brought up to date.
+4. **Record.** At the end the run's ``runs`` row becomes ``committed`` with its record (or ``failed``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from pyarrow import fs as pafs
+import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
-from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import filesystem_for
+from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.tables import ANSWERS, CURRENT, RUN_SCHEMA, RUNS, OutputTables, sql_string
 
-RUN_RECORD = "_run.json"
-PART_PREFIX = "part-"
-TEMPORARY_SUFFIX = ".tmp"
 log = logging.getLogger("docqa")
 
 
 class RunExistsError(RuntimeError):
-    """A committed run with this id already exists; it is never overwritten."""
+    """The run id is committed already (it is never overwritten), or another process is starting it."""
 
 
-def run_directory(root: str, run_date: str, run_id: str) -> str:
-    return f"{root.rstrip('/')}/runs/{run_date}/{run_id}"
+def app_id(run_id: str) -> str:
+    """The application transaction id of a run's commits (Delta's ``txn`` action)."""
+    return f"docqa-run:{run_id}"
+
+
+def run_row(run_id: str, run_date: date, state: str, attempt: int, record: dict[str, Any]) -> dict[str, Any]:
+    """The run's row in ``runs`` (RUN_SCHEMA) from its record (``RunWriter.commit``'s argument, or the
+    fields known at the start)."""
+    counts = record.get("counts", {})
+    documents, pages = counts.get("documents", {}), counts.get("pages", {})
+    started = datetime.fromisoformat(record["started_at"])
+    finished = datetime.fromisoformat(record["finished_at"]) if record.get("finished_at") else None
+    return {
+        "run_id": run_id,
+        "run_date": run_date,
+        "state": state,
+        "attempt": attempt,
+        "started_at": started,
+        "finished_at": finished,
+        "duration_s": (finished - started).total_seconds() if finished else None,
+        "input": record.get("input"),
+        "model_id": record.get("model", {}).get("id"),
+        "config_fingerprint": record.get("incremental", {}).get("config_fingerprint"),
+        "documents": sum(documents.values()) if counts else None,
+        "failed_documents": sum(n for status, n in documents.items() if status != Status.OK) if counts else None,
+        "pages": sum(pages.values()) if counts else None,
+        "failed_pages": sum(n for status, n in pages.items() if status != Status.OK) if counts else None,
+        "answers": counts.get("answers"),
+        "rows": counts.get("rows"),
+        "commits": record.get("commits"),
+        "error": record.get("error"),
+        "record": json.dumps(record, sort_keys=True, default=str),
+    }
 
 
 class RunWriter:
-    """Buffers result batches until their documents are complete, writes Parquet files of about
-    ``rows_per_file`` rows as they fill, then commits the run record.
-
-    With ``resume``, the complete part files an earlier attempt of this run id left behind are kept
-    (``recovered``) and numbering continues after them; otherwise they are removed."""
+    """Claims the run, buffers result batches until their documents are complete, commits them in parts,
+    then records the run (see the module's docstring). ``recovered``: the rows an earlier attempt of this
+    run id committed."""
 
     def __init__(
         self,
@@ -58,35 +89,101 @@ class RunWriter:
         run_id: str,
         run_date: str,
         storage: StorageConfig,
-        rows_per_file: int = 50_000,
-        resume: bool = False,
+        start_record: dict[str, Any],
+        commit_rows: int = 50_000,
+        commit_interval_s: float = 60.0,
     ) -> None:
-        self.filesystem, root = filesystem_for(output, storage)
-        self.directory = run_directory(root, run_date, run_id)
-        self.rows_per_file = rows_per_file
-        self.committed = committed_runs(output, storage)  # the runs already committed under output
-        for record in self.committed:
-            if record["run_id"] == run_id:
-                raise RunExistsError(f"run {run_id!r} is already committed in {record['directory']}; pick another id")
-        self.files: list[str] = []
-        self.recovered = OUTPUT_SCHEMA.empty_table()
-        existing = self.filesystem.get_file_info(pafs.FileSelector(self.directory, allow_not_found=True))
-        for info in existing:
-            if resume and info.base_name.startswith(PART_PREFIX) and not info.base_name.endswith(TEMPORARY_SUFFIX):
-                self.files.append(info.base_name)
-            else:
-                self.filesystem.delete_file(info.path)
-        self.files.sort()
-        if self.files:
-            self.recovered = pa.concat_tables(
-                pq.read_table(f"{self.directory}/{name}", filesystem=self.filesystem, schema=OUTPUT_SCHEMA)
-                for name in self.files
-            )
-        self.filesystem.create_dir(self.directory, recursive=True)
-        self._next_part = 1 + max((int(name[len(PART_PREFIX) :].split(".")[0]) for name in self.files), default=-1)
+        self.tables = OutputTables(output, storage)
+        self.tables.create()
+        self.run_id = run_id
+        self.app_id = app_id(run_id)
+        self.commit_rows = commit_rows
+        self.commit_interval_s = commit_interval_s
+        self.start_record = start_record
+        self.run_date, self.attempt = self._claim(date.fromisoformat(run_date))
+        self.recovered = self.tables.read(ANSWERS, columns=OUTPUT_SCHEMA.names, filter=ds.field("run_id") == run_id)
+        answers = self.tables.open(ANSWERS)
+        self.part = answers.transaction_version(self.app_id) or 0
+        self._repair_current()
         self._waiting: pa.Table | None = None  # rows of documents that are not complete yet
-        self._pending: list[pa.Table] = []  # rows of complete documents, not yet written
+        self._pending: list[pa.Table] = []  # rows of complete documents, not yet committed
         self._pending_rows = 0
+        self._last_commit = time.monotonic()
+
+    def _claim(self, run_date: date) -> tuple[date, int]:
+        """Write the run's ``running`` row under a new attempt number; a resumed run keeps its run date."""
+        seen = self.tables.open(RUNS).transaction_version(self.app_id) or 0
+
+        def claim(table) -> tuple[date, int]:
+            claimed = table.transaction_version(self.app_id) or 0
+            if claimed != seen:
+                raise RunExistsError(f"another process started run {self.run_id!r} at the same moment")
+            earlier = table.to_pyarrow_dataset().to_table(filter=ds.field("run_id") == self.run_id).to_pylist()
+            if earlier and earlier[0]["state"] == "committed":
+                raise RunExistsError(
+                    f"run {self.run_id!r} is already committed in {self.tables.uri(RUNS)}; pick another id"
+                )
+            day = earlier[0]["run_date"] if earlier else run_date
+            attempt = claimed + 1
+            self._merge_run(table, run_row(self.run_id, day, "running", attempt, self.start_record), attempt)
+            return day, attempt
+
+        return self.tables.retry_commit(RUNS, claim)
+
+    def _merge_run(self, table, row: dict[str, Any], attempt: int | None = None) -> None:
+        from deltalake import CommitProperties, Transaction
+
+        transactions = [Transaction(self.app_id, attempt)] if attempt is not None else None
+        (
+            table.merge(
+                pa.Table.from_pylist([row], schema=RUN_SCHEMA),
+                predicate="target.run_id = source.run_id",
+                source_alias="source",
+                target_alias="target",
+                commit_properties=CommitProperties(app_transactions=transactions),
+            )
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
+    def _repair_current(self) -> None:
+        """If an earlier attempt died between a part's two commits, put that part's documents into
+        ``current``: those of this run's documents whose ``current`` rows are another run's."""
+        current = self.tables.open(CURRENT)
+        if (current.transaction_version(self.app_id) or 0) >= self.part:
+            return
+        documents = pc.unique(self.recovered.column("document"))
+        there = self.tables.read(CURRENT, columns=["document", "run_id"], filter=ds.field("document").isin(documents))
+        done = pc.unique(there.filter(pc.equal(there.column("run_id"), self.run_id)).column("document"))
+        missing = self.recovered.filter(pc.invert(pc.is_in(self.recovered.column("document"), value_set=done)))
+        log.info("run %s: bringing %d row(s) of part %d into current", self.run_id, missing.num_rows, self.part)
+        self._replace_current(self._with_run_date(missing), self.part)
+
+    def _with_run_date(self, rows: pa.Table) -> pa.Table:
+        return rows.append_column("run_date", pa.array([self.run_date] * rows.num_rows, pa.date32()))
+
+    def _commit_properties(self, part: int):
+        from deltalake import CommitProperties, Transaction
+
+        return CommitProperties(
+            app_transactions=[Transaction(self.app_id, part)],
+            custom_metadata={"docqa.run_id": self.run_id, "docqa.part": str(part)},
+        )
+
+    def _replace_current(self, rows: pa.Table, part: int) -> None:
+        from deltalake import write_deltalake
+
+        documents = pc.unique(rows.column("document")).to_pylist()
+        predicate = f"document IN ({', '.join(sql_string(document) for document in documents)})"
+
+        def replace(table) -> None:
+            if (table.transaction_version(self.app_id) or 0) < part:
+                write_deltalake(
+                    table, rows, mode="overwrite", predicate=predicate, commit_properties=self._commit_properties(part)
+                )
+
+        self.tables.retry_commit(CURRENT, replace)
 
     def write(self, table: pa.Table) -> None:
         table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
@@ -102,24 +199,39 @@ class RunWriter:
             self._pending_rows += done.num_rows
             waiting = waiting.filter(pc.invert(mask))
         self._waiting = waiting if waiting.num_rows else None
-        if self._pending_rows >= self.rows_per_file:
-            self._flush()
+        due = time.monotonic() - self._last_commit >= self.commit_interval_s
+        if self._pending_rows >= self.commit_rows or (due and self._pending_rows):
+            self._commit_part()
 
-    def _flush(self) -> None:
+    def _commit_part(self) -> None:
+        """One part: its rows appended to ``answers``, then its documents replaced in ``current``."""
+        from deltalake import write_deltalake
+
         if not self._pending_rows:
             return
-        name = f"{PART_PREFIX}{self._next_part:05d}.parquet"
-        temporary = f"{self.directory}/{name}{TEMPORARY_SUFFIX}"
-        pq.write_table(pa.concat_tables(self._pending), temporary, filesystem=self.filesystem)
-        self.filesystem.move(temporary, f"{self.directory}/{name}")
-        self.files.append(name)
-        self._next_part += 1
+        part = self.part + 1
+        rows = self._with_run_date(pa.concat_tables(self._pending))
+
+        def append(table) -> None:
+            if (table.transaction_version(self.app_id) or 0) < part:
+                write_deltalake(
+                    table,
+                    rows,
+                    mode="append",
+                    partition_by=["run_date"],
+                    commit_properties=self._commit_properties(part),
+                )
+
+        self.tables.retry_commit(ANSWERS, append)
+        self._replace_current(rows, part)
+        self.part = part
         self._pending, self._pending_rows = [], 0
+        self._last_commit = time.monotonic()
 
     def commit(self, record: dict[str, Any]) -> str:
-        """Flush, then write the run record that makes the run visible. Returns the record's path."""
+        """Commit what is buffered, then mark the run ``committed`` with its record. Returns the output."""
         if self._waiting is not None:
-            # Should not happen; if it does, keep the rows (the index will not count these documents as done).
+            # Should not happen; if it does, keep the rows (the next run does not count them as complete).
             incomplete = sorted(set(self._waiting.column("document").to_pylist()))
             log.warning(
                 "%d document(s) arrived incomplete and will be retried next run: %s", len(incomplete), incomplete[:5]
@@ -127,46 +239,14 @@ class RunWriter:
             self._pending.append(self._waiting)
             self._pending_rows += self._waiting.num_rows
             self._waiting = None
-        self._flush()
-        path = f"{self.directory}/{RUN_RECORD}"
-        payload = json.dumps({**record, "files": self.files}, indent=2, sort_keys=True).encode()
-        with self.filesystem.open_output_stream(path) as stream:
-            stream.write(payload)
-        return path
+        self._commit_part()
+        row = run_row(self.run_id, self.run_date, "committed", self.attempt, {**record, "commits": self.part})
+        self.tables.retry_commit(RUNS, lambda table: self._merge_run(table, row))
+        return self.tables.output
 
-
-def committed_runs(output: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
-    """Run records of the committed runs under ``output``, oldest first, each with its ``directory``."""
-    filesystem, root = filesystem_for(output, storage or StorageConfig())
-    selector = pafs.FileSelector(f"{root.rstrip('/')}/runs", recursive=True, allow_not_found=True)
-    records = []
-    for info in filesystem.get_file_info(selector):
-        if info.base_name == RUN_RECORD:
-            with filesystem.open_input_stream(info.path) as stream:
-                record = json.loads(stream.read())
-            records.append({**record, "directory": info.path.rsplit("/", 1)[0]})
-    return sorted(records, key=lambda record: (record["started_at"], record["run_id"]))
-
-
-def read_committed(
-    output: str,
-    run_id: str | None = None,
-    storage: StorageConfig | None = None,
-    columns: list[str] | None = None,
-    records: list[dict[str, Any]] | None = None,
-) -> pa.Table:
-    """Rows of the committed runs (or of one), never of an uncommitted run. ``records``: the runs'
-    records when the caller has just listed them (``committed_runs``), so they are not listed again."""
-    filesystem, _ = filesystem_for(output, storage or StorageConfig())
-    schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(name) for name in columns])
-    paths = [
-        f"{record['directory']}/{name}"
-        for record in (committed_runs(output, storage) if records is None else records)
-        if run_id is None or record["run_id"] == run_id
-        for name in record["files"]
-    ]
-    if not paths:
-        return schema.empty_table()
-    return pa.concat_tables(
-        pq.read_table(path, filesystem=filesystem, schema=OUTPUT_SCHEMA, columns=schema.names) for path in paths
-    )
+    def fail(self, error: str) -> None:
+        """Commit the complete documents buffered so far (a rerun skips them) and mark the run ``failed``."""
+        self._commit_part()
+        record = {**self.start_record, "finished_at": datetime.now(UTC).isoformat(), "error": error}
+        row = run_row(self.run_id, self.run_date, "failed", self.attempt, {**record, "commits": self.part})
+        self.tables.retry_commit(RUNS, lambda table: self._merge_run(table, row))

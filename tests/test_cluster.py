@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from bench import free_port
 from jobs.cli import main
 from jobs.samples import invoice_pdf
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     assert main([*submit, "--date", "2026-11-20"]) == 0  # the scheduler fires twice: nothing new is submitted
     assert capsys.readouterr().out.strip() == submission_id
     assert len(JobSubmissionClient(ray_cluster).list_jobs()) == jobs_before
-    first = read_committed(str(tmp_path / "out"), "nightly-2026-11-20")
+    first = read_answers(str(tmp_path / "out"), "nightly-2026-11-20")
     assert len(set(first.column("document").to_pylist())) == len(list(inputs.iterdir()))
 
     (inputs / "new.pdf").write_bytes(invoice_pdf(101, 2, (612, 792)))
@@ -109,11 +110,12 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     changed.write_bytes(invoice_pdf(102, 1, (612, 792)))
     assert main([*submit, "--date", "2026-11-21", "--wait"]) == 0
     assert capsys.readouterr().out.split()[-1] == "SUCCEEDED"
-    second = read_committed(str(tmp_path / "out"), "nightly-2026-11-21")
+    second = read_answers(str(tmp_path / "out"), "nightly-2026-11-21")
     assert sorted(set(second.column("document").to_pylist())) == sorted([str(inputs / "new.pdf"), str(changed)])
     [record] = [r for r in committed_runs(str(tmp_path / "out")) if r["run_id"] == "nightly-2026-11-21"]
     assert record["incremental"]["unchanged_documents"] == len(list(inputs.iterdir())) - 2
-    assert record["directory"].endswith("runs/2026-11-21/nightly-2026-11-21")  # partitioned by run date
+    assert record["run_date"] == "2026-11-21"
+    assert set(second.column("run_date").to_pylist()) == {date(2026, 11, 21)}  # the answers partition
     assert set(second.column("run_id").to_pylist()) == {"nightly-2026-11-21"}
 
 

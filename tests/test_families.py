@@ -15,7 +15,7 @@ from jobs.samples import write_samples
 from pipeline.config import ModelConfig, RenderConfig
 from pipeline.pdf import open_pdf
 from pipeline.rows import Status
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers
 from tests.conftest import write_job
 
 QUESTIONS = [
@@ -72,7 +72,7 @@ def test_each_family_runs_end_to_end_and_equals_its_reference(
     extra = ["--set", f"model.adapter={model_section['adapter']}"] if "adapter" in model_section else []
     assert main(["run", "--config", str(job), "--run-id", case, *extra]) == 0
 
-    rows = read_committed(str(tmp_path / "out")).to_pylist()
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
     assert len(rows) == 6 + 3  # "number" on each of 6 pages, "text" on the 3 first pages
     geometry = resolve_image_geometry(ModelConfig(id=model_section["id"]), RenderConfig())
     tokens = {question["id"]: question["max_new_tokens"] for question in QUESTIONS}

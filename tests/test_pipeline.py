@@ -1,6 +1,5 @@
 """The whole pipeline through real Ray and real Parquet, driven by the `docqa` CLI as a user runs it."""
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,9 +13,9 @@ from bench.naive import chat_prompt, reference_answer
 from jobs.cli import main
 from pipeline.config import ModelConfig, RenderConfig, load_config
 from pipeline.pdf import open_pdf
-from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.rows import Status
 from pipeline.sandbox import SECCOMP_CLOSED
-from pipeline.sink import RUN_RECORD, committed_runs, read_committed
+from pipeline.tables import ANSWER_SCHEMA, committed_runs, read_answers
 
 JOB = """
 input: unused
@@ -86,8 +85,8 @@ def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
     assert "run r1 committed" in summary and f"documents: 7 ({documents['ok']} ok; failed: {failed})" in summary
     assert str(output) in summary
 
-    table = read_committed(str(output))
-    assert table.schema == OUTPUT_SCHEMA
+    table = read_answers(str(output))
+    assert table.schema == ANSWER_SCHEMA
     rows_per_document = {
         doc: n
         for doc, n in zip(
@@ -115,7 +114,8 @@ def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
     assert record["counts"]["documents"] == documents
     assert record["config"]["render"]["backend"] == backend and record["versions"]["transformers"].startswith("5.")
     assert record["render_isolation"] == [SECCOMP_CLOSED]  # every render helper of the run had its network closed
-    assert sum(pq.read_metadata(f"{record['directory']}/{name}").num_rows for name in record["files"]) == len(rows)
+    assert record["commits"] == 1 and record["attempt"] == 1 and record["run_date"] == record["started_at"][:10]
+    assert (output / "answers" / f"run_date={record['run_date']}").is_dir()  # partitioned by run date
 
 
 def test_pipeline_answers_equal_the_naive_reference(
@@ -129,7 +129,7 @@ def test_pipeline_answers_equal_the_naive_reference(
     geometry = resolve_image_geometry(ModelConfig(id=str(tiny_model)), RenderConfig())
     config = load_config(job_file)
     checked = 0
-    for row in read_committed(str(output)).to_pylist():
+    for row in read_answers(str(output)).to_pylist():
         if row["status"] != Status.OK:
             continue
         page = open_pdf(Path(row["document"]).read_bytes(), "pymupdf").render(
@@ -143,24 +143,23 @@ def test_pipeline_answers_equal_the_naive_reference(
     assert checked >= 20
 
 
-def test_committed_runs_are_never_overwritten_and_uncommitted_ones_are_invisible(
+def test_committed_runs_are_never_overwritten_and_files_outside_the_log_are_invisible(
     ray_session, tiny_model: Path, sample_pdfs: Path, job_file: Path, tmp_path: Path, capsys
 ) -> None:
     output = tmp_path / "out"
     assert _run(job_file, sample_pdfs, output, tiny_model, "--run-id", "keep") == 0
-    before = read_committed(str(output))
+    before = read_answers(str(output))
     assert _run(job_file, sample_pdfs, output, tiny_model, "--run-id", "keep") == 1
-    assert "already committed" in capsys.readouterr().err
-    assert read_committed(str(output)).equals(before)
+    assert "run 'keep' is already committed" in capsys.readouterr().err
+    assert read_answers(str(output)).equals(before)
 
-    # What a run that died before its commit leaves behind: data files, no run record.
-    [record] = committed_runs(str(output))
-    crashed = Path(record["directory"]).parent / "crashed"
-    crashed.mkdir()
-    pq.write_table(before, crashed / "part-00000.parquet")
+    # What a writer that died before its commit leaves behind: data files the Delta log does not name.
+    for table in ("answers", "current"):
+        pq.write_table(before, output / table / "part-99999-uncommitted.parquet")
     assert [r["run_id"] for r in committed_runs(str(output))] == ["keep"]
-    assert read_committed(str(output)).num_rows == before.num_rows
-    assert json.loads((Path(record["directory"]) / RUN_RECORD).read_text())["run_id"] == "keep"
+    assert read_answers(str(output)).num_rows == before.num_rows
+    assert main(["query", "--output", str(output), "--format", "json", "SELECT count(*) AS n FROM answers"]) == 0
+    assert capsys.readouterr().out.strip() == f'{{"n": {before.num_rows}}}'
 
 
 def test_bad_config_and_unloadable_model_fail_before_any_work(

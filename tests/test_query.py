@@ -18,7 +18,8 @@ from jobs import query
 from jobs.formats import write_result
 from jobs.run import run_job
 from pipeline.config import StorageConfig, load_config
-from pipeline.sink import RunWriter, read_committed
+from pipeline.sink import RunWriter
+from pipeline.tables import read_answers
 from tests.conftest import write_job
 
 QUESTIONS = [
@@ -30,8 +31,8 @@ CHANGED = [QUESTIONS[0], {**QUESTIONS[1], "text": "What is the total amount due?
 
 @pytest.fixture(scope="module")
 def outputs(ray_session, tiny_model, sample_pdfs, tmp_path_factory):
-    """Run A over every sample; run B over two invoices with a changed question; a run C that wrote its
-    part files and died before committing."""
+    """Run A over every sample; run B over two invoices with a changed question; a run C that started,
+    buffered rows and died before its first commit, and a data file its writer left outside the log."""
     directory = tmp_path_factory.mktemp("query")
     first = load_config(write_job(directory, sample_pdfs, tiny_model, QUESTIONS), {"run_id": "run-a"})
     run_job(first)
@@ -40,11 +41,12 @@ def outputs(ray_session, tiny_model, sample_pdfs, tmp_path_factory):
     )
     run_job(second)
     output = str(directory / "out")
-    dead = RunWriter(output, "run-c", "2026-11-23", StorageConfig(), rows_per_file=1)
-    rows = read_committed(output, "run-b")
-    dead.write(rows.set_column(rows.schema.get_field_index("answer"), "answer", pa.array(["DEAD RUN"] * len(rows))))
-    dead._flush()  # part files on disk, no run record: the run died here
-    assert list(Path(dead.directory).glob("part-*.parquet"))
+    started = {"run_id": "run-c", "started_at": "2026-11-23T06:00:00+00:00", "input": "dead"}
+    dead = RunWriter(output, "run-c", "2026-11-23", StorageConfig(), started, commit_rows=10**6)
+    rows = read_answers(output, "run-b").drop_columns(["run_date"])
+    rows = rows.set_column(rows.schema.get_field_index("answer"), "answer", pa.array(["DEAD RUN"] * len(rows)))
+    dead.write(rows.set_column(0, "run_id", pa.array(["run-c"] * len(rows))))  # buffered, never committed
+    pq.write_table(rows, Path(output) / "current" / "part-00000-dead.parquet")  # a file outside the log
     return output
 
 
@@ -52,9 +54,9 @@ def _key(row: dict) -> tuple:
     return row["document"], row["page_number"], row["question_id"]
 
 
-def test_latest_answer_wins_and_uncommitted_runs_are_invisible(outputs):
-    run_a = {_key(row): row for row in read_committed(outputs, "run-a").to_pylist()}
-    run_b = {_key(row): row for row in read_committed(outputs, "run-b").to_pylist()}
+def test_latest_run_wins_and_uncommitted_rows_are_invisible(outputs):
+    run_a = {_key(row): row for row in read_answers(outputs, "run-a").to_pylist()}
+    run_b = {_key(row): row for row in read_answers(outputs, "run-b").to_pylist()}
     current = query.query(outputs, "SELECT * FROM answers").to_pylist()
     assert {_key(row) for row in current} == set(run_a)  # every document, page and question once
     assert len(current) == len(run_a)
@@ -77,9 +79,13 @@ def test_latest_answer_wins_and_uncommitted_runs_are_invisible(outputs):
 
 def test_runs_table_failures_and_answers_of_a_document(outputs):
     runs = query.runs(outputs).to_pylist()
-    assert [run["run_id"] for run in runs] == ["run-a", "run-b"]
-    assert (runs[0]["documents"], runs[0]["failed_documents"], runs[1]["documents"]) == (7, 2, 2)
-    assert all(run["duration_s"] > 0 and run["run_date"] for run in runs)
+    assert [(run["run_id"], run["state"]) for run in runs] == [
+        ("run-c", "running"),  # its started_at is a day earlier
+        ("run-a", "committed"),
+        ("run-b", "committed"),
+    ]
+    assert (runs[1]["documents"], runs[1]["failed_documents"], runs[2]["documents"]) == (7, 2, 2)
+    assert all(run["duration_s"] > 0 and run["run_date"] for run in runs[1:])
 
     current = query.query(outputs, "SELECT * FROM answers").to_pylist()
     table = {row["document"]: row for row in query.table(outputs).to_pylist()}
@@ -111,8 +117,9 @@ def test_runs_table_failures_and_answers_of_a_document(outputs):
     )
     with pytest.raises(query.QueryError, match="documents match 'invoice'"):
         query.answers(outputs, "invoice")
-    with pytest.raises(query.QueryError, match="no committed run 'run-c'"):
-        query.failures(outputs, run="run-c")
+    with pytest.raises(query.QueryError, match=r"no run 'run-z' .*latest: run-b, run-a, run-c"):
+        query.failures(outputs, run="run-z")
+    assert query.failures(outputs, run="run-c").num_rows == 0  # started, nothing committed
     with pytest.raises(query.QueryError, match=r"unknown question id\(s\) \['date'\]"):
         query.table(outputs, ["date"])
 
@@ -156,7 +163,7 @@ def test_cli_prints_a_table_and_explains_bad_sql(outputs):
     missing = subprocess.run(
         [*docqa, "runs", "--output", f"{outputs}-typo"], capture_output=True, text=True, timeout=120
     )
-    assert missing.returncode == 2 and "no committed runs under" in missing.stderr
+    assert missing.returncode == 2 and "no docqa output under" in missing.stderr
 
 
 def test_s3_outputs_read_the_same(outputs, s3_endpoint):
@@ -170,4 +177,5 @@ def test_s3_outputs_read_the_same(outputs, s3_endpoint):
     from_s3 = query.query("s3://query-outputs/out", sql, storage=storage)
     assert from_s3.num_rows > 0
     assert from_s3.equals(query.query(outputs, sql))
-    assert [run["run_id"] for run in query.runs("s3://query-outputs/out", storage).to_pylist()] == ["run-a", "run-b"]
+    runs = query.runs("s3://query-outputs/out", storage).to_pylist()
+    assert [run["run_id"] for run in runs] == ["run-c", "run-a", "run-b"]

@@ -9,13 +9,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pymupdf
 
 from jobs.cli import main
 from jobs.samples import write_samples
 from pipeline.config import load_config
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers, read_current
 from tests.conftest import write_job
 
 QUESTIONS = [
@@ -44,8 +43,17 @@ def _expected_keys(job: Path, inputs: Path) -> Counter:
     return keys
 
 
+def _keys_list(table) -> list[tuple]:
+    return list(zip(*table.select(["document", "page_number", "question_id"]).to_pydict().values(), strict=True))
+
+
 def _keys(table) -> Counter:
-    return Counter(zip(*table.select(["document", "page_number", "question_id"]).to_pydict().values(), strict=True))
+    return Counter(_keys_list(table))
+
+
+def _commits(log: Path) -> int:
+    """Delta commits in a table's log (version 0 creates the table)."""
+    return len(list(log.glob("*.json")))
 
 
 def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
@@ -53,9 +61,9 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
 ) -> None:
     inputs = tmp_path / "pdfs"
     write_samples(inputs, count=12)
-    job = _job(tmp_path, inputs, tiny_model, output_rows_per_file=4)
+    job = _job(tmp_path, inputs, tiny_model, commit_rows=4)
     nightly = ["nightly", "--config", str(job), "--date", "2026-11-22"]
-    run_dir = tmp_path / "out" / "runs" / "2026-11-22" / "nightly-2026-11-22"
+    out = str(tmp_path / "out")
 
     environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
@@ -64,33 +72,40 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    log = tmp_path / "out" / "current" / "_delta_log"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None and len(list(run_dir.glob("part-*.parquet"))) < 2:
-        time.sleep(0.1)
+    while time.monotonic() < deadline and driver.poll() is None and _commits(log) < 3:  # two parts committed
+        time.sleep(0.05)
     assert driver.poll() is None, "the run finished before it could be killed"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert not (run_dir / "_run.json").exists()
-    survivors = {path.name: path.read_bytes() for path in run_dir.glob("part-*.parquet")}
-    rows_before = sum(pq.read_metadata(run_dir / name).num_rows for name in survivors)
+    assert committed_runs(out) == []  # its runs row still says running
+    before = read_answers(out)
+    assert _keys(before) == _keys(read_current(out))  # every committed part is in both tables
 
     assert main(nightly) == 0
-    after = read_committed(str(tmp_path / "out"))
+    after = read_answers(out)
     keys = _keys(after)
     expected = _expected_keys(job, inputs)
     duplicates = sum(count - 1 for count in keys.values() if count > 1)
     missing = sum(1 for key in expected if key not in keys)
     print(
-        f"kill-and-rerun: rows before {rows_before}, after {after.num_rows}, duplicates {duplicates}, missing {missing}"
+        f"kill-and-rerun: rows before {before.num_rows}, after {after.num_rows}, duplicates {duplicates}, "
+        f"missing {missing}"
     )
     assert (duplicates, missing, after.num_rows) == (0, 0, sum(expected.values()))
-    [record] = committed_runs(str(tmp_path / "out"))
-    for name, data in survivors.items():  # the killed attempt's finished work was kept, not redone
-        assert name in record["files"] and (run_dir / name).read_bytes() == data
-    assert 0 < rows_before < after.num_rows
+    assert _keys(read_current(out)) == keys
+    [record] = committed_runs(out)
+    assert (record["run_id"], record["attempt"]) == ("nightly-2026-11-22", 2)
+    # The killed attempt's committed rows were kept as they were, not redone.
+    kept = {key: answer for key, answer in zip(_keys_list(after), after.column("answer").to_pylist(), strict=True)}
+    assert all(
+        kept[key] == answer for key, answer in zip(_keys_list(before), before.column("answer").to_pylist(), strict=True)
+    )
+    assert 0 < before.num_rows < after.num_rows
 
     assert main(nightly) == 0  # fired again: already committed, nothing to do
-    assert read_committed(str(tmp_path / "out")).num_rows == after.num_rows
+    assert read_answers(out).num_rows == after.num_rows
 
 
 def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_model: Path, tmp_path: Path) -> None:
@@ -102,7 +117,7 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
 
     def run_of(date: str) -> set[str]:
         assert main(["nightly", "--config", str(job), "--date", date]) == 0
-        return set(read_committed(out, f"nightly-{date}").column("document").to_pylist())
+        return set(read_answers(out, f"nightly-{date}").column("document").to_pylist())
 
     first = run_of("2026-11-01")
     assert len(first) == 4
@@ -129,7 +144,7 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
         )
         == 0
     )
-    fourth = read_committed(out, "nightly-2026-11-04")
+    fourth = read_answers(out, "nightly-2026-11-04")
     taken = Counter(fourth.column("document").to_pylist())
     pages = {doc: len(set(pages)) for doc, pages in _pages_by_document(fourth).items()}
     assert sum(pages.values()) <= 3 and set(taken) <= set(documents) - run_of_documents(out, "nightly-2026-11-03")
@@ -146,4 +161,4 @@ def _pages_by_document(table) -> dict[str, list[int]]:
 
 
 def run_of_documents(out: str, run_id: str) -> set[str]:
-    return set(read_committed(out, run_id).column("document").to_pylist())
+    return set(read_answers(out, run_id).column("document").to_pylist())

@@ -21,7 +21,7 @@ from pipeline.images import ImageGeometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import DocumentError, Status
 from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers
 from tests.conftest import write_job
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
 
@@ -190,7 +190,7 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
     assert main(["run", "--config", str(job)]) == 0
     captured = capsys.readouterr()
     server.shutdown()
-    rows = read_committed(str(tmp_path / "out")).to_pylist()
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
     status = {Path(row["document"]).name: row["status"] for row in rows}
     assert status == {
         "active.pdf": "ok",
@@ -201,13 +201,12 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
     }
     assert _Recorder.hits == []  # no JavaScript ran, no link or attachment was followed
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
-    assert all(path.startswith(("in/", "job.yaml", "out/runs/")) for path in written), written
+    assert all(path.startswith(("in/", "job.yaml", "out/answers/", "out/current/", "out/runs/")) for path in written)
     [record] = committed_runs(str(tmp_path / "out"))
     assert record["config"]["render"]["passwords"] == ["**********"]
     for blob in [
-        Path(record["directory"], "_run.json").read_text(),
         captured.out + captured.err,
-        *(Path(record["directory"], name).read_bytes().decode("latin-1") for name in record["files"]),
+        *(path.read_bytes().decode("latin-1") for path in (tmp_path / "out").rglob("*") if path.is_file()),
     ]:
         assert PASSWORD not in blob
 
@@ -241,7 +240,7 @@ def test_shared_corpus_runs_through_with_every_file_exactly_once(ray_session, ti
         actors={"batch_size": 8},
     )
     assert main(["run", "--config", str(job)]) == 0
-    rows = read_committed(str(tmp_path / "out")).to_pylist()
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
     assert sorted(row["document"] for row in rows) == files  # one question on one page: one row per file
     status = {str(Path(row["document"]).relative_to(SHARED_CORPUS.resolve())): row["status"] for row in rows}
     assert {name: status[name] for name in KNOWN_CORPUS_STATUSES} == KNOWN_CORPUS_STATUSES
@@ -283,7 +282,7 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
     assert main(["run", "--config", str(job)]) == 0
     killer.join()
     assert killed, "the actor was never killed: the run ended first"
-    rows = read_committed(str(tmp_path / "out"))
+    rows = read_answers(str(tmp_path / "out"))
     keys = list(zip(*rows.select(["document", "page_number", "question_id"]).to_pydict().values(), strict=True))
     expected = {
         (str(path.resolve()), page, q)

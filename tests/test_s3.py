@@ -15,7 +15,7 @@ from jobs.cli import main
 from jobs.samples import invoice_pdf
 from pipeline.config import StorageConfig
 from pipeline.rows import Status
-from pipeline.sink import committed_runs, read_committed
+from pipeline.tables import committed_runs, read_answers, read_current
 from tests.conftest import AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 from tests.s3_server import FaultProxy
 
@@ -83,7 +83,7 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     storage = StorageConfig(endpoint_url=s3_endpoint)
-    rows = read_committed("s3://bulk/out/", storage=storage).to_pylist()
+    rows = read_answers("s3://bulk/out/", storage=storage).to_pylist()
     documents = [row["document"] for row in rows]
     assert len(documents) == len(set(documents)) == len(pdf_keys) + len(other_keys)
     assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
@@ -94,11 +94,11 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
         assert row["etag"] == client.head_object(Bucket="bulk", Key=key)["ETag"].strip('"')
         assert row["file_size"] == client.head_object(Bucket="bulk", Key=key)["ContentLength"]
     [record] = committed_runs("s3://bulk/out/", storage)
-    assert record["directory"].startswith("bulk/out/runs/") and record["counts"]["documents"]["ok"] == len(pdf_keys)
+    assert record["counts"]["documents"]["ok"] == len(pdf_keys) and record["output"] == "s3://bulk/out/"
     keys = [item["Key"] for item in client.list_objects_v2(Bucket="bulk", Prefix="out/")["Contents"]]
-    assert any(key.endswith("/_run.json") for key in keys) and any(key.endswith(".parquet") for key in keys)
-    body = client.get_object(Bucket="bulk", Key=next(k for k in keys if k.endswith("_run.json")))["Body"].read()
-    _assert_no_credentials(body)
+    for table in ("answers", "current", "runs"):  # Delta tables: a log and Parquet files
+        assert any(key.startswith(f"out/{table}/_delta_log/") for key in keys)
+        assert any(key.startswith(f"out/{table}/") and key.endswith(".parquet") for key in keys)
     _assert_no_credentials(captured.out + captured.err)
     for key in keys:
         _assert_no_credentials(client.get_object(Bucket="bulk", Key=key)["Body"].read())
@@ -110,7 +110,7 @@ def test_throttling_and_server_errors_are_retried_with_nothing_lost_or_duplicate
     pdf_keys, other_keys = _fill_bucket(s3_endpoint, "flaky", pdfs=60, others=4)
     proxy = FaultProxy(s3_endpoint, every=5)  # every 5th request: 503 SlowDown or 500 InternalError
     try:
-        job = _job(tmp_path, proxy.url, output_rows_per_file=7)
+        job = _job(tmp_path, proxy.url, commit_rows=7)
         code = main(
             [
                 "run",
@@ -129,59 +129,55 @@ def test_throttling_and_server_errors_are_retried_with_nothing_lost_or_duplicate
         proxy.stop()
     assert sum(proxy.injected.values()) >= 20
     assert {fault.split()[0] for fault in proxy.injected} >= {"GET", "PUT"}  # reads, listing and writes all hit
-    rows = read_committed("s3://flaky/out/", storage=StorageConfig(endpoint_url=s3_endpoint)).to_pylist()
+    rows = read_answers("s3://flaky/out/", storage=StorageConfig(endpoint_url=s3_endpoint)).to_pylist()
     documents = [row["document"] for row in rows]
     assert sorted(documents) == sorted(pdf_keys | other_keys)
     assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
 
 
-def test_a_killed_run_leaves_nothing_visible_and_the_previous_run_readable(
+def test_a_run_killed_after_its_first_commit_resumes_with_nothing_lost_or_duplicated(
     ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
 ) -> None:
-    _fill_bucket(s3_endpoint, "crash", pdfs=40, others=0)
+    pdf_keys, _ = _fill_bucket(s3_endpoint, "crash", pdfs=40, others=0)
     storage = StorageConfig(endpoint_url=s3_endpoint)
-    job = _job(tmp_path, s3_endpoint, output_rows_per_file=2)
-    args = [
-        "--config",
-        str(job),
-        "--input",
-        "s3://crash/in/",
-        "--output",
-        "s3://crash/out/",
-        "--model",
-        str(tiny_model),
-    ]
+    job = _job(tmp_path, s3_endpoint, commit_rows=2)
+    args = ["--config", str(job), "--input", "s3://crash/in/", "--output", "s3://crash/out/", "--model"]
+    args += [str(tiny_model)]
     assert main(["run", *args, "--run-id", "good"]) == 0
-    before = read_committed("s3://crash/out/", storage=storage)
+    good = read_answers("s3://crash/out/", "good", storage)
 
     environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # Another question: a new config fingerprint, so every document is processed again.
+    killed = ["run", *args, "--run-id", "killed", "--set", "questions.0.text=Total due?"]
     driver = subprocess.Popen(
-        # Another question: a new config fingerprint, so every document is processed again.
-        [sys.executable, "-m", "jobs.cli", "run", *args, "--run-id", "killed", "--set", "questions.0.text=Total due?"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "jobs.cli", *killed], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    client = _client(s3_endpoint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and driver.poll() is None:
-        listed = client.list_objects_v2(Bucket="crash", Prefix="out/").get("Contents", [])
-        if any("/killed/part-" in item["Key"] for item in listed):
+        if read_answers("s3://crash/out/", "killed", storage).num_rows:  # its first part is committed
             break
         time.sleep(0.2)
     assert driver.poll() is None, "the run finished before it could be killed"
     driver.send_signal(signal.SIGKILL)
     output, _ = driver.communicate()
     _assert_no_credentials(output)
-
-    leftovers = [
-        i["Key"] for i in client.list_objects_v2(Bucket="crash", Prefix="out/")["Contents"] if "/killed/" in i["Key"]
-    ]
-    assert any(key.endswith(".parquet") for key in leftovers) and not any(
-        key.endswith("_run.json") for key in leftovers
-    )
     assert [record["run_id"] for record in committed_runs("s3://crash/out/", storage)] == ["good"]
-    assert read_committed("s3://crash/out/", storage=storage).equals(before)
+    before = read_answers("s3://crash/out/", "killed", storage)
+    assert 0 < before.num_rows < len(pdf_keys)
+
+    assert main(killed) == 0  # the same run id again: it resumes
+    after = read_answers("s3://crash/out/", "killed", storage).to_pylist()
+    documents = [row["document"] for row in after]
+    print(f"S3 kill-and-rerun: rows before {before.num_rows}, after {len(after)}")
+    assert sorted(documents) == sorted(pdf_keys) and all(row["status"] == Status.OK for row in after)
+    current = read_current("s3://crash/out/", storage).to_pylist()
+    assert sorted(row["document"] for row in current) == sorted(pdf_keys)
+    assert {row["run_id"] for row in current} == {"killed"}
+    assert read_answers("s3://crash/out/", "good", storage).equals(good)  # history kept
+    assert [(r["run_id"], r["attempt"]) for r in committed_runs("s3://crash/out/", storage)] == [
+        ("good", 1),
+        ("killed", 2),
+    ]
 
 
 @pytest.mark.parametrize(

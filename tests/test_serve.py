@@ -27,12 +27,12 @@ INVOICES = ["invoice-001.pdf", "invoice-002.pdf", "invoice-003.pdf", "invoice-00
 @pytest.fixture(scope="module")
 def batch_answers(ray_session, tiny_model, sample_pdfs, tmp_path_factory) -> dict[tuple, str]:
     """The batch pipeline's answers for the same pages and questions, keyed by (file name, page, question)."""
-    from pipeline.sink import read_committed
+    from pipeline.tables import read_answers
 
     directory = tmp_path_factory.mktemp("serve-batch")
     config = load_config(write_job(directory, sample_pdfs, tiny_model, QUESTIONS))
     run_job(config)
-    rows = read_committed(config.output).to_pylist()
+    rows = read_answers(config.output).to_pylist()
     return {
         (Path(row["document"]).name, row["page_number"], row["question_id"]): row["answer"]
         for row in rows

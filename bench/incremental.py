@@ -1,0 +1,170 @@
+"""Incremental at scale: a nightly run over an output whose `current` table already holds a million committed
+documents, with a listing in which a thousand documents are new.
+
+`prepare` (its own process, so that building the synthetic tables does not count against the driver):
+1,000,000 empty files in 1,000 folders, and `answers`/`current` tables holding 3 committed rows for each of
+them (3 questions, 1 page) under the benchmark config's fingerprint and each file's real version, as a
+year of nightly runs would leave them; then 1,000 new documents (sample invoices) whose names sort last,
+so the listing must get through every unchanged file before it reaches them (the worst case).
+`run` (a fresh process): `docqa nightly` with the tiny model, taking 50 of the new documents
+(budget.max_documents) so that the run is short; reports the time from the start of the run to its first
+result row, the skip decision's share, and the peak memory of the driver and of the whole process tree.
+
+    python -m bench.incremental [--documents 1000000] [--new 1000] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+QUESTIONS = [{"id": f"q{n}", "text": f"Question {n}?", "pages": "first", "max_new_tokens": 2} for n in (1, 2, 3)]
+FOLDER_SIZE = 1000
+
+
+def _config(workdir: Path, model: str | None = None):
+    from pipeline.config import load_config
+
+    return load_config(
+        None,
+        {
+            "input": str(workdir / "docs"),
+            "output": str(workdir / "out"),
+            "model": {"id": model or str(workdir / "tiny")},
+            "questions": QUESTIONS,
+            "render": {"image_splitting": False},
+            "budget": {"max_documents": 50},
+        },
+    )
+
+
+def prepare(workdir: Path, documents: int, new: int) -> None:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from actors.tiny import build_tiny_idefics2
+    from jobs.samples import invoice_pdf
+    from pipeline.storage import iter_documents
+    from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, OutputTables
+
+    build_tiny_idefics2(workdir / "tiny")
+    started = time.perf_counter()
+    for number in range(documents):
+        folder = workdir / "docs" / f"f{number // FOLDER_SIZE:04d}"
+        if number % FOLDER_SIZE == 0:
+            folder.mkdir(parents=True)
+        (folder / f"doc-{number:07d}.pdf").touch()
+    config = _config(workdir)
+    refs = list(iter_documents(config.input, config.storage))  # the URIs and versions a listing reports
+    print(f"prepare: {documents} files in {time.perf_counter() - started:.0f} s", flush=True)
+
+    tables = OutputTables(config.output, config.storage)
+    tables.create()
+    rows = len(refs) * len(QUESTIONS)
+    columns = {
+        "run_id": pa.array(["seed"] * rows),
+        "document": pa.array([ref.uri for ref in refs for _ in QUESTIONS]),
+        "source_version": pa.array([ref.version for ref in refs for _ in QUESTIONS]),
+        "config_fingerprint": pa.array([config.fingerprint()] * rows),
+        "document_rows": pa.array([len(QUESTIONS)] * rows, pa.int32()),
+        "page_number": pa.array([1] * rows, pa.int32()),
+        "num_pages": pa.array([1] * rows, pa.int32()),
+        "question_id": pa.array([q["id"] for _ in refs for q in QUESTIONS]),
+        "answer": pa.array(["synthetic"] * rows),
+        "status": pa.array(["ok"] * rows),
+    }
+    table = pa.table(
+        {
+            field.name: columns.get(field.name, pa.nulls(rows, field.type))
+            for field in ANSWER_SCHEMA
+            if field.name != "run_date"
+        }
+    ).append_column("run_date", pa.array([date(2026, 1, 1)] * rows, pa.date32()))
+    table = table.cast(ANSWER_SCHEMA)
+    write_deltalake(tables.uri(ANSWERS), table, mode="append", partition_by=["run_date"])
+    write_deltalake(tables.uri(CURRENT), table, mode="append")
+    print(f"prepare: {rows} committed rows ({documents} documents) written", flush=True)
+    for number in range(new):
+        folder = workdir / "docs" / "zz-new"
+        folder.mkdir(exist_ok=True)
+        (folder / f"new-{number:05d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
+
+
+def run(workdir: Path) -> None:
+    import psutil
+    import ray
+
+    from jobs.run import completed_documents, run_job
+    from pipeline.rows import OUTPUT_SCHEMA
+    from pipeline.tables import OutputTables, read_answers
+
+    peak = {"driver": 0, "tree": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.is_set():
+            driver = me.memory_info().rss
+            tree = driver
+            for process in me.children(recursive=True):
+                try:
+                    tree += process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak["driver"] = max(peak["driver"], driver)
+            peak["tree"] = max(peak["tree"], tree)
+            time.sleep(0.05)
+
+    config = _config(workdir).model_copy(update={"run_id": "nightly-bench"})
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    decision = completed_documents(config, OutputTables(config.output, config.storage), OUTPUT_SCHEMA.empty_table())
+    decision_s = time.perf_counter() - started
+    summary = run_job(config, progress_interval_s=30)
+    done.set()
+    taken = read_answers(config.output, "nightly-bench", columns=["document"]).column("document").to_pylist()
+    print("# bench.incremental  nightly over 1,000,000 committed documents + new ones")
+    print(f"committed documents known to the skip decision: {len(decision)}")
+    print(f"skip decision alone (read current's 4 columns, group in Arrow, hash): {decision_s:.1f} s")
+    print(f"time from run start to its first result row: {summary.first_row_s:.1f} s")
+    print(f"run wall time: {summary.wall_s:.1f} s; skipped unchanged {summary.ledger['unchanged_documents']}")
+    print(f"documents taken {len(set(taken))} (all new: {all('/zz-new/' in uri for uri in taken)})")
+    print(f"peak RSS: driver {peak['driver'] / 2**30:.2f} GiB; whole process tree {peak['tree'] / 2**30:.2f} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", nargs="?", choices=["prepare", "run"], help="one step only (default: both)")
+    parser.add_argument("--documents", type=int, default=1_000_000)
+    parser.add_argument("--new", type=int, default=1000)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    if args.step == "prepare":
+        prepare(args.workdir, args.documents, args.new)
+        return
+    if args.step == "run":
+        run(args.workdir)
+        return
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="docqa-incremental-"))
+    try:
+        for step in ("prepare", "run"):
+            extra = ["--documents", str(args.documents), "--new", str(args.new)] if step == "prepare" else []
+            command = [sys.executable, "-m", "bench.incremental", step, "--workdir", str(workdir), *extra]
+            subprocess.run(command, check=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The output tables: Delta Lake tables under the output location, written and read with ``deltalake``
+(delta-rs), so that any engine (DuckDB, Polars, Spark, Athena, Trino) reads them correctly without docqa.
+
+Layout under the output location (local folder or s3:// prefix)::
+
+    OUTPUT/answers/   every row ever committed (ANSWER_SCHEMA), partitioned by run_date, full history
+    OUTPUT/current/   per document, the rows of the latest run that processed it (same schema)
+    OUTPUT/runs/      one row per run (RUN_SCHEMA): its state (running, committed, failed) and record
+
+Delta's log gives what a folder of Parquet files could not: a reader sees only committed files, commits
+are atomic (put-if-absent on local disks and on S3 through conditional writes), concurrent writers are
+serialised by optimistic concurrency, and old versions stay readable (time travel) until vacuumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from pipeline.config import StorageConfig
+from pipeline.rows import OUTPUT_SCHEMA
+from pipeline.storage import endpoint_of, is_s3
+
+ANSWERS = "answers"
+CURRENT = "current"
+RUNS = "runs"
+TABLES = (ANSWERS, CURRENT, RUNS)
+ANSWER_SCHEMA = OUTPUT_SCHEMA.append(pa.field("run_date", pa.date32(), nullable=False))
+RUN_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("run_date", pa.date32(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),  # running, committed, failed
+        pa.field("attempt", pa.int32(), nullable=False),  # 1, then 2... for each start of the same run id
+        pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        pa.field("duration_s", pa.float64()),
+        pa.field("input", pa.string()),
+        pa.field("model_id", pa.string()),
+        pa.field("config_fingerprint", pa.string()),
+        pa.field("documents", pa.int64()),
+        pa.field("failed_documents", pa.int64()),
+        pa.field("pages", pa.int64()),
+        pa.field("failed_pages", pa.int64()),
+        pa.field("answers", pa.int64()),
+        pa.field("rows", pa.int64()),
+        pa.field("commits", pa.int32()),  # Delta commits (parts) of this run in `answers`
+        pa.field("error", pa.string()),  # why a failed run failed
+        pa.field("record", pa.string()),  # the whole run record, JSON (config, versions, counts, isolation)
+    ]
+)
+SCHEMAS = {ANSWERS: ANSWER_SCHEMA, CURRENT: ANSWER_SCHEMA, RUNS: RUN_SCHEMA}
+PARTITIONS = {ANSWERS: ["run_date"], CURRENT: None, RUNS: None}
+COMMIT_ATTEMPTS = 20
+T = TypeVar("T")
+log = logging.getLogger("docqa")
+
+
+class TableError(RuntimeError):
+    """The output tables cannot be read or written; the message says why and what to do."""
+
+
+def table_uri(output: str, name: str) -> str:
+    """Where table ``name`` lives: an s3:// URI, or an absolute local path."""
+    if is_s3(output):
+        return f"{output.rstrip('/')}/{name}"
+    return str(Path(output).expanduser().resolve() / name)
+
+
+def storage_options(output: str, storage: StorageConfig) -> dict[str, str] | None:
+    """delta-rs's object store settings for ``output``, from the same StorageConfig as boto3 and pyarrow.
+    Credentials come from the standard AWS environment variables (delta-rs reads them itself)."""
+    if not is_s3(output):
+        return None
+    import os
+
+    options = {
+        "timeout": f"{storage.read_timeout_s:g}s",
+        "connect_timeout": f"{storage.connect_timeout_s:g}s",
+    }
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    endpoint = endpoint_of(storage)
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if urlparse(endpoint).scheme == "http":
+            options["AWS_ALLOW_HTTP"] = "true"
+    return options
+
+
+def describe_delta_error(error: Exception, what: str) -> str:
+    """A readable reason for a failed Delta operation, naming S3's conditional writes where they matter."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "precondition" in text.lower() or "conditional" in text.lower() or "not implemented" in text.lower():
+        return (
+            f"{what}: {text}. docqa's Delta commits need the store's conditional writes (PUT with If-None-Match):"
+            " AWS S3, MinIO, Cloudflare R2 and moto support them; a store without them cannot take commits safely"
+        )
+    return f"{what}: {text}"
+
+
+@dataclass(frozen=True)
+class OutputTables:
+    """The three tables of one output location."""
+
+    output: str
+    storage: StorageConfig
+
+    def uri(self, name: str) -> str:
+        return table_uri(self.output, name)
+
+    @property
+    def options(self) -> dict[str, str] | None:
+        return storage_options(self.output, self.storage)
+
+    def open(self, name: str, version: int | None = None, as_of: datetime | None = None):
+        """The table as of its latest version, or of ``version`` / the timestamp ``as_of``; None when the
+        table does not exist yet."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            table = DeltaTable(self.uri(name), version=version, storage_options=self.options)
+        except TableNotFoundError:
+            return None
+        except Exception as error:  # noqa: BLE001 - delta-rs raises plain exceptions for store failures
+            raise TableError(describe_delta_error(error, f"cannot open {self.uri(name)}")) from None
+        if as_of is not None:
+            try:
+                table.load_as_version(as_of)
+            except Exception as error:  # noqa: BLE001 - a timestamp before the table's first commit
+                raise TableError(f"{self.uri(name)} has no version as of {as_of.isoformat()}: {error}") from None
+        return table
+
+    def create(self) -> None:
+        """Create the tables that do not exist yet. Two writers creating the same table at once: one
+        commit wins, the other finds the table there."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import CommitFailedError
+
+        for name in TABLES:
+            try:
+                DeltaTable.create(
+                    self.uri(name),
+                    SCHEMAS[name],
+                    mode="ignore",
+                    partition_by=PARTITIONS[name],
+                    name=f"docqa_{name}",
+                    storage_options=self.options,
+                )
+            except CommitFailedError:
+                if self.open(name) is None:
+                    raise
+            except Exception as error:  # noqa: BLE001 - delta-rs raises plain exceptions for store failures
+                raise TableError(describe_delta_error(error, f"cannot create {self.uri(name)}")) from None
+
+    def dataset(self, name: str, version: int | None = None, as_of: datetime | None = None) -> ds.Dataset:
+        """A pyarrow dataset of the table's committed files (empty when the table does not exist yet)."""
+        table = self.open(name, version, as_of)
+        if table is None:
+            return ds.dataset(SCHEMAS[name].empty_table())
+        return table.to_pyarrow_dataset(schema=SCHEMAS[name])
+
+    def read(self, name: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
+        """The latest version's rows of table ``name`` (only ``columns``, only rows matching ``filter``)."""
+        return self.dataset(name).to_table(columns=columns, filter=filter)
+
+    def retry_commit(self, name: str, operation: Callable[[Any], T]) -> T:
+        """Run ``operation(table)`` on the latest version of table ``name``; when a concurrent writer's
+        commit conflicts with it, reload the table and run it again (operations here are idempotent: the
+        caller checks its application transaction first)."""
+        from deltalake.exceptions import CommitFailedError
+
+        attempt = 1
+        while True:
+            table = self.open(name)
+            if table is None:
+                raise TableError(f"{self.uri(name)} does not exist")
+            try:
+                return operation(table)
+            except CommitFailedError as error:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise TableError(describe_delta_error(error, f"commit to {self.uri(name)} failed")) from None
+                log.info("commit to %s met a concurrent commit (%s); retrying", name, str(error).splitlines()[0])
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+                attempt += 1
+
+
+def sql_string(value: str) -> str:
+    """A string literal for a delta-rs (DataFusion) predicate."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def committed_runs(output: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """The records of the committed runs under ``output``, oldest first, each with its ``run_date`` and
+    ``attempt`` (``runs`` rows in state ``committed``)."""
+    import json
+
+    tables = OutputTables(output, storage or StorageConfig())
+    rows = tables.read(RUNS, columns=["record", "run_date", "attempt"], filter=ds.field("state") == "committed")
+    records = [
+        {**json.loads(row["record"]), "run_date": row["run_date"].isoformat(), "attempt": row["attempt"]}
+        for row in rows.to_pylist()
+    ]
+    return sorted(records, key=lambda record: (record["started_at"], record["run_id"]))
+
+
+def read_answers(
+    output: str, run_id: str | None = None, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Rows of ``answers`` (every committed row; only those of ``run_id`` when given)."""
+    tables = OutputTables(output, storage or StorageConfig())
+    return tables.read(ANSWERS, columns, None if run_id is None else ds.field("run_id") == run_id)
+
+
+def read_current(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Rows of ``current``: per document, the rows of the latest run that processed it."""
+    return OutputTables(output, storage or StorageConfig()).read(CURRENT, columns)
+
+
+def optimize_output(output: str, storage: StorageConfig | None, retain_hours: int) -> dict[str, dict[str, int]]:
+    """Compact each table's small files (``current`` is also clustered by document, Z-order, so that a
+    commit's ``document IN (...)`` replace reads few files), then vacuum the files no version of the last
+    ``retain_hours`` needs. Readers see the same rows before and after; time travel reaches back
+    ``retain_hours``."""
+    tables = OutputTables(output, storage or StorageConfig())
+    report = {}
+    for name in TABLES:
+        table = tables.open(name)
+        if table is None:
+            raise TableError(f"no docqa output under {output} (no Delta table at {tables.uri(name)})")
+        before = len(table.file_uris())
+
+        def compact(table, name: str = name) -> dict[str, Any]:
+            return table.optimize.z_order(["document"]) if name == CURRENT else table.optimize.compact()
+
+        metrics = tables.retry_commit(name, compact)
+        table = tables.open(name)
+        vacuumed = table.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
+        report[name] = {
+            "files_before": before,
+            "files_after": len(table.file_uris()),
+            "files_removed": int(metrics.get("numFilesRemoved", 0)),
+            "vacuumed": len(vacuumed),
+        }
+    return report

@@ -1,0 +1,267 @@
+"""The output as Delta tables: `current` as an outside engine reads it, time travel, optimize and vacuum,
+retried commits, and writers running at once on a local disk and on the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from jobs import query
+from jobs.cli import main
+from jobs.samples import write_samples
+from pipeline.config import StorageConfig
+from pipeline.rows import Status, rows_to_table
+from pipeline.sink import RunWriter
+from pipeline.tables import committed_runs, read_answers, read_current, storage_options
+from tests.conftest import write_job
+
+QUESTIONS = [
+    {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 4},
+    {"id": "total", "text": "What is the total?", "pages": "all", "max_new_tokens": 4},
+]
+SORT = [("document", "ascending"), ("page_number", "ascending"), ("question_id", "ascending")]
+
+
+def _sorted(table: pa.Table) -> list[dict]:
+    """The rows in key order, compared as values (DuckDB's results carry no NOT NULL flags)."""
+    return table.sort_by(SORT).to_pylist()
+
+
+def _keys(table: pa.Table, columns: list[str]) -> Counter:
+    return Counter(tuple(row.values()) for row in table.select(columns).to_pylist())
+
+
+def _run(job: Path, *extra: str) -> int:
+    return main(["run", "--config", str(job), *extra])
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_session, tiny_model: Path, sample_pdfs: Path, tmp_path_factory) -> tuple[Path, pa.Table]:
+    """Run one with PyMuPDF (it repairs truncated.pdf and answers its page), then run two with pdf2image
+    (poppler refuses truncated.pdf: corrupt). Returns the job and `current` as run one left it."""
+    directory = tmp_path_factory.mktemp("tables")
+    job = write_job(directory, sample_pdfs, tiny_model, QUESTIONS, render={"image_splitting": False})
+    assert _run(job, "--run-id", "one") == 0
+    after_one = read_current(str(directory / "out"))
+    assert _run(job, "--run-id", "two", "--set", "render.backend=pdf2image") == 0
+    return job, after_one
+
+
+def test_a_document_that_later_fails_as_a_whole_has_only_its_failure_in_current(two_runs, capsys) -> None:
+    job, after_one = two_runs
+    output = str(job.parent / "out")
+    truncated = next(row["document"] for row in after_one.to_pylist() if row["document"].endswith("truncated.pdf"))
+    first = [row for row in after_one.to_pylist() if row["document"] == truncated]
+    assert first and all(row["status"] == Status.OK for row in first)  # answered under PyMuPDF
+
+    current = read_current(output).to_pylist()
+    now = [row for row in current if row["document"] == truncated]
+    assert [(row["status"], row["run_id"], row["page_number"]) for row in now] == [(Status.CORRUPT, "two", None)]
+    assert {row["run_id"] for row in current} == {"two"}  # a later processing replaces all earlier rows
+    history = read_answers(output)
+    assert Counter(history.column("run_id").to_pylist()) == {"one": len(after_one), "two": len(current)}
+
+    assert main(["table", "--output", output, "--format", "json"]) == 0
+    shown = {row["document"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert shown[truncated] == {
+        "document": truncated,
+        "num_pages": None,
+        "status": "corrupt",
+        "number": None,
+        "total": None,
+    }
+
+
+def test_an_outside_read_of_current_equals_docqa_query(two_runs) -> None:
+    job, _ = two_runs
+    output = job.parent / "out"
+    outside = DeltaTable(str(output / "current")).to_pyarrow_table()  # deltalake alone, no docqa code
+    ours = query.query(str(output), "SELECT * FROM answers")
+    assert outside.num_rows == ours.num_rows > 0
+    assert _sorted(outside) == _sorted(ours)
+    history = DeltaTable(str(output / "answers")).to_pyarrow_table()
+    assert _sorted(history) == _sorted(query.query(str(output), "SELECT * FROM all_rows"))
+
+
+def test_time_travel_returns_the_tables_as_of_an_earlier_version(two_runs, capsys) -> None:
+    job, after_one = two_runs
+    output = str(job.parent / "out")
+    versions = DeltaTable(f"{output}/current").history()
+    one = next(entry for entry in versions if entry.get("docqa.run_id") == "one")
+    as_of_version = query.query(output, "SELECT * FROM answers", version=one["version"])
+    assert _sorted(as_of_version) == _sorted(after_one)
+    moment = datetime.fromtimestamp((one["timestamp"] + 1) / 1000, UTC)
+    assert _sorted(query.query(output, "SELECT * FROM answers", as_of=moment)) == _sorted(after_one)
+    runs_then = query.runs(output, version=one["version"]).to_pylist()
+    assert [(run["run_id"], run["state"]) for run in runs_then] == [("one", "running")]  # run one's record came later
+    assert (
+        main(["query", "--output", output, "--version", "0", "--format", "json", "SELECT count(*) n FROM answers"]) == 0
+    )
+    assert capsys.readouterr().out.strip() == '{"n": 0}'
+    assert main(["runs", "--output", output, "--as-of", "2020-01-01"]) == 2
+    assert "has no version as of 2020-01-01" in capsys.readouterr().err
+
+
+def test_optimize_and_vacuum_leave_every_query_unchanged(two_runs, tmp_path: Path, capsys) -> None:
+    job, _ = two_runs
+    output = tmp_path / "out"
+    subprocess.run(["cp", "-r", str(job.parent / "out"), str(output)], check=True)
+    queries = [
+        "SELECT * FROM answers",
+        "SELECT * FROM all_rows",
+        "SELECT * EXCLUDE (record) FROM runs",
+    ]
+    before = [_sorted_any(query.query(str(output), sql)) for sql in queries]
+    table_before = query.table(str(output))
+    files_before = len(DeltaTable(str(output / "answers")).file_uris())
+    assert main(["optimize", "--output", str(output), "--retain-hours", "0"]) == 0
+    report = capsys.readouterr().out
+    assert "answers:" in report and "current:" in report and "runs:" in report
+    assert len(DeltaTable(str(output / "answers")).file_uris()) < files_before
+    assert [_sorted_any(query.query(str(output), sql)) for sql in queries] == before
+    assert query.table(str(output)).equals(table_before)
+    on_disk = {path.name for path in (output / "answers").rglob("*.parquet")}
+    assert on_disk == {Path(name).name for name in DeltaTable(str(output / "answers")).file_uris()}  # vacuumed
+
+
+def _sorted_any(table: pa.Table) -> list[dict]:
+    return sorted(table.to_pylist(), key=repr)
+
+
+def test_two_runs_at_once_into_one_output_both_commit_with_nothing_lost_or_duplicated(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Two `docqa run` drivers on the session's Ray, one output, small commits so that they interleave; one
+    document is in both inputs."""
+    inputs = {name: tmp_path / name for name in ("a", "b")}
+    for directory in inputs.values():
+        write_samples(directory, count=5, with_bad_files=False)
+    shared = tmp_path / "shared.pdf"
+    shared.write_bytes((inputs["a"] / "invoice-001.pdf").read_bytes())
+    for directory in inputs.values():
+        (directory / "shared.pdf").symlink_to(shared)  # listed as its target: one document in both runs
+    output = tmp_path / "out"
+    environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    drivers = {}
+    for name, directory in inputs.items():
+        (tmp_path / f"job-{name}").mkdir()
+        job = write_job(tmp_path / f"job-{name}", directory, tiny_model, QUESTIONS, render={"image_splitting": False})
+        command = ["run", "--config", str(job), "--output", str(output), "--run-id", f"run-{name}"]
+        command += ["--set", "commit_rows=2", "--set", "actors.num_cpus_per_actor=0.5"]
+        drivers[name] = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", *command],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    for driver in drivers.values():
+        out, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, out.decode()[-3000:]
+
+    history = read_answers(str(output))
+    keys = _keys(history, ["run_id", "document", "page_number", "question_id"])
+    assert max(keys.values()) == 1  # no row twice
+    for name in inputs:
+        rows = history.filter(pc.equal(history.column("run_id"), f"run-{name}"))
+        assert set(rows.column("document").to_pylist()) == {str(p.resolve()) for p in inputs[name].iterdir()}
+        assert set(rows.column("status").to_pylist()) == {Status.OK}
+    current = read_current(str(output))
+    per_document = Counter(current.column("document").to_pylist())
+    rows_expected = {row["document"]: row["document_rows"] for row in current.to_pylist()}
+    assert per_document == rows_expected  # every document complete, once
+    assert len(per_document) == 11
+    assert len({row["run_id"] for row in current.to_pylist() if row["document"] == str(shared)}) == 1
+    assert sorted(record["run_id"] for record in committed_runs(str(output))) == ["run-a", "run-b"]
+    commits = DeltaTable(str(output / "current")).history()
+    assert sum(1 for entry in commits if entry.get("docqa.run_id")) >= 6  # parts of both runs, interleaved
+
+
+def _synthetic_rows(run_id: str, documents: range) -> pa.Table:
+    return rows_to_table(
+        [
+            {
+                "run_id": run_id,
+                "document": f"s3://in/doc-{number:05d}.pdf",
+                "source_version": "v1",
+                "document_rows": 2,
+                "page_number": 1,
+                "num_pages": 1,
+                "question_id": question,
+                "answer": f"{run_id}-{number}",
+                "status": "ok",
+            }
+            for number in documents
+            for question in ("q1", "q2")
+        ]
+    )
+
+
+def _writer_process(output: str, endpoint: str | None, run_id: str, documents: range, parts: int) -> None:
+    """One writer in its own process: ``parts`` commits of complete documents."""
+    storage = StorageConfig(endpoint_url=endpoint)
+    start = {"run_id": run_id, "started_at": datetime.now(UTC).isoformat(), "input": "synthetic"}
+    writer = RunWriter(output, run_id, "2026-11-24", storage, start, commit_rows=1)
+    rows = _synthetic_rows(run_id, documents)
+    for batch in rows.to_batches(max_chunksize=len(rows) // parts):
+        writer.write(pa.Table.from_batches([batch]))
+    writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_concurrent_writers_and_a_retried_commit_lose_and_duplicate_nothing(
+    store: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """Three writer processes commit 8 parts each at the same time; two of them write the same documents
+    (the later commit wins in `current`). Then a part committed again (a retry) is recognised and skipped."""
+    if store == "s3":
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="writers")
+        output, endpoint = "s3://writers/out", s3_endpoint
+    else:
+        output, endpoint = str(tmp_path / "out"), None
+    plans = {"w1": range(0, 40), "w2": range(40, 80), "w3": range(0, 40)}
+    context = multiprocessing.get_context("spawn")  # delta-rs's runtime does not survive a fork
+    processes = [
+        context.Process(target=_writer_process, args=(output, endpoint, run_id, documents, 8))
+        for run_id, documents in plans.items()
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        assert process.exitcode == 0
+    storage = StorageConfig(endpoint_url=endpoint)
+    history = read_answers(output, storage=storage)
+    assert Counter(history.column("run_id").to_pylist()) == {"w1": 80, "w2": 80, "w3": 80}
+    assert set(_keys(history, ["run_id", "document", "question_id"]).values()) == {1}
+    current = read_current(output, storage).to_pylist()
+    assert len(current) == 160 and len({(row["document"], row["question_id"]) for row in current}) == 160
+    for number in range(40):  # written by w1 and w3: all rows of a document from one of them
+        owners = {row["run_id"] for row in current if row["document"] == f"s3://in/doc-{number:05d}.pdf"}
+        assert len(owners) == 1 and owners <= {"w1", "w3"}
+    assert sorted(record["run_id"] for record in committed_runs(output, storage)) == ["w1", "w2", "w3"]
+    assert {record["commits"] for record in committed_runs(output, storage)} == {8}
+    answers_log = DeltaTable(f"{output}/answers", storage_options=storage_options(output, storage))
+    assert answers_log.transaction_version("docqa-run:w2") == 8
+
+    # A retry: the same part committed twice, as after a lost response: applied once.
+    start = {"run_id": "retry", "started_at": datetime.now(UTC).isoformat()}
+    writer = RunWriter(output, "retry", "2026-11-24", storage, start, commit_rows=10**6)
+    rows = _synthetic_rows("retry", range(200, 203))
+    writer.write(rows)
+    writer._commit_part()
+    writer.part -= 1
+    writer.write(rows)
+    writer._commit_part()
+    assert read_answers(output, "retry", storage).num_rows == rows.num_rows
