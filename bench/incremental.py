@@ -123,7 +123,8 @@ def run(workdir: Path) -> None:
             peak["tree"] = max(peak["tree"], tree)
             time.sleep(0.05)
 
-    config = _config(workdir).model_copy(update={"run_id": "nightly-bench"})
+    run_id = f"bench-{int(time.time())}"
+    config = _config(workdir).model_copy(update={"run_id": run_id})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -132,7 +133,7 @@ def run(workdir: Path) -> None:
     decision_s = time.perf_counter() - started
     summary = run_job(config, progress_interval_s=30)
     done.set()
-    taken = read_answers(config.output, "nightly-bench", columns=["document"]).column("document").to_pylist()
+    taken = read_answers(config.output, run_id, columns=["document"]).column("document").to_pylist()
     print("# bench.incremental  nightly over 1,000,000 committed documents + new ones")
     print(f"committed documents known to the skip decision: {len(decision)}")
     print(f"skip decision alone (read current's 4 columns, group in Arrow, hash): {decision_s:.1f} s")

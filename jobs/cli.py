@@ -15,6 +15,7 @@ from actors.tiny import TINY_FAMILIES
 from jobs.formats import FORMATS, write_result
 from jobs.query import QueryError, parse_as_of
 from jobs.submit import SubmitError
+from jobs.watchdog import RunStalled
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
@@ -231,15 +232,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from jobs.run import run_job
 
-        print(run_job(_config(args)).text())
-        return 0
+        summary = run_job(_config(args))
+        print(summary.text())
+        return summary.exit_code
     if args.command == "nightly":
         from jobs.run import nightly_run_id, run_nightly
 
         run_date = args.date or _today()
         summary = run_nightly(_config(args), run_date)
         print(summary.text() if summary else f"run {nightly_run_id(run_date)} is already committed; nothing to do")
-        return 0
+        return summary.exit_code if summary else 0
     if args.command == "serve":
         return _serve(args)
     if args.command == "optimize":
@@ -266,7 +268,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.wait:
             final = submit.wait(args.address, submission_id)
             print(final)
-            return 0 if final == "SUCCEEDED" else 1
+            if final == "SUCCEEDED":
+                return 0
+            return 3 if submit.driver_exit_code(args.address, submission_id) == 3 else 1
         return 0
     if args.command == "status":
         print(submit.status(args.address, args.submission_id))
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 2
-    except (InputError, ModelLoadError, RunExistsError, StorageError, SubmitError, TableError) as error:
+    except (InputError, ModelLoadError, RunExistsError, RunStalled, StorageError, SubmitError, TableError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return 1
 

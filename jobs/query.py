@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
+from pipeline.storage import check_bucket, is_s3
 from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, RUN_SCHEMA, RUNS, SCHEMAS, OutputTables, TableError
 
 STREAM_BATCH_ROWS = 10_000
@@ -65,6 +66,8 @@ class AnswerStore:
         import duckdb
 
         tables = OutputTables(output, storage or StorageConfig())
+        if is_s3(output):  # fail fast, and as `docqa run` does, on a wrong endpoint, bucket or credentials
+            check_bucket(output, tables.storage)
         try:
             current = tables.open(CURRENT, version, as_of)
             if current is None:

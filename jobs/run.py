@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from actors.checkpoint import resolve_image_geometry
+from jobs.watchdog import StallWatchdog, check_cpus
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
 from pipeline.document_pages import DocumentPages
@@ -30,6 +31,7 @@ from pipeline.tables import CURRENT, OutputTables, TableError, committed_runs
 
 log = logging.getLogger("docqa")
 
+EXIT_DEGRADED = 3  # committed, but too many pages failed with a retryable status
 VERSIONED_PACKAGES = ("docqa", "ray", "torch", "transformers", "pymupdf", "pdf2image", "pyarrow")
 
 
@@ -47,7 +49,8 @@ class RunStats:
     page_status: Counter[str] = field(default_factory=Counter)
     answers: int = 0
     rows: int = 0
-    _pages_seen: set[tuple[str, int]] = field(default_factory=set)
+    unit_status: Counter[str] = field(default_factory=Counter)  # per page, or per document without pages
+    _pages_seen: set[tuple[str, int | None]] = field(default_factory=set)
 
     def add(self, table: pa.Table) -> None:
         if self.first_row_s is None:
@@ -57,9 +60,11 @@ class RunStats:
         for document, page, question, status in zip(*columns.values(), strict=True):
             if status == Status.OK and question is not None:
                 self.answers += 1
-            if page is not None and (document, page) not in self._pages_seen:
+            if (document, page) not in self._pages_seen:
                 self._pages_seen.add((document, page))
-                self.page_status[status] += 1
+                self.unit_status[status] += 1
+                if page is not None:
+                    self.page_status[status] += 1
             previous = self.document_status.get(document, Status.OK.value)
             self.document_status[document] = status if previous == Status.OK else previous
 
@@ -77,6 +82,20 @@ class RunStats:
             f"documents {len(self.document_status)} · pages {self.pages} · "
             f"answers {self.answers} · {rate:.2f} pages/s · {self.elapsed:.0f}s"
         )
+
+    def degraded(self, limit: float) -> dict[str, Any] | None:
+        """The retryable failures' share of the pages that were not bad input (a document that could not be
+        read counts as one page), when it is over ``limit``; None for a healthy run."""
+        retryable = sum(n for status, n in self.unit_status.items() if status in RETRYABLE)
+        considered = retryable + self.unit_status.get(Status.OK.value, 0)
+        if not considered or retryable / considered <= limit:
+            return None
+        return {
+            "retryable_pages": retryable,
+            "pages": considered,
+            "share": round(retryable / considered, 4),
+            "limit": limit,
+        }
 
     def counts(self) -> dict[str, Any]:
         return {
@@ -96,6 +115,11 @@ class RunSummary:
     first_row_s: float | None
     ledger: dict[str, int]
     stage_stats: str = ""  # Ray Data's per-operator statistics of the run
+    degraded: dict[str, Any] | None = None  # see RunStats.degraded
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DEGRADED if self.degraded else 0
 
     def text(self) -> str:
         documents = self.counts["documents"]
@@ -103,8 +127,15 @@ class RunSummary:
         failed = {status: n for status, n in documents.items() if status != Status.OK}
         failed_text = ", ".join(f"{n} {status}" for status, n in failed.items()) or "none"
         pages = sum(self.counts["pages"].values())
+        health = ""
+        if self.degraded:
+            health = (
+                f" DEGRADED: {self.degraded['retryable_pages']} of {self.degraded['pages']} pages failed with a "
+                f"retryable status (model_error, read_error), over limits.max_failed_page_share="
+                f"{self.degraded['limit']:g}; the next run takes them again"
+            )
         return (
-            f"run {self.run_id} committed\n"
+            f"run {self.run_id} committed{health}\n"
             f"  documents: {ok + sum(failed.values())} ({ok} ok; failed: {failed_text})\n"
             f"  pages: {pages} ({self.counts['pages'].get(Status.OK.value, 0)} ok) · answers: {self.counts['answers']}"
             f" · rows: {self.counts['rows']}\n"
@@ -236,6 +267,9 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str |
         check_bucket(config.output, config.storage)
     ensure_ray()
     check_gpus(config)
+    import ray
+
+    check_cpus(config, ray.cluster_resources().get("CPU", 0))
     record: dict[str, Any] = {
         "run_id": run_id,
         "started_at": started_at.isoformat(),
@@ -269,7 +303,10 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str |
     try:
         return _stream(config, geometry, writer, record, stats, progress_interval_s)
     except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
+        try:
+            writer.fail(f"{type(error).__name__}: {error}")
+        except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not mark run %s failed: %s", writer.run_id, failure)
         raise
 
 
@@ -294,12 +331,19 @@ def _stream(
     ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
     dataset = build_dataset(config, geometry, writer.run_id, completed, ledger)
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.write(batch)
-        stats.add(batch)
-        if time.monotonic() - last_report >= progress_interval_s:
-            log.info("%s", stats.progress_line())
-            last_report = time.monotonic()
+    with StallWatchdog(config.limits.stall_timeout_s) as watchdog:
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                watchdog.beat()
+                writer.write(batch)
+                stats.add(batch)
+                if time.monotonic() - last_report >= progress_interval_s:
+                    log.info("%s", stats.progress_line())
+                    last_report = time.monotonic()
+        except KeyboardInterrupt:
+            if watchdog.diagnosis:
+                raise watchdog.stalled() from None
+            raise
     log.info("%s", stats.progress_line())
     ledger_report = ray.get(ledger.report.remote())
     render_isolation = ledger_report.pop("render_isolation")
@@ -313,10 +357,18 @@ def _stream(
         "counts": stats.counts(),
         "incremental": {**record["incremental"], **ledger_report},
         "render_isolation": render_isolation,
+        "degraded": stats.degraded(config.limits.max_failed_page_share),
     }
     output = writer.commit(record)
     return RunSummary(
-        writer.run_id, output, stats.counts(), stats.elapsed, stats.first_row_s, ledger_report, dataset.stats()
+        writer.run_id,
+        output,
+        stats.counts(),
+        stats.elapsed,
+        stats.first_row_s,
+        ledger_report,
+        dataset.stats(),
+        record["degraded"],
     )
 
 

@@ -55,6 +55,22 @@ def write_samples(directory: str | Path, count: int = 6, with_bad_files: bool = 
     return written
 
 
+def write_job(directory: Path, inputs: str | Path, model: Path, questions: list[dict], **sections) -> Path:
+    """A job.yaml in ``directory`` writing to ``directory/out``; ``sections`` are further config fields
+    (the tests' and benchmarks' jobs)."""
+    import yaml
+
+    path = directory / "job.yaml"
+    config = {
+        "input": str(inputs),
+        "output": str(directory / "out"),
+        "model": {"id": str(model)},
+        "questions": questions,
+    }
+    path.write_text(yaml.safe_dump({**config, **sections}))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write sample PDFs for the docqa demo.")
     parser.add_argument("directory")

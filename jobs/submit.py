@@ -134,6 +134,11 @@ def wait(address: str | None, submission_id: str, timeout_s: float | None = None
     return status
 
 
+def driver_exit_code(address: str | None, submission_id: str) -> int | None:
+    """The exit code of a finished job's driver (`docqa run`/`nightly`: 3 for a degraded run), if Ray has it."""
+    return job_client(address).get_job_info(submission_id).driver_exit_code
+
+
 def status(address: str | None, submission_id: str) -> str:
     return _known_status(job_client(address), submission_id)
 

@@ -42,7 +42,11 @@ class RunLedger:
 
 
 def start_ledger(max_pages: int | None):
-    """The ledger as a Ray actor (no CPU reserved: it only counts)."""
+    """The ledger as a Ray actor (no CPU reserved: it only counts), pinned to the driver's node: a ledger on
+    a worker node would die with that node and take the run's counts with it (measured: bench/node_loss.py),
+    while the driver's node going down ends the run anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(RunLedger).remote(max_pages)
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=driver_node).remote(max_pages)

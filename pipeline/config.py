@@ -142,6 +142,20 @@ class LimitsConfig(_Strict):
     max_aspect_ratio: float = Field(20.0, ge=1, description="Longest over shortest page side.")
     document_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit to open and render a document.")
     render_memory_mb: int = Field(2048, ge=256, description="Address-space cap of the rendering process.")
+    stall_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="The run stops (exit 1, saying what is pending) when no result row arrives for this long. "
+        "Sized for the slowest legitimate wait: a model actor loading 8B weights and answering a batch of long "
+        "transcriptions on a busy GPU takes minutes, not 15.",
+    )
+    max_failed_page_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="A run whose share of pages with a retryable failure (model_error, read_error) is above this "
+        "commits what it has but is degraded: exit code 3. Bad input (corrupt, not_pdf, ...) never counts.",
+    )
 
 
 class ActorPoolConfig(_Strict):

@@ -73,6 +73,7 @@ def run_row(run_id: str, run_date: date, state: str, attempt: int, record: dict[
         "answers": counts.get("answers"),
         "rows": counts.get("rows"),
         "commits": record.get("commits"),
+        "degraded": bool(record.get("degraded")),
         "error": record.get("error"),
         "record": json.dumps(record, sort_keys=True, default=str),
     }

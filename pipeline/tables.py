@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import endpoint_of, is_s3
+from pipeline.storage import check_bucket, endpoint_of, is_s3
 
 ANSWERS = "answers"
 CURRENT = "current"
@@ -54,6 +54,7 @@ RUN_SCHEMA = pa.schema(
         pa.field("answers", pa.int64()),
         pa.field("rows", pa.int64()),
         pa.field("commits", pa.int32()),  # Delta commits (parts) of this run in `answers`
+        pa.field("degraded", pa.bool_()),  # committed, but over limits.max_failed_page_share (exit code 3)
         pa.field("error", pa.string()),  # why a failed run failed
         pa.field("record", pa.string()),  # the whole run record, JSON (config, versions, counts, isolation)
     ]
@@ -179,7 +180,7 @@ class OutputTables:
         """Run ``operation(table)`` on the latest version of table ``name``; when a concurrent writer's
         commit conflicts with it, reload the table and run it again (operations here are idempotent: the
         caller checks its application transaction first)."""
-        from deltalake.exceptions import CommitFailedError
+        from deltalake.exceptions import CommitFailedError, DeltaError
 
         attempt = 1
         while True:
@@ -194,6 +195,8 @@ class OutputTables:
                 log.info("commit to %s met a concurrent commit (%s); retrying", name, str(error).splitlines()[0])
                 time.sleep(min(0.05 * 2**attempt, 2.0))
                 attempt += 1
+            except (DeltaError, OSError) as error:
+                raise TableError(describe_delta_error(error, f"commit to {self.uri(name)} failed")) from None
 
 
 def sql_string(value: str) -> str:
@@ -234,6 +237,8 @@ def optimize_output(output: str, storage: StorageConfig | None, retain_hours: in
     ``retain_hours`` needs. Readers see the same rows before and after; time travel reaches back
     ``retain_hours``."""
     tables = OutputTables(output, storage or StorageConfig())
+    if is_s3(output):
+        check_bucket(output, tables.storage)
     report = {}
     for name in TABLES:
         table = tables.open(name)

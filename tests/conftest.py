@@ -67,18 +67,3 @@ def sample_pdfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pdfs")
     write_samples(directory, count=4)
     return directory
-
-
-def write_job(directory: Path, inputs: str | Path, model: Path, questions: list[dict], **sections) -> Path:
-    """A job.yaml in ``directory`` writing to ``directory/out``; ``sections`` are further config fields."""
-    import yaml
-
-    path = directory / "job.yaml"
-    config = {
-        "input": str(inputs),
-        "output": str(directory / "out"),
-        "model": {"id": str(model)},
-        "questions": questions,
-    }
-    path.write_text(yaml.safe_dump({**config, **sections}))
-    return path

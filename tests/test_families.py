@@ -11,12 +11,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GPT2Config,
 from actors.checkpoint import resolve_image_geometry
 from bench.naive import chat_prompt, idefics1_reference_answer, raw_prompt, reference_answer
 from jobs.cli import main
-from jobs.samples import write_samples
+from jobs.samples import write_job, write_samples
 from pipeline.config import ModelConfig, RenderConfig
 from pipeline.pdf import open_pdf
 from pipeline.rows import Status
 from pipeline.tables import committed_runs, read_answers
-from tests.conftest import write_job
 
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number of {file_name}?", "max_new_tokens": 40},

@@ -17,10 +17,11 @@ import pytest
 from jobs import query
 from jobs.formats import write_result
 from jobs.run import run_job
+from jobs.samples import write_job
 from pipeline.config import StorageConfig, load_config
 from pipeline.sink import RunWriter
+from pipeline.storage import StorageError
 from pipeline.tables import read_answers
-from tests.conftest import write_job
 
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 6},
@@ -177,5 +178,7 @@ def test_s3_outputs_read_the_same(outputs, s3_endpoint):
     from_s3 = query.query("s3://query-outputs/out", sql, storage=storage)
     assert from_s3.num_rows > 0
     assert from_s3.equals(query.query(outputs, sql))
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' .*: the bucket does not exist"):
+        query.runs("s3://no-such-bucket/out", storage)  # the same fail-fast check and message as `docqa run`
     runs = query.runs("s3://query-outputs/out", storage).to_pylist()
     assert [run["run_id"] for run in runs] == ["run-c", "run-a", "run-b"]

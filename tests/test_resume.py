@@ -12,10 +12,9 @@ from pathlib import Path
 import pymupdf
 
 from jobs.cli import main
-from jobs.samples import write_samples
+from jobs.samples import write_job, write_samples
 from pipeline.config import load_config
 from pipeline.tables import committed_runs, read_answers, read_current
-from tests.conftest import write_job
 
 QUESTIONS = [
     {"id": "number", "text": "Invoice number?", "pages": "first", "max_new_tokens": 3},

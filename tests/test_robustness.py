@@ -14,7 +14,7 @@ import pymupdf
 import pytest
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf
+from jobs.samples import invoice_pdf, write_job
 from pipeline.config import load_config
 from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
@@ -22,7 +22,6 @@ from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import DocumentError, Status
 from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox
 from pipeline.tables import committed_runs, read_answers
-from tests.conftest import write_job
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
 
 GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)

@@ -11,10 +11,9 @@ import yaml
 
 from bench import free_port
 from jobs.run import run_job
-from jobs.samples import invoice_pdf
+from jobs.samples import invoice_pdf, write_job
 from pipeline.config import load_config
 from pipeline.rows import OUTPUT_SCHEMA
-from tests.conftest import write_job
 
 TOKEN = "serve-test-token-7c1e"
 QUESTIONS = [

@@ -20,12 +20,11 @@ from deltalake import DeltaTable
 
 from jobs import query
 from jobs.cli import main
-from jobs.samples import write_samples
+from jobs.samples import write_job, write_samples
 from pipeline.config import StorageConfig
 from pipeline.rows import Status, rows_to_table
 from pipeline.sink import RunWriter
 from pipeline.tables import committed_runs, read_answers, read_current, storage_options
-from tests.conftest import write_job
 
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 4},
@@ -265,3 +264,7 @@ def test_concurrent_writers_and_a_retried_commit_lose_and_duplicate_nothing(
     writer.write(rows)
     writer._commit_part()
     assert read_answers(output, "retry", storage).num_rows == rows.num_rows
+    writer.fail("RuntimeError: the driver gave up")  # a run that raised: its row says so
+    [failed] = [run for run in query.runs(output, storage).to_pylist() if run["run_id"] == "retry"]
+    assert (failed["state"], failed["error"], failed["commits"]) == ("failed", "RuntimeError: the driver gave up", 1)
+    assert "retry" not in {record["run_id"] for record in committed_runs(output, storage)}

@@ -1,0 +1,184 @@
+"""A run that loses a node: a two-node Ray cluster on loopback (Ray's own ``cluster_utils.Cluster``: a
+head and a worker raylet on this machine, token authentication as configured), `docqa run` as a separate
+driver, and ``kill -9`` of the worker's raylet while the run is under way.
+
+Two topologies:
+
+- ``survives``: head 3 CPUs, worker 2 CPUs, one model actor. A tenant actor holds the head's CPUs for the
+  start, so the model actor and the first render tasks start on the worker; the tenant is released once
+  the actor is up, then the worker's raylet is killed. Expected: Ray restarts the actor on the head, the run completes,
+  every document exactly once.
+- ``starved``: head 2 CPUs, worker 2 CPUs, two model actors (the CPU check passes: 4 CPUs, 2 for actors).
+  After the worker is lost, both actors restart on the head and hold its 2 CPUs; no render task can run.
+  Expected: the stall watchdog ends the run with exit code 1 and what is pending, not a hang; the same run
+  id run again on a healthy cluster completes.
+
+    python -m bench.node_loss [--documents 60] [--kill-after-s 14] [--stall-timeout-s 45]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+QUESTIONS = [{"id": "total", "text": "Total?", "pages": "all", "max_new_tokens": 2}]
+
+
+def _node_of_actors(class_part: str) -> list[str]:
+    from ray._private.state import actors
+
+    return [
+        info["Address"]["NodeID"]
+        for info in actors().values()
+        if class_part in info["ActorClassName"] and info["State"] == "ALIVE"
+    ]
+
+
+def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argparse.Namespace) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.samples import write_job
+    from pipeline.tables import committed_runs, read_answers, read_current
+
+    head_cpus, worker_cpus, actors = (3, 2, 1) if name == "survives" else (2, 2, 2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=worker_cpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    tenant = None
+    if name == "survives":  # hold the head's CPUs so that the first placements go to the worker
+        tenant = (
+            ray.remote(num_cpus=head_cpus)(_Tenant)
+            .options(
+                scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=False
+                )
+            )
+            .remote()
+        )
+        ray.get(tenant.ready.remote())
+    run_dir = workdir / name
+    run_dir.mkdir()
+    job = write_job(
+        run_dir,
+        inputs,
+        model,
+        QUESTIONS,
+        render={"image_splitting": False},
+        actors={"min_actors": actors, "max_actors": actors},
+        limits={"stall_timeout_s": args.stall_timeout_s},
+        commit_interval_s=2,
+    )
+    environment = {**os.environ, "RAY_ADDRESS": cluster.address}
+    command = [sys.executable, "-m", "jobs.cli", "run", "--config", str(job), "--run-id", name]
+    started = time.monotonic()
+    driver = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker_id = worker.node_id
+    placement = {}
+    if tenant is not None:  # until the model actor is up (on the worker: the only CPUs free), then let go
+        deadline = time.monotonic() + 120
+        while not _node_of_actors("PagePredictor") and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        ray.kill(tenant)
+    time.sleep(max(args.kill_after_s - (time.monotonic() - started), 0))
+    placement["model actors on the worker at the kill"] = _node_of_actors("PagePredictor").count(worker_id)
+    raylet = worker.all_processes["raylet"][0].process
+    os.kill(raylet.pid, signal.SIGKILL)  # kill -9 of the worker's raylet
+    killed_at = time.monotonic() - started
+    try:
+        out, err = driver.communicate(timeout=args.stall_timeout_s * 4 + 300)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        out, err = driver.communicate()
+        err += "\n(bench: the driver had to be killed: a HANG)"
+    wall = time.monotonic() - started
+    output = str(run_dir / "out")
+    result = {
+        "topology": f"head {head_cpus} CPUs + worker {worker_cpus} CPUs, {actors} model actor(s)",
+        **placement,
+        "worker raylet killed at (s)": round(killed_at, 1),
+        "exit code": driver.returncode,
+        "wall time (s)": round(wall, 1),
+        "message": _message(driver.returncode, out, err),
+    }
+    ray.shutdown()
+    if name == "starved":  # the cluster healed (a fresh one): the same run id resumes and completes
+        cluster.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        again = subprocess.run(
+            [*command[:-2], "--run-id", name, "--set", "actors.max_actors=1", "--set", "actors.min_actors=1"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        result["rerun exit code"] = again.returncode
+        ray.shutdown()
+    else:
+        cluster.shutdown()
+    rows = read_answers(output, name)
+    keys = Counter(tuple(row.values()) for row in rows.select(["document", "page_number", "question_id"]).to_pylist())
+    listed = {str(path) for path in inputs.iterdir()}
+    result.update(
+        {
+            "documents in the run's rows": len({row[0] for row in keys}),
+            "documents listed": len(listed),
+            "duplicates": sum(n - 1 for n in keys.values()),
+            "missing documents": len(listed - {row[0] for row in keys}),
+            "statuses": dict(Counter(rows.column("status").to_pylist())),
+            "current rows": read_current(output).num_rows,
+            "runs committed": [record["run_id"] for record in committed_runs(output)],
+        }
+    )
+    return result
+
+
+def _message(code: int, out: str, err: str) -> str:
+    """The summary's first line, or the error docqa printed (its lines from 'docqa: ' on)."""
+    if code in (0, 3):
+        return next((line for line in out.splitlines() if line.startswith("run ")), "")
+    start = err.rfind("docqa: ")
+    return err[start:].strip() if start >= 0 else err.strip()[-500:]
+
+
+class _Tenant:
+    def ready(self) -> bool:
+        return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, default=60)
+    parser.add_argument("--kill-after-s", type=float, default=14.0)
+    parser.add_argument("--stall-timeout-s", type=float, default=45.0)
+    parser.add_argument("--only", choices=["survives", "starved"])
+    args = parser.parse_args()
+
+    from actors.tiny import build_tiny_idefics2
+    from jobs.samples import write_samples
+
+    workdir = Path(tempfile.mkdtemp(prefix="docqa-node-loss-"))
+    inputs = workdir / "pdfs"
+    write_samples(inputs, count=args.documents, with_bad_files=False)
+    model = build_tiny_idefics2(workdir / "tiny")
+    print("# bench.node_loss  kill -9 of a worker raylet mid-run, two nodes on loopback", flush=True)
+    for name in [args.only] if args.only else ["survives", "starved"]:
+        result = run_topology(name, workdir, inputs, model, args)
+        print(f"## {name}", flush=True)
+        for key, value in result.items():
+            print(f"{key}: {value}", flush=True)
+        print(f"RESULT {json.dumps({'name': name, **result})}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

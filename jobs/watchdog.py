@@ -1,0 +1,116 @@
+"""Guards of a run's driver against hanging without a word: the CPU check before any work, and the stall
+watchdog while the plan streams."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+from pipeline.config import ConfigError, JobConfig
+
+log = logging.getLogger("docqa")
+RENDER_TASK_CPUS = 1.0  # what one read/render task asks for (jobs/run.py, build_page_dataset)
+
+
+class RunStalled(RuntimeError):
+    """No result row arrived for ``limits.stall_timeout_s``; the message says what was pending."""
+
+
+def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
+    """Before any work: the actor pool at its largest must leave a CPU for a read/render task, or those
+    tasks wait forever behind actors that wait for pages."""
+    pool = config.actors
+    actor_cpus = pool.max_actors * pool.num_cpus_per_actor
+    if actor_cpus + RENDER_TASK_CPUS <= cluster_cpus:
+        return
+    fit = int((cluster_cpus - RENDER_TASK_CPUS) // pool.num_cpus_per_actor) if cluster_cpus > RENDER_TASK_CPUS else 0
+    advice = (
+        f"set actors.max_actors={fit} (or lower actors.num_cpus_per_actor)"
+        if fit >= pool.min_actors
+        else f"lower actors.num_cpus_per_actor (e.g. {max(cluster_cpus - RENDER_TASK_CPUS, 0.1) / pool.max_actors:.2g})"
+        " or add CPUs"
+    )
+    raise ConfigError(
+        f"actors.max_actors={pool.max_actors} x actors.num_cpus_per_actor={pool.num_cpus_per_actor:g} = "
+        f"{actor_cpus:g} CPUs, but the Ray cluster has {cluster_cpus:g}: at least {RENDER_TASK_CPUS:g} must stay "
+        f"free for the read/render tasks, or they would wait forever behind the model actors; {advice}"
+    )
+
+
+def describe_pending() -> str:
+    """What the cluster is waiting for: free against total resources, the resource demands nothing can
+    place (the autoscaler's view), and the actors that are not alive."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lines = [
+        "cluster resources free/total: "
+        + ", ".join(f"{name} {free.get(name, 0):g}/{total[name]:g}" for name in ("CPU", "GPU") if name in total)
+    ]
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        demands = [
+            f"{dict(request.bundle)}: {request.count} pending tasks/actors"
+            for demand in status.resource_demands.ray_task_actor_demand
+            for request in demand.bundles_by_count
+        ]
+        lines.append("pending demands: " + ("; ".join(demands) if demands else "none"))
+    except Exception as error:  # noqa: BLE001 - a diagnosis must not hide the stall itself
+        lines.append(f"pending demands: unknown ({type(error).__name__})")
+    try:
+        from ray._private.state import actors
+
+        states = Counter(
+            f"{info['ActorClassName']} {info['State']}" for info in actors().values() if info["State"] != "DEAD"
+        )
+        lines.append("actors: " + (", ".join(f"{n} x {name}" for name, n in sorted(states.items())) or "none"))
+    except Exception as error:  # noqa: BLE001
+        lines.append(f"actors: unknown ({type(error).__name__})")
+    return "\n  ".join(lines)
+
+
+class StallWatchdog:
+    """Stops the run when no row arrives for ``timeout_s``: it records what is pending, then interrupts the
+    driver's main thread (SIGINT, which also wakes a blocked wait), where the run turns the interrupt into
+    ``RunStalled``. ``beat`` on every row batch."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last_row = time.monotonic()
+        self.diagnosis: str | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="docqa-stall-watchdog", daemon=True)
+
+    def __enter__(self) -> StallWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+
+    def beat(self) -> None:
+        self.last_row = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(5.0, self.timeout_s / 4)):
+            waited = time.monotonic() - self.last_row
+            if waited >= self.timeout_s:
+                self.diagnosis = (
+                    f"no result row for {waited:.0f} s (limits.stall_timeout_s={self.timeout_s:g}); "
+                    f"pending:\n  {describe_pending()}"
+                )
+                log.error("%s", self.diagnosis)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    def stalled(self) -> RunStalled:
+        return RunStalled(
+            f"{self.diagnosis}\nthe run stopped; what it committed is kept, and running it again with the same "
+            "run id (the same nightly) resumes it"
+        )
