@@ -81,14 +81,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def resolve_attention(attn_implementation: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto``: flash-attention 2 where it runs (CUDA, half precision, the flash-attn package), else SDPA."""
+def resolve_attention(
+    attn_implementation: str, device: torch.device, dtype: torch.dtype, flash_installed: bool | None = None
+) -> str:
+    """``auto``: flash-attention 2 where it runs (CUDA, half precision, the flash-attn package), else SDPA.
+    ``flash_installed``: whether the flash-attn package is usable (default: ask transformers)."""
     if attn_implementation != "auto":
         return attn_implementation
-    from transformers.utils import is_flash_attn_2_available
+    if flash_installed is None:
+        from transformers.utils import is_flash_attn_2_available
 
+        flash_installed = is_flash_attn_2_available()
     half = dtype in (torch.bfloat16, torch.float16)
-    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
+    return "flash_attention_2" if device.type == "cuda" and half and flash_installed else "sdpa"
 
 
 def split_on_out_of_memory(run: Callable[[list[Item]], list[Output]], items: list[Item]) -> list[Output]:

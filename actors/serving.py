@@ -17,8 +17,8 @@ from actors.predictor import PageAnswerer
 from pipeline.config import JobConfig, QuestionTemplate
 from pipeline.images import ImageGeometry
 
-# A split page row and the request's questions by id (the page row names the ones it gets).
-PageRequest = tuple[dict[str, Any], dict[str, QuestionTemplate]]
+# A split page row, the request's questions by id (the page row names the ones it gets), the request's id.
+PageRequest = tuple[dict[str, Any], dict[str, QuestionTemplate], str]
 
 
 @serve.deployment
@@ -26,6 +26,7 @@ class AnswerModel:
     def __init__(self, config: JobConfig, geometry: ImageGeometry) -> None:
         self.answerer = PageAnswerer(config, geometry, run_id="serve")
         self.batch_sizes: Counter[int] = Counter()  # pages per model call, for monitoring
+        self.mixed_calls = 0  # model calls that answered pages of more than one request
         self.answer_page.set_max_batch_size(config.actors.batch_size)
         self.answer_page.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
 
@@ -33,11 +34,17 @@ class AnswerModel:
     async def answer_page(self, requests: list[PageRequest]) -> list[list[dict[str, Any]]]:
         """One page and its request's questions per request → that page's output rows. The model runs in a thread so
         the replica keeps accepting requests (the next batch fills while this one computes)."""
-        pages = [page for page, _ in requests]
-        questions = [templates for _, templates in requests]
+        pages = [page for page, _, _ in requests]
+        questions = [templates for _, templates, _ in requests]
         self.batch_sizes[len(pages)] += 1
+        self.mixed_calls += len({request_id for *_, request_id in requests}) > 1
         return await asyncio.to_thread(self.answerer.rows, pages, questions)
 
-    def batch_size_counts(self) -> dict[int, int]:
-        """How many model calls took how many pages, since the replica started."""
-        return dict(self.batch_sizes)
+    def call_counts(self) -> dict[str, Any]:
+        """Since the replica started (or ``reset_counts``): how many model calls took how many pages, and how
+        many answered pages of more than one request."""
+        return {"pages_per_call": dict(self.batch_sizes), "calls_mixing_requests": self.mixed_calls}
+
+    def reset_counts(self) -> None:
+        self.batch_sizes.clear()
+        self.mixed_calls = 0

@@ -79,7 +79,7 @@ def main() -> None:
             list(pool.map(ask, pdfs))
             concurrent.append(time.perf_counter() - started)
     deployment = serve.get_deployment_handle("AnswerModel", app_name="docqa")
-    batch_sizes = deployment.batch_size_counts.remote().result()
+    batch_sizes = deployment.call_counts.remote().result()["pages_per_call"]
     serve.shutdown()
 
     n = len(pdfs)

@@ -331,8 +331,9 @@ def _stream(
     ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
     dataset = build_dataset(config, geometry, writer.run_id, completed, ledger)
-    with StallWatchdog(config.limits.stall_timeout_s) as watchdog:
-        try:
+    watchdog = StallWatchdog(config.limits.stall_timeout_s)
+    try:
+        with watchdog:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 watchdog.beat()
                 writer.write(batch)
@@ -340,10 +341,10 @@ def _stream(
                 if time.monotonic() - last_report >= progress_interval_s:
                     log.info("%s", stats.progress_line())
                     last_report = time.monotonic()
-        except KeyboardInterrupt:
-            if watchdog.diagnosis:
-                raise watchdog.stalled() from None
-            raise
+    except KeyboardInterrupt:
+        if watchdog.diagnosis:  # the watchdog's interrupt, wherever it landed in the loop or on leaving it
+            raise watchdog.stalled() from None
+        raise
     log.info("%s", stats.progress_line())
     ledger_report = ray.get(ledger.report.remote())
     render_isolation = ledger_report.pop("render_isolation")

@@ -173,8 +173,10 @@ class AnswerAPI:
                 error += f" (uploads are capped at serve.max_pages={limits.max_pages})"
             raise RequestFailure(413 if status in TOO_LARGE else 422, status, error)
         templates = {question.id: question for question in config.questions}
-        page_rows = await asyncio.gather(*(self.model.answer_page.remote((page, templates)) for page in pages))
         request_id = f"serve-{secrets.token_hex(6)}"
+        page_rows = await asyncio.gather(
+            *(self.model.answer_page.remote((page, templates, request_id)) for page in pages)
+        )
         fingerprint = config.fingerprint()
         rows = [{**row, "run_id": request_id, "config_fingerprint": fingerprint} for rows in page_rows for row in rows]
         return AnswersResponse(

@@ -78,32 +78,49 @@ def describe_pending() -> str:
 class StallWatchdog:
     """Stops the run when no row arrives for ``timeout_s``: it records what is pending, then interrupts the
     driver's main thread (SIGINT, which also wakes a blocked wait), where the run turns the interrupt into
-    ``RunStalled``. ``beat`` on every row batch."""
+    ``RunStalled``. ``beat`` on every row batch. A driver started with SIGINT ignored (``nohup``, some
+    schedulers) gets Python's handler back for the duration, or the interrupt would do nothing."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.last_row = time.monotonic()
         self.diagnosis: str | None = None
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # the interrupt is sent only while the run is still being watched
         self._thread = threading.Thread(target=self._watch, name="docqa-stall-watchdog", daemon=True)
+        self._previous_handler = None
 
     def __enter__(self) -> StallWatchdog:
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if handler in (signal.SIG_IGN, signal.SIG_DFL, None):
+                self._previous_handler = handler
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stopped.set()
+        with self._lock:
+            self._stopped.set()
+        self._thread.join()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
 
     def beat(self) -> None:
         self.last_row = time.monotonic()
 
     def _watch(self) -> None:
         while not self._stopped.wait(min(5.0, self.timeout_s / 4)):
-            waited = time.monotonic() - self.last_row
-            if waited >= self.timeout_s:
+            if time.monotonic() - self.last_row < self.timeout_s:
+                continue
+            pending = describe_pending()  # may take seconds on a sick cluster: check again afterwards
+            with self._lock:
+                waited = time.monotonic() - self.last_row
+                if self._stopped.is_set() or waited < self.timeout_s:
+                    continue
                 self.diagnosis = (
                     f"no result row for {waited:.0f} s (limits.stall_timeout_s={self.timeout_s:g}); "
-                    f"pending:\n  {describe_pending()}"
+                    f"pending:\n  {pending}"
                 )
                 log.error("%s", self.diagnosis)
                 os.kill(os.getpid(), signal.SIGINT)

@@ -274,8 +274,8 @@ class SandboxedDocument:
     """A PdfDocument whose every call runs in the sandbox under one deadline for the whole document."""
 
     def __init__(self, data: bytes, backend: str, passwords: tuple[str, ...], memory_mb: int, timeout_s: float):
+        self.sandbox = sandbox(memory_mb)  # started first: the helper's start-up is not the document's time
         self.deadline = time.monotonic() + timeout_s
-        self.sandbox = sandbox(memory_mb)
         self.num_pages, self.repaired = self.sandbox.call("open", (data, backend, passwords), self.deadline)
 
     def page_size(self, page_number: int) -> tuple[float, float]:

@@ -236,6 +236,8 @@ def optimize_output(output: str, storage: StorageConfig | None, retain_hours: in
     commit's ``document IN (...)`` replace reads few files), then vacuum the files no version of the last
     ``retain_hours`` needs. Readers see the same rows before and after; time travel reaches back
     ``retain_hours``."""
+    from deltalake.exceptions import DeltaError
+
     tables = OutputTables(output, storage or StorageConfig())
     if is_s3(output):
         check_bucket(output, tables.storage)
@@ -251,7 +253,10 @@ def optimize_output(output: str, storage: StorageConfig | None, retain_hours: in
 
         metrics = tables.retry_commit(name, compact)
         table = tables.open(name)
-        vacuumed = table.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
+        try:
+            vacuumed = table.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
+        except (DeltaError, OSError) as error:
+            raise TableError(describe_delta_error(error, f"vacuum of {tables.uri(name)} failed")) from None
         report[name] = {
             "files_before": before,
             "files_after": len(table.file_uris()),

@@ -128,16 +128,17 @@ def test_questions_about_a_page_share_its_image_tokens_read_once(
 
 
 def test_attention_auto_is_sdpa_where_flash_attention_cannot_run(tiny_model: Path) -> None:
-    from transformers.utils import is_flash_attn_2_available
-
     from actors.adapters import resolve_attention
 
-    cuda = torch.device("cuda")
-    assert resolve_attention("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
-    assert resolve_attention("auto", cuda, torch.float32) == "sdpa"  # flash-attention runs in half precision only
-    expected = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
-    assert resolve_attention("auto", cuda, torch.bfloat16) == expected
-    assert resolve_attention("eager", cuda, torch.bfloat16) == "eager"  # an explicit choice is kept
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for installed in (True, False):
+        assert resolve_attention("auto", cpu, torch.bfloat16, installed) == "sdpa"
+        assert resolve_attention("auto", cuda, torch.float32, installed) == "sdpa"  # flash runs in half precision
+        assert resolve_attention("eager", cuda, torch.bfloat16, installed) == "eager"  # an explicit choice is kept
+    assert resolve_attention("auto", cuda, torch.bfloat16, flash_installed=True) == "flash_attention_2"
+    assert resolve_attention("auto", cuda, torch.float16, flash_installed=True) == "flash_attention_2"
+    assert resolve_attention("auto", cuda, torch.bfloat16, flash_installed=False) == "sdpa"
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"  # this machine: no CUDA, no flash-attn
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
     engine = load_adapter(model_config, resolve_image_geometry(model_config, RenderConfig()), torch.device("cpu"))
     assert model_config.attn_implementation == "auto" and engine.model.config._attn_implementation == "sdpa"
@@ -154,7 +155,7 @@ def test_a_batch_that_runs_out_of_memory_is_split() -> None:
 
     assert split_on_out_of_memory(run, list(range(7))) == [item * 10 for item in range(7)]
     assert calls == [7, 3, 1, 2, 4, 2, 2]
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.OutOfMemoryError, match="batches over 2 do not fit"):  # one item that cannot fit
         split_on_out_of_memory(lambda items: run(items * 3), [1])
 
 
@@ -198,3 +199,48 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
             and "model failed on this page" in broken["error"]
             and broken["answer"] is None
         )
+
+
+def test_encoder_and_decoder_out_of_memory_are_answered_in_halves(tiny_model: Path) -> None:
+    """A GPU that fits one page in the vision encoder and two prompts in a prefill, simulated by forward
+    hooks on the real model's towers that raise torch.OutOfMemoryError above those sizes: `answer`
+    (encode_pages and the decoder's prefill) halves its batches and gives the answers of an unconstrained
+    run. (The slot decoder's steps are sized by the free memory when its cache is made.)"""
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32")
+    geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=False))
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    letter = [
+        open_pdf(invoice_pdf(n, 1, (612, 792)), "pymupdf").render(1, geometry.render_longest_edge) for n in range(4)
+    ]
+    split = [split_page(page, geometry) for page in letter]  # one size: the encoder takes them in one call
+    prompts = [
+        Prompt(page_index, engine.prompt(template.question("inv.pdf", page_index + 1, len(split))), 6)
+        for page_index in range(len(split))
+        for template in QUESTIONS
+    ]
+    expected = [(answer.text, answer.generated_tokens) for answer in engine.answer(split, prompts)]
+    refused = {"vision_model": 0, "text_model": 0}
+    caps = {"vision_model": 1, "text_model": 2}  # images per encoder call, prompts per prefill
+
+    def refuse_above(name: str):
+        def hook(module, args, kwargs):
+            batch = [kwargs.get(key) for key in ("pixel_values", "inputs_embeds", "input_ids")] + list(args[:1])
+            tensor = next(value for value in batch if isinstance(value, torch.Tensor))
+            prefill = name == "vision_model" or tensor.shape[1] > 1  # decode steps run every slot at once
+            if prefill and tensor.shape[0] > caps[name]:
+                refused[name] += 1
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {name} batch {tensor.shape[0]})")
+
+        return hook
+
+    handles = [
+        getattr(engine.model.model, name).register_forward_pre_hook(refuse_above(name), with_kwargs=True)
+        for name in caps
+    ]
+    try:
+        halved = [(answer.text, answer.generated_tokens) for answer in engine.answer(split, prompts)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert halved == expected
+    assert refused["vision_model"] >= 1 and refused["text_model"] >= 1, refused  # both were refused, then halved

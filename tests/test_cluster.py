@@ -15,6 +15,7 @@ import yaml
 from bench import free_port
 from jobs.cli import main
 from jobs.samples import invoice_pdf
+from jobs.submit import wait
 from pipeline.tables import committed_runs, read_answers
 
 
@@ -81,15 +82,20 @@ def _job(tmp_path: Path, inputs: Path, model: Path) -> Path:
     return path
 
 
+def _nightly(address: str, model: Path, sample_pdfs: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the samples as input, and the `docqa submit --nightly` arguments of a job over it."""
+    inputs = tmp_path / "pdfs"
+    shutil.copytree(sample_pdfs, inputs)
+    job = _job(tmp_path, inputs, model)
+    return inputs, ["submit", "--address", address, "--config", str(job), "--nightly"]
+
+
 def test_submit_nightly_then_only_new_and_changed_documents(
     ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
 ) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    inputs = tmp_path / "pdfs"
-    shutil.copytree(sample_pdfs, inputs)
-    job = _job(tmp_path, inputs, tiny_model)
-    submit = ["submit", "--address", ray_cluster, "--config", str(job), "--nightly"]
+    inputs, submit = _nightly(ray_cluster, tiny_model, sample_pdfs, tmp_path)
 
     assert main([*submit, "--date", "2026-11-20", "--wait"]) == 0
     submission_id, final = capsys.readouterr().out.split()
@@ -104,6 +110,10 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     assert len(JobSubmissionClient(ray_cluster).list_jobs()) == jobs_before
     first = read_answers(str(tmp_path / "out"), "nightly-2026-11-20")
     assert len(set(first.column("document").to_pylist())) == len(list(inputs.iterdir()))
+    expected = {"empty.pdf": "empty", "not-a-pdf.pdf": "not_pdf"}  # the rest are answers
+    assert {Path(row["document"]).name: row["status"] for row in first.to_pylist()} == {
+        path.name: expected.get(path.name, "ok") for path in inputs.iterdir()
+    }
 
     (inputs / "new.pdf").write_bytes(invoice_pdf(101, 2, (612, 792)))
     changed = inputs / "invoice-002.pdf"
@@ -117,6 +127,34 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     assert record["run_date"] == "2026-11-21"
     assert set(second.column("run_date").to_pylist()) == {date(2026, 11, 21)}  # the answers partition
     assert set(second.column("run_id").to_pylist()) == {"nightly-2026-11-21"}
+    assert set(second.column("status").to_pylist()) == {"ok"}
+
+
+def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
+    ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
+) -> None:
+    inputs, submit = _nightly(ray_cluster, tiny_model, sample_pdfs, tmp_path)
+    submit += ["--date", "2026-11-22"]
+    assert main(submit) == 0
+    first = capsys.readouterr().out.strip()
+    assert first == "docqa-nightly-2026-11-22"
+    assert main(["stop", first, "--address", ray_cluster]) == 0
+    assert capsys.readouterr().out.strip() == "stopped"
+    assert wait(ray_cluster, first, timeout_s=120) == "STOPPED"
+    assert main(["status", first, "--address", ray_cluster]) == 0
+    assert capsys.readouterr().out.strip() == "STOPPED"
+
+    assert main(submit) == 0  # the scheduler fires again: a new attempt, not the stopped job
+    second = capsys.readouterr().out.strip()
+    assert second == "docqa-nightly-2026-11-22-attempt-2"
+    assert main(["logs", second, "--address", ray_cluster, "--follow"]) == 0  # returns when the job ends
+    assert "run nightly-2026-11-22 committed" in capsys.readouterr().out
+    assert main(["status", second, "--address", ray_cluster]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    rows = read_answers(str(tmp_path / "out"), "nightly-2026-11-22")
+    assert sorted({Path(d).name for d in rows.column("document").to_pylist()}) == sorted(
+        p.name for p in inputs.iterdir()
+    )
 
 
 def test_stop_and_unknown_ids(ray_cluster: str, capsys) -> None:

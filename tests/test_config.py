@@ -38,7 +38,7 @@ def test_page_selection(spec, num_pages: int, expected: list[int]) -> None:
 
 @pytest.mark.parametrize("spec", ["0", "3-1", "1-x", "", "first,", "one"])
 def test_bad_page_selection_is_rejected(spec: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="page"):
         parse_page_selection(spec)
 
 

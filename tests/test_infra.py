@@ -2,7 +2,9 @@
 
 import copy
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,36 @@ def test_the_image_installs_the_lock_less_its_cpu_torch(tmp_path: Path) -> None:
     assert {"bitsandbytes", "transformers", "ray"} <= set(image)
     torch_entry = re.search(r"^torch==.*?(?=^\S)", lock, re.M | re.S).group(0)
     assert image_lock.count("--hash=sha256:") == lock.count("--hash=sha256:") - torch_entry.count("--hash=sha256:")
+
+
+def test_submit_ships_exactly_our_packages_and_the_config(tmp_path: Path) -> None:
+    """The job's working_dir holds pipeline/, actors/, jobs/ and job.yaml, and every docqa module a job
+    imports comes from it: a package missing there would be imported from this checkout instead (the
+    editable install), which is not on a cluster, and this test would fail."""
+    from jobs.submit import stage_working_dir
+    from pipeline.config import load_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text("input: s3://in/\noutput: s3://out/\nquestions: [{id: q, text: 'Total?'}]\n")
+    config = load_config(job)
+    staging = stage_working_dir(config)
+    try:
+        assert sorted(path.name for path in staging.iterdir()) == ["actors", "job.yaml", "jobs", "pipeline"]
+        assert load_config(staging / "job.yaml") == config
+        modules = sorted(
+            ".".join(path.relative_to(staging).with_suffix("").parts).removesuffix(".__init__")
+            for path in staging.rglob("*.py")
+        )
+        assert {"jobs.cli", "jobs.run", "pipeline.sink", "pipeline.tables", "actors.predictor"} <= set(modules)
+        check = (
+            "import importlib, os, sys\n"
+            "outside = [m for m in sys.argv[1:] if not importlib.import_module(m).__file__.startswith(os.getcwd())]\n"
+            "print(outside)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", check, *modules], cwd=staging, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "[]"
+    finally:
+        shutil.rmtree(staging)

@@ -111,10 +111,17 @@ def test_a_run_whose_model_fails_on_every_page_is_degraded_and_exits_3(
     [run] = query.runs(str(tmp_path / "out")).to_pylist()
     assert (run["state"], run["degraded"]) == ("committed", True)
 
+    # Retryable statuses are taken again by the next run (here still failing), final ones are not.
+    assert main(["run", "--config", str(job), "--run-id", "broken-again"]) == 3
+    again = {row["document"] for row in read_answers(str(tmp_path / "out"), "broken-again").to_pylist()}
+    assert again == {document for document, _ in pages}  # not empty.pdf, not not-a-pdf.pdf
+    assert "skipped (unchanged since a committed run): 2" in capsys.readouterr().out
+
     # The model fixed: the pages are taken again, a healthy run, exit 0.
     assert main(["run", "--config", str(job), "--model", str(tiny_model), "--run-id", "fixed"]) == 0
     assert "DEGRADED" not in capsys.readouterr().out
     assert {run["run_id"]: run["degraded"] for run in query.runs(str(tmp_path / "out")).to_pylist()} == {
         "broken": True,
+        "broken-again": True,
         "fixed": False,
     }

@@ -143,7 +143,11 @@ def test_formats_stream_the_same_rows(outputs):
     write_result(store.reader(sql), "table", text, io.BytesIO())
     lines = text.getvalue().splitlines()
     assert lines[0].split() == expected.schema.names and lines[-1] == f"({expected.num_rows} rows)"
-    assert len({len(line) for line in lines[2:-1] if len(line) == len(lines[1])}) <= 1
+    rule = lines[1]  # dashes per column, two spaces between: every line keeps those gaps blank
+    gaps = [i for i, char in enumerate(rule) if char == " "]
+    assert set(rule) == {"-", " "} and len(gaps) == 2 * (len(expected.schema.names) - 1)
+    for line in [lines[0], *lines[2:-1]]:
+        assert len(line) <= len(rule) and all(line.ljust(len(rule))[i] == " " for i in gaps), line
 
 
 def test_cli_prints_a_table_and_explains_bad_sql(outputs):

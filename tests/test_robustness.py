@@ -6,9 +6,7 @@ import signal
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pymupdf
 import pytest
@@ -63,8 +61,9 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
     payload, shape = sandbox.call("render", (1, 448), time.monotonic() + 30)
     assert payload == SHARED and shape[0] == 448  # the pixels are in the shared buffer
     assert sandbox.pixels[: shape[0] * shape[1] * 3].min() < 255  # an invoice page, not blank
-    with pytest.raises(DocumentError):
+    with pytest.raises(DocumentError, match="cannot open") as caught:
         sandbox.call("open", (b"%PDF-1.7 garbage", "pymupdf", ()), time.monotonic() + 30)
+    assert caught.value.status == Status.CORRUPT
 
 
 SECRETS = {
@@ -151,29 +150,15 @@ def test_generated_hostile_documents(backend: str) -> None:
     assert first_page["status"] == Status.OK and first_page["num_pages"] == 5000 and time.monotonic() - started < 20
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        _Recorder.hits.append(self.path)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_path: Path, capsys) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    """Active content (JavaScript, links, an attachment: answered like any page; that nothing of it runs or
+    reaches the network is the render helper's test), a password, a slow render; the password never leaks."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     files = {
-        "active.pdf": active_content_pdf(url),
+        "active.pdf": active_content_pdf("https://example.invalid/exfiltrate"),
         "locked.pdf": encrypted_pdf(PASSWORD),
         "slow.pdf": slow_pdf(),
-        "..%2F..%2Fescape.pdf": invoice_pdf(9, 1, (612, 792)),
         "good.pdf": invoice_pdf(8, 2, (612, 792)),
     }
     for name, data in files.items():
@@ -188,17 +173,14 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
     )
     assert main(["run", "--config", str(job)]) == 0
     captured = capsys.readouterr()
-    server.shutdown()
     rows = read_answers(str(tmp_path / "out")).to_pylist()
     status = {Path(row["document"]).name: row["status"] for row in rows}
     assert status == {
         "active.pdf": "ok",
         "locked.pdf": "ok",
         "slow.pdf": "timeout",
-        "..%2F..%2Fescape.pdf": "ok",
         "good.pdf": "ok",
     }
-    assert _Recorder.hits == []  # no JavaScript ran, no link or attachment was followed
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
     assert all(path.startswith(("in/", "job.yaml", "out/answers/", "out/current/", "out/runs/")) for path in written)
     [record] = committed_runs(str(tmp_path / "out"))
@@ -228,7 +210,10 @@ def test_shared_corpus_runs_through_with_every_file_exactly_once(ray_session, ti
     from tests.conftest import SHARED_CORPUS
 
     if not SHARED_CORPUS.is_dir():
-        pytest.skip(f"the shared corpus is not at {SHARED_CORPUS}")
+        missing = f"the shared corpus is not at {SHARED_CORPUS}"
+        if os.environ.get("DOCQA_REQUIRE_SHARED_CORPUS"):  # set by .ci/run: CI must not pass without it
+            pytest.fail(f"{missing} (DOCQA_REQUIRE_SHARED_CORPUS is set)")
+        pytest.skip(missing)
     files = sorted(str(path.resolve()) for path in SHARED_CORPUS.rglob("*") if path.is_file())
     job = write_job(
         tmp_path,
@@ -260,23 +245,23 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
         {"id": "a", "text": "Total?", "max_new_tokens": 12},
         {"id": "b", "text": "Date?", "max_new_tokens": 12},
     ]
-    job = write_job(tmp_path, inputs, tiny_model, questions, actors={"batch_size": 2})
+    job = write_job(tmp_path, inputs, tiny_model, questions, actors={"batch_size": 2}, commit_rows=2)
+    first_part = tmp_path / "out" / "answers" / "_delta_log" / f"{1:020d}.json"  # version 0 creates the table
     killed: list[int] = []
 
-    def kill_the_actor_once_it_is_working() -> None:
+    def kill_the_actor_once_it_has_answered() -> None:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            for process in psutil.process_iter(["cmdline"]):
-                if any("PagePredictor" in part for part in process.info["cmdline"] or []):
-                    try:
-                        if process.cpu_times().user > 4:  # model loaded and answering
-                            process.kill()
-                            killed.append(process.pid)
-                    except psutil.NoSuchProcess:
-                        pass
-            time.sleep(0.2)
+        while time.monotonic() < deadline and not first_part.exists():  # the event: answers were committed
+            time.sleep(0.05)
+        for process in psutil.process_iter(["cmdline"]):
+            if any("PagePredictor" in part for part in process.info["cmdline"] or []):
+                try:
+                    process.kill()
+                    killed.append(process.pid)
+                except psutil.NoSuchProcess:
+                    pass
 
-    killer = threading.Thread(target=kill_the_actor_once_it_is_working)
+    killer = threading.Thread(target=kill_the_actor_once_it_has_answered)
     killer.start()
     assert main(["run", "--config", str(job)]) == 0
     killer.join()

@@ -100,6 +100,12 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
         assert any(key.startswith(f"out/{table}/_delta_log/") for key in keys)
         assert any(key.startswith(f"out/{table}/") and key.endswith(".parquet") for key in keys)
     _assert_no_credentials(captured.out + captured.err)
+    # The workers' logs too (the session's Ray does not forward them to the driver).
+    logs = Path(ray_session._private.worker.global_worker.node.get_logs_dir_path())
+    worker_logs = [path for path in logs.rglob("*") if path.is_file() and path.suffix in (".out", ".err", ".log")]
+    assert any(path.name.startswith("worker-") for path in worker_logs)
+    for path in worker_logs:
+        _assert_no_credentials(path.read_bytes())
     for key in keys:
         _assert_no_credentials(client.get_object(Bucket="bulk", Key=key)["Body"].read())
 

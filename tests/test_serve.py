@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,12 +11,15 @@ import requests
 import yaml
 
 from bench import free_port
+from jobs.cli import main
 from jobs.run import run_job
 from jobs.samples import invoice_pdf, write_job
+from jobs.serve import TOKEN_ENV
 from pipeline.config import load_config
 from pipeline.rows import OUTPUT_SCHEMA
 
 TOKEN = "serve-test-token-7c1e"
+CONFIG_TOKEN = "serve-config-token-loses-to-the-environment"
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 6},
     {"id": "total", "text": "What is the total?", "pages": "all", "max_new_tokens": 8},
@@ -48,7 +52,7 @@ def endpoint(batch_answers, tiny_model, tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
     serve_settings = {
         "port": free_port(),
-        "token": TOKEN,
+        "token": CONFIG_TOKEN,  # DOCQA_SERVE_TOKEN (TOKEN) wins over it
         "batch_wait_timeout_s": 0.2,
         "max_upload_bytes": 200_000,
         "max_pages": 3,
@@ -65,7 +69,11 @@ def endpoint(batch_answers, tiny_model, tmp_path_factory):
             actors={"batch_size": 8, "num_cpus_per_actor": 0.5},
         )
     )
-    url = start_server(config)
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        url = start_server(config)
+    finally:
+        del os.environ[TOKEN_ENV]
     yield url
     serve.shutdown()
 
@@ -105,17 +113,24 @@ def test_one_request(endpoint, sample_pdfs, batch_answers):
     assert "multipart/form-data" in paths["/v1/answers"]["post"]["requestBody"]["content"]
 
 
-def test_eight_concurrent_requests_are_batched_on_the_model(endpoint, sample_pdfs, batch_answers):
+def test_concurrent_one_page_requests_share_model_calls(endpoint, sample_pdfs, batch_answers):
+    """Eight uploads of a one-page document at once: one page each, so only pages of different requests
+    can fill a model call."""
     from ray import serve
 
+    model = serve.get_deployment_handle("AnswerModel", app_name="docqa")
+    model.reset_counts.remote().result()
+    assert model.call_counts.remote().result() == {"pages_per_call": {}, "calls_mixing_requests": 0}
+    one_page = sample_pdfs / "invoice-003.pdf"
     with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda name: _post(endpoint, sample_pdfs / name), INVOICES * 2))
+        responses = list(pool.map(lambda _: _post(endpoint, one_page), range(8)))
     assert [response.status_code for response in responses] == [200] * 8
+    assert {response.json()["num_pages"] for response in responses} == {1}
     for response in responses:
         _check_against_batch(response.json(), batch_answers)
-    model = serve.get_deployment_handle("AnswerModel", app_name="docqa")
-    batch_sizes = model.batch_size_counts.remote().result()
-    assert max(batch_sizes) > 1, batch_sizes  # pages of different requests shared a model call
+    counts = model.call_counts.remote().result()
+    assert sum(pages * calls for pages, calls in counts["pages_per_call"].items()) == 8  # exactly these pages
+    assert counts["calls_mixing_requests"] >= 1, counts  # pages of different requests shared a model call
 
 
 def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
@@ -136,20 +151,14 @@ def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
 
 def test_refusals_say_why(endpoint, sample_pdfs):
     pdf = sample_pdfs / "invoice-001.pdf"
-    for token in (None, "wrong-token"):
+    for token in (None, "wrong-token", CONFIG_TOKEN):
         response = _post(endpoint, pdf, token=token)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert "bearer token" in response.json()["error"]
     oversize = _post(endpoint, data=b"%PDF-1.7\n" + b"0" * 300_000)
     assert oversize.status_code == 413
-    assert (
-        oversize.json()
-        == {
-            "status": "file_too_large",
-            "error": oversize.json()["error"],
-        }
-        and "over serve.max_upload_bytes=200000" in oversize.json()["error"]
-    )
+    assert set(oversize.json()) == {"status", "error"} and oversize.json()["status"] == "file_too_large"
+    assert "over serve.max_upload_bytes=200000" in oversize.json()["error"]
     four_pages = _post(endpoint, data=invoice_pdf(7, pages=4, page_size=(595, 842)))
     assert four_pages.status_code == 413 and four_pages.json()["status"] == "too_many_pages"
     assert "4 pages, over" in four_pages.json()["error"] and "serve.max_pages=3" in four_pages.json()["error"]
@@ -162,3 +171,10 @@ def test_refusals_say_why(endpoint, sample_pdfs):
         f"{endpoint}/v1/answers", data={"x": "1"}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
     )
     assert no_file.status_code == 422 and "field named 'file'" in no_file.json()["error"]
+
+
+def test_the_endpoint_refuses_to_start_without_a_token(tiny_model, tmp_path, capsys):
+    assert TOKEN_ENV not in os.environ
+    job = write_job(tmp_path, tmp_path, tiny_model, QUESTIONS, serve={"port": free_port()})
+    assert main(["serve", "--config", str(job)]) == 2
+    assert "the endpoint needs a bearer token: set DOCQA_SERVE_TOKEN or serve.token" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from jobs.cli import main
 from jobs.samples import write_job, write_samples
 from pipeline.config import StorageConfig
 from pipeline.rows import Status, rows_to_table
-from pipeline.sink import RunWriter
+from pipeline.sink import RunExistsError, RunWriter, split_version
 from pipeline.tables import committed_runs, read_answers, read_current, storage_options
 
 QUESTIONS = [
@@ -252,7 +252,7 @@ def test_concurrent_writers_and_a_retried_commit_lose_and_duplicate_nothing(
     assert sorted(record["run_id"] for record in committed_runs(output, storage)) == ["w1", "w2", "w3"]
     assert {record["commits"] for record in committed_runs(output, storage)} == {8}
     answers_log = DeltaTable(f"{output}/answers", storage_options=storage_options(output, storage))
-    assert answers_log.transaction_version("docqa-run:w2") == 8
+    assert split_version(answers_log.transaction_version("docqa-run:w2")) == (1, 8)  # attempt 1, part 8
 
     # A retry: the same part committed twice, as after a lost response: applied once.
     start = {"run_id": "retry", "started_at": datetime.now(UTC).isoformat()}
@@ -268,3 +268,22 @@ def test_concurrent_writers_and_a_retried_commit_lose_and_duplicate_nothing(
     [failed] = [run for run in query.runs(output, storage).to_pylist() if run["run_id"] == "retry"]
     assert (failed["state"], failed["error"], failed["commits"]) == ("failed", "RuntimeError: the driver gave up", 1)
     assert "retry" not in {record["run_id"] for record in committed_runs(output, storage)}
+
+
+def test_an_attempt_taken_over_by_a_later_one_stops_and_loses_nothing(tmp_path: Path) -> None:
+    """The same run id started again while its first attempt still runs (a scheduler firing twice): the
+    second attempt adopts what the first committed, and the first one's next commit is refused."""
+    output, storage = str(tmp_path / "out"), StorageConfig()
+    start = {"run_id": "twice", "started_at": datetime.now(UTC).isoformat()}
+    first = RunWriter(output, "twice", "2026-11-24", storage, start, commit_rows=1)
+    first.write(_synthetic_rows("twice", range(0, 3)))  # part 1
+    second = RunWriter(output, "twice", "2026-11-24", storage, start, commit_rows=1)
+    assert (second.attempt, second.part, second.recovered.num_rows) == (2, 1, 6)
+    second.write(_synthetic_rows("twice", range(3, 6)))  # part 2, by attempt 2
+    with pytest.raises(RunExistsError, match="attempt 2 of run 'twice' took over from this one"):
+        first.write(_synthetic_rows("twice", range(6, 9)))
+    second.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+    rows = read_answers(output, "twice")
+    assert sorted(set(rows.column("document").to_pylist())) == [f"s3://in/doc-{n:05d}.pdf" for n in range(6)]
+    assert rows.num_rows == 12 and read_current(output).num_rows == 12
+    assert [(r["run_id"], r["attempt"], r["commits"]) for r in committed_runs(output)] == [("twice", 2, 2)]
