@@ -75,7 +75,8 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
         QUESTIONS,
         render={"image_splitting": False},
         actors={"min_actors": actors, "max_actors": actors},
-        limits={"stall_timeout_s": args.stall_timeout_s},
+        # The survivor keeps the default: a short limit there could end a run that is only slow to start.
+        limits={"stall_timeout_s": args.stall_timeout_s if name == "starved" else 900},
         commit_interval_s=2,
     )
     environment = {**os.environ, "RAY_ADDRESS": cluster.address}
@@ -160,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=60)
     parser.add_argument("--kill-after-s", type=float, default=14.0)
-    parser.add_argument("--stall-timeout-s", type=float, default=45.0)
+    parser.add_argument("--stall-timeout-s", type=float, default=45.0, help="limits.stall_timeout_s of the starved run")
     parser.add_argument("--only", choices=["survives", "starved"])
     args = parser.parse_args()
 

@@ -52,6 +52,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def refused_address():
+    """An http://127.0.0.1:PORT where every connection is refused: the port is bound and never listened on,
+    and held for the test, so nothing else can take it (a fixed port such as 9 might be in use)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 server (moto) on loopback; tests reach it over HTTP through boto3 and pyarrow."""

@@ -157,10 +157,10 @@ def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     )
 
 
-def test_stop_and_unknown_ids(ray_cluster: str, capsys) -> None:
+def test_stop_and_unknown_ids(ray_cluster: str, refused_address: str, capsys) -> None:
     assert main(["status", "no-such-job", "--address", ray_cluster]) == 1
     assert "no job 'no-such-job'" in capsys.readouterr().err
-    assert main(["status", "x", "--address", "http://127.0.0.1:9"]) == 1
+    assert main(["status", "x", "--address", refused_address]) == 1
     assert "cannot reach the Ray job server" in capsys.readouterr().err
 
 

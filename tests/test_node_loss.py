@@ -10,7 +10,7 @@ import sys
 
 def test_a_lost_node_either_leaves_a_complete_run_or_a_clear_stall_never_a_hang(ray_session) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.node_loss", "--documents", "120", "--stall-timeout-s", "20"],
+        [sys.executable, "-m", "bench.node_loss", "--documents", "120", "--stall-timeout-s", "30"],
         capture_output=True,
         text=True,
         timeout=900,

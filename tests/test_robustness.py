@@ -41,10 +41,11 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
     sandbox.call("open", (slow_pdf(), "pymupdf", ()), time.monotonic() + 30)
     limits = Path(f"/proc/{sandbox._process.pid}/limits").read_text()
     assert f"{1024 * 1024 * 1024}" in next(line for line in limits.splitlines() if "address space" in line)
-    started = time.monotonic()
+    slow_helper = sandbox._process.pid
     with pytest.raises(DocumentError) as caught:
         sandbox.call("render", (1, 896), time.monotonic() + 0.3)
-    assert caught.value.status == Status.TIMEOUT and time.monotonic() - started < 5
+    # The events, not a wall-clock bound: the status, and the helper that missed the deadline replaced.
+    assert caught.value.status == Status.TIMEOUT and sandbox._process.pid != slow_helper
 
     sandbox.call("open", (invoice_pdf(1, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30)
     with pytest.raises(DocumentError) as caught:  # a 12000 px page and its copies exceed the 1 GiB cap
@@ -141,7 +142,7 @@ def test_generated_hostile_documents(backend: str) -> None:
     assert results["not a pdf"][0] == [Status.NOT_PDF] and results["empty"][0] == [Status.EMPTY]
     assert results["password"][0] == [Status.ENCRYPTED]
     assert results["password known"][0] == [Status.OK]
-    assert results["slow"][0] == [Status.TIMEOUT] and results["slow"][1] < 5
+    assert results["slow"][0] == [Status.TIMEOUT]  # it would be ok had the render run to its end
     assert results["sliver"][0] == [Status.PAGE_TOO_LARGE] and "max_aspect_ratio" in results["sliver"][2][0]["error"]
 
     config = _config(limits={"max_pages_per_document": 10000}, render=render)
