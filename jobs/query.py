@@ -22,11 +22,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
 from pipeline.storage import check_bucket, is_s3
-from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, RUN_SCHEMA, RUNS, SCHEMAS, OutputTables, TableError
+from pipeline.tables import (
+    ANSWER_SCHEMA,
+    ANSWERS,
+    CURRENT,
+    RUN_SCHEMA,
+    RUNS,
+    OutputTables,
+    TableError,
+    commit_times,
+    sql_string,
+)
 
 STREAM_BATCH_ROWS = 10_000
 RUN_COLUMNS = [name for name in RUN_SCHEMA.names if name != "record"]
@@ -69,23 +78,24 @@ class AnswerStore:
         if is_s3(output):  # fail fast, and as `docqa run` does, on a wrong endpoint, bucket or credentials
             check_bucket(output, tables.storage)
         try:
-            current = tables.open(CURRENT, version, as_of)
+            current = tables.open(CURRENT)
             if current is None:
                 raise QueryError(f"no docqa output under {output} (no Delta table at {tables.uri(CURRENT)})")
-            if version is not None:  # the history of the latest version: delta-rs 1.6 misnumbers an older one's
-                commits = tables.open(CURRENT).history()
-                as_of = datetime.fromtimestamp(
-                    next(entry["timestamp"] for entry in commits if entry["version"] == version) / 1000, UTC
-                )
-            if as_of is not None:
-                first = datetime.fromtimestamp(min(entry["timestamp"] for entry in current.history()) / 1000, UTC)
+            if version is not None:  # `current` at that version, the other tables as of its commit
+                as_of = commit_times(current)[version]
+                current = tables.open(CURRENT, version)
+            elif as_of is not None:
+                first = min(commit_times(current).values())
                 if as_of < first:
                     raise QueryError(
                         f"{output} has no version as of {as_of.isoformat()}: its first commit is {first.isoformat()}"
                     )
-            datasets = {CURRENT: current.to_pyarrow_dataset(schema=ANSWER_SCHEMA)}
-            for name in (ANSWERS, RUNS):
-                datasets[name] = self._dataset_as_of(tables, name, as_of)
+                current.load_as_version(as_of)
+            datasets = {
+                CURRENT: current.to_pyarrow_dataset(schema=ANSWER_SCHEMA),
+                ANSWERS: tables.dataset(ANSWERS, as_of),
+                RUNS: tables.dataset(RUNS, as_of),
+            }
         except TableError as error:
             raise QueryError(str(error)) from None
         self.connection = duckdb.connect()
@@ -106,22 +116,7 @@ class AnswerStore:
             latest = self.reader("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").read_all()
             known = ", ".join(latest.column(0).to_pylist()) or "none"
             raise QueryError(f"no run {run_id!r} under {output} (latest: {known})")
-        self.connection.execute(
-            "CREATE VIEW answers AS SELECT * FROM all_rows WHERE run_id = " + "'" + run_id.replace("'", "''") + "'"
-        )
-
-    @staticmethod
-    def _dataset_as_of(tables: OutputTables, name: str, as_of: datetime | None) -> ds.Dataset:
-        """Table ``name`` as of ``as_of`` (latest without); empty when it had no version yet then."""
-        table = tables.open(name)
-        if table is None:
-            return ds.dataset(SCHEMAS[name].empty_table())
-        if as_of is not None:
-            first = min(entry["timestamp"] for entry in table.history())
-            if as_of.timestamp() * 1000 < first:
-                return ds.dataset(SCHEMAS[name].empty_table())
-            table.load_as_version(as_of)
-        return table.to_pyarrow_dataset(schema=SCHEMAS[name])
+        self.connection.execute(f"CREATE VIEW answers AS SELECT * FROM all_rows WHERE run_id = {sql_string(run_id)}")
 
     def reader(self, sql: str, parameters: Sequence[Any] | None = None) -> pa.RecordBatchReader:
         """The result of ``sql`` as a stream of record batches."""

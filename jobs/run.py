@@ -53,8 +53,6 @@ class RunStats:
     _pages_seen: set[tuple[str, int | None]] = field(default_factory=set)
 
     def add(self, table: pa.Table) -> None:
-        if self.first_row_s is None:
-            self.first_row_s = self.elapsed
         self.rows += table.num_rows
         columns = table.select(["document", "page_number", "question_id", "status"]).to_pydict()
         for document, page, question, status in zip(*columns.values(), strict=True):
@@ -198,12 +196,8 @@ def completed_documents(config: JobConfig, tables: OutputTables, recovered: pa.T
         )
     )
     resumed = recovered.filter(pc.is_valid(recovered.column("source_version")))
-    return KnownVersions(
-        pa.concat_arrays([final.column("document").combine_chunks(), resumed.column("document").combine_chunks()]),
-        pa.concat_arrays(
-            [final.column("source_version").combine_chunks(), resumed.column("source_version").combine_chunks()]
-        ),
-    )
+    known = pa.concat_tables(table.select(["document", "source_version"]) for table in (final, resumed))
+    return KnownVersions(known.column("document").to_pylist(), known.column("source_version").to_pylist())
 
 
 def build_page_dataset(config: JobConfig, geometry: ImageGeometry, completed: KnownVersions | None = None, ledger=None):
@@ -326,7 +320,6 @@ def _stream(
     if writer.recovered.num_rows:
         log.info("resuming run %s: %d rows of an earlier attempt kept", writer.run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
-        stats.first_row_s = None
     completed = completed_documents(config, writer.tables, writer.recovered)
     ledger = start_ledger(config.budget.max_pages)
     last_report = time.monotonic()
@@ -336,6 +329,8 @@ def _stream(
         with watchdog:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 watchdog.beat()
+                if stats.first_row_s is None:
+                    stats.first_row_s = stats.elapsed
                 writer.write(batch)
                 stats.add(batch)
                 if time.monotonic() - last_report >= progress_interval_s:

@@ -5,7 +5,7 @@ input documents as it goes, and ``ReadDocument``, which reads each one's bytes i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,7 @@ class KnownVersions:
     document, so a million of them pickle to the listing task in milliseconds (a set of string pairs would
     take ~300 MB). A false match needs a 64-bit collision among them: about 1 in 10^13 for a million."""
 
-    def __init__(self, documents: list[str] | pa.Array = (), versions: list[str] | pa.Array = ()) -> None:
-        documents = documents.to_pylist() if isinstance(documents, pa.Array | pa.ChunkedArray) else documents
-        versions = versions.to_pylist() if isinstance(versions, pa.Array | pa.ChunkedArray) else versions
+    def __init__(self, documents: Sequence[str] = (), versions: Sequence[str] = ()) -> None:
         hashes = np.fromiter(
             (self._hash(uri, version) for uri, version in zip(documents, versions, strict=True)),
             dtype=np.uint64,

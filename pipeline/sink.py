@@ -280,12 +280,13 @@ class RunWriter:
             self._pending_rows += self._waiting.num_rows
             self._waiting = None
         self._commit_part()
-        record = {**record, "started_at": self.first_started_at, "commits": self.part}
-        self._finish(run_row(self.run_id, self.run_date, "committed", self.attempt, record))
+        self._finish("committed", record)
         return self.tables.output
 
-    def _finish(self, row: dict[str, Any]) -> None:
-        """Write the run's final row, unless a later attempt has claimed the run meanwhile."""
+    def _finish(self, state: str, record: dict[str, Any]) -> None:
+        """Write the run's final row in ``state``, unless a later attempt has claimed the run meanwhile."""
+        record = {**record, "started_at": self.first_started_at, "commits": self.part}
+        row = run_row(self.run_id, self.run_date, state, self.attempt, record)
 
         def finish(table) -> None:
             claimed = table.transaction_version(self.app_id) or 0
@@ -298,11 +299,4 @@ class RunWriter:
     def fail(self, error: str) -> None:
         """Commit the complete documents buffered so far (a rerun skips them) and mark the run ``failed``."""
         self._commit_part()
-        record = {
-            **self.start_record,
-            "started_at": self.first_started_at,
-            "finished_at": datetime.now(UTC).isoformat(),
-            "error": error,
-            "commits": self.part,
-        }
-        self._finish(run_row(self.run_id, self.run_date, "failed", self.attempt, record))
+        self._finish("failed", {**self.start_record, "finished_at": datetime.now(UTC).isoformat(), "error": error})

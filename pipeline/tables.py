@@ -15,10 +15,11 @@ serialised by optimistic concurrency, and old versions stay readable (time trave
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -82,8 +83,6 @@ def storage_options(output: str, storage: StorageConfig) -> dict[str, str] | Non
     Credentials come from the standard AWS environment variables (delta-rs reads them itself)."""
     if not is_s3(output):
         return None
-    import os
-
     options = {
         "timeout": f"{storage.read_timeout_s:g}s",
         "connect_timeout": f"{storage.connect_timeout_s:g}s",
@@ -124,24 +123,17 @@ class OutputTables:
     def options(self) -> dict[str, str] | None:
         return storage_options(self.output, self.storage)
 
-    def open(self, name: str, version: int | None = None, as_of: datetime | None = None):
-        """The table as of its latest version, or of ``version`` / the timestamp ``as_of``; None when the
-        table does not exist yet."""
+    def open(self, name: str, version: int | None = None):
+        """The table at its latest version, or at ``version``; None when the table does not exist yet."""
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
         try:
-            table = DeltaTable(self.uri(name), version=version, storage_options=self.options)
+            return DeltaTable(self.uri(name), version=version, storage_options=self.options)
         except TableNotFoundError:
             return None
         except Exception as error:  # noqa: BLE001 - delta-rs raises plain exceptions for store failures
             raise TableError(describe_delta_error(error, f"cannot open {self.uri(name)}")) from None
-        if as_of is not None:
-            try:
-                table.load_as_version(as_of)
-            except Exception as error:  # noqa: BLE001 - a timestamp before the table's first commit
-                raise TableError(f"{self.uri(name)} has no version as of {as_of.isoformat()}: {error}") from None
-        return table
 
     def create(self) -> None:
         """Create the tables that do not exist yet. Two writers creating the same table at once: one
@@ -165,11 +157,14 @@ class OutputTables:
             except Exception as error:  # noqa: BLE001 - delta-rs raises plain exceptions for store failures
                 raise TableError(describe_delta_error(error, f"cannot create {self.uri(name)}")) from None
 
-    def dataset(self, name: str, version: int | None = None, as_of: datetime | None = None) -> ds.Dataset:
-        """A pyarrow dataset of the table's committed files (empty when the table does not exist yet)."""
-        table = self.open(name, version, as_of)
-        if table is None:
+    def dataset(self, name: str, as_of: datetime | None = None) -> ds.Dataset:
+        """A pyarrow dataset of the table's committed files, at its latest version or as of ``as_of``;
+        empty when the table does not exist (yet, or at ``as_of``)."""
+        table = self.open(name)
+        if table is None or (as_of is not None and as_of < min(commit_times(table).values())):
             return ds.dataset(SCHEMAS[name].empty_table())
+        if as_of is not None:
+            table.load_as_version(as_of)
         return table.to_pyarrow_dataset(schema=SCHEMAS[name])
 
     def read(self, name: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
@@ -197,6 +192,12 @@ class OutputTables:
                 attempt += 1
             except (DeltaError, OSError) as error:
                 raise TableError(describe_delta_error(error, f"commit to {self.uri(name)} failed")) from None
+
+
+def commit_times(table) -> dict[int, datetime]:
+    """Each version's commit time, from the history of the table at its latest version (delta-rs 1.6
+    misnumbers the history of a table loaded at an older one)."""
+    return {entry["version"]: datetime.fromtimestamp(entry["timestamp"] / 1000, UTC) for entry in table.history()}
 
 
 def sql_string(value: str) -> str:
