@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from actors.checkpoint import ModelLoadError, model_load_hint
+from actors.checkpoint import ModelLoadError, check_model_directory, model_load_hint
 from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry
@@ -131,6 +131,7 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
     if quantized and device.type != "cuda":
         raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
     dtype = torch.float16 if quantized else resolve_dtype(model.dtype, device)
+    check_model_directory(model.id)
     try:
         processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
         loaded = model_class.from_pretrained(
@@ -265,9 +266,15 @@ class ModelAdapter(ABC):
                 return checkpoint.prompt_format
         return "chat" if getattr(processor, "chat_template", None) else cls.info.unknown_prompt_format
 
+    @classmethod
+    def prompt_template(cls, prompt_format: str) -> str:
+        """The prompt of ``prompt_format`` with a ``{question}`` field, as this family writes it (what
+        `docqa models` shows)."""
+        return cls.info.prompt_formats[prompt_format]
+
     def prompt(self, question: str) -> str:
         """The model prompt for a question about one page, in this checkpoint's format."""
-        return self.info.prompt_formats[self.prompt_format].format(question=question)
+        return self.prompt_template(self.prompt_format).format(question=question)
 
     @abstractmethod
     def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:

@@ -3,9 +3,10 @@ clear error (``ModelLoadError``) saying how to fix the model setting."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from pipeline.config import ModelConfig, RenderConfig
+from pipeline.config import ConfigError, ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry
 
 
@@ -22,10 +23,18 @@ def model_load_hint(model_id: str, error: Exception) -> str:
     )
 
 
+def check_model_directory(model_id: str) -> None:
+    """A model id written as a path (absolute, ./, ../; ModelConfig expands ~) must be a directory:
+    transformers takes a missing one for a Hub id and reports a malformed repo id instead."""
+    if model_id.startswith(("/", "./", "../")) and not Path(model_id).is_dir():
+        raise ModelLoadError(f"cannot load model {model_id!r}: no such directory: {model_id}")
+
+
 def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
     """Read the checkpoint's image processor settings; fails fast (before any work) if it cannot be loaded."""
     from transformers import AutoImageProcessor
 
+    check_model_directory(model.id)
     try:
         processor = AutoImageProcessor.from_pretrained(model.id, revision=model.revision)
     except Exception as error:
@@ -56,7 +65,7 @@ def image_geometry(processor: Any, image_splitting: bool | None, model_id: str =
     if not longest or not shortest or unsupported:
         raise ModelLoadError(f"{model_id}: unsupported image processor settings {unsupported or size}")
     if square and image_splitting:
-        raise ModelLoadError(
+        raise ConfigError(
             f"{model_id} is an Idefics1 checkpoint, which has no image splitting: leave render.image_splitting "
             "unset or set it to false"
         )

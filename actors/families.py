@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from actors.adapters import FamilyInfo, ModelAdapter
-from actors.checkpoint import ModelLoadError, model_load_hint
+from actors.checkpoint import ModelLoadError, check_model_directory, model_load_hint
 from actors.idefics1 import IdeficsAdapter
 from actors.idefics2 import Idefics2Adapter
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.images import ImageGeometry
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.info.model_type: a for a in [Idefics2Adapter, IdeficsAdapter]}
@@ -28,7 +28,7 @@ class CheckpointCheck:
 def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
     if model_type not in ADAPTERS:
         supported = ", ".join(f"{info.name} ({info.model_type})" for info in FAMILIES)
-        raise ModelLoadError(f"{model_id} is a {model_type!r} checkpoint; supported families: {supported}")
+        raise ConfigError(f"{model_id} is a {model_type!r} checkpoint; supported families: {supported}")
     return ADAPTERS[model_type]
 
 
@@ -36,6 +36,7 @@ def checkpoint_config(model: ModelConfig) -> Any:
     """The checkpoint's config.json (its model_type names the family)."""
     from transformers import AutoConfig
 
+    check_model_directory(model.id)
     try:
         return AutoConfig.from_pretrained(model.id, revision=model.revision)
     except Exception as error:
@@ -47,11 +48,11 @@ def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
     checkpoint = checkpoint_config(model)
     info = adapter_class(checkpoint.model_type, model.id).info
     if model.quantization != "none" and model.quantization not in info.quantization:
-        raise ModelLoadError(f"model.quantization={model.quantization} is not available for {info.name} checkpoints")
+        raise ConfigError(f"model.quantization={model.quantization} is not available for {info.name} checkpoints")
     quantized = getattr(checkpoint, "quantization_config", None) or {}
     method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
     if model.quantization == "awq" and str(method).lower() != "awq":
-        raise ModelLoadError(
+        raise ConfigError(
             f"model.quantization=awq needs an AWQ checkpoint (HuggingFaceM4/idefics2-8b-AWQ); {model.id} is not one"
         )
     if model.adapter:
@@ -68,11 +69,12 @@ def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
 def describe_families() -> str:
     """The text of `docqa models`."""
     lines = []
-    for info in FAMILIES:
+    for adapter in ADAPTERS.values():
+        info = adapter.info
         lines += [
             f"{info.name}  (model_type {info.model_type}: {info.classes})",
-            "  prompt formats (model.prompt_format):",
-            *[f"    {name:<5} {text!r}" for name, text in info.prompt_formats.items()],
+            "  prompt formats (model.prompt_format), after the tokenizer's BOS token:",
+            *[f"    {name:<5} {adapter.prompt_template(name)!r}" for name in info.prompt_formats],
             "    raw answers end at the first newline (model.stop_at_newline)",
             f"  image splitting: {'yes, 4 crops + the page' if info.image_splitting else 'no, one square image'}",
             f"  quantization (model.quantization, GPU only): {', '.join(info.quantization)}",

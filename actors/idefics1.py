@@ -37,10 +37,14 @@ class IdeficsAdapter(ModelAdapter):
     )
     model_class = "IdeficsForVisionText2Text"
 
+    @classmethod
+    def prompt_template(cls, prompt_format: str) -> str:
+        # As IdeficsProcessor writes it: the image between its two marker tokens.
+        return super().prompt_template(prompt_format).replace("<image>", IMAGE_IN_PROMPT)
+
     def prompt(self, question: str) -> str:
-        # As IdeficsProcessor writes it: BOS, and the image between its two marker tokens.
-        text = super().prompt(question).replace("<image>", IMAGE_IN_PROMPT)
-        return f"{self.tokenizer.bos_token}{text}"
+        # IdeficsProcessor writes the BOS token into the text: tokenize adds no special tokens.
+        return f"{self.tokenizer.bos_token}{super().prompt(question)}"
 
     def _encode(self, pages: list[list[np.ndarray]]) -> list[torch.Tensor]:
         values, _ = self.pixel_batch(pages)

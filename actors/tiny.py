@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+from pipeline.config import ConfigError
+
 # Idefics2's chat template, as shipped with HuggingFaceM4/idefics2-8b.
 IDEFICS2_CHAT_TEMPLATE = (
     "{% for message in messages %}{{message['role'].capitalize()}}"
@@ -193,6 +195,14 @@ def build_random_idefics2(architecture: str = "tiny", seed: int = 0):
     return model, processor
 
 
+def _new_directory(path: str | Path) -> Path:
+    """``path``, refused if it already holds something: a tiny model never overwrites a checkpoint."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} already exists and is not an empty directory; name a new one")
+    return path
+
+
 def _save_widened(model, processor, path: str | Path) -> Path:
     """Default initialisation (std 0.02) leaves the answers almost blind to the image; wider weights make
     every answer depend on its page, so a test that mixes up pages or image features fails."""
@@ -212,6 +222,7 @@ def _save_widened(model, processor, path: str | Path) -> Path:
 def build_tiny_idefics2(path: str | Path, seed: int = 0, chat_template: bool = True) -> Path:
     """Build the tiny Idefics2 checkpoint and save model and processor to ``path``. Without the chat
     template it stands for a base checkpoint (idefics2-8b-base): prompts are raw."""
+    path = _new_directory(path)
     model, processor = build_random_idefics2("tiny", seed)
     if not chat_template:
         processor.chat_template = None
@@ -228,6 +239,7 @@ def build_tiny_idefics1(path: str | Path, seed: int = 0) -> Path:
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
+    path = _new_directory(path)
     tokenizer = build_tiny_tokenizer()
     processor = IdeficsProcessor(
         image_processor=IdeficsImageProcessorPil(image_size=TINY_IDEFICS1_IMAGE_SIZE), tokenizer=tokenizer
@@ -277,11 +289,11 @@ def build_tiny_lora(base: str | Path, path: str | Path, seed: int = 0) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
+    path = _new_directory(path)
     model = AutoModelForImageTextToText.from_pretrained(base)
     torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
     peft_model = get_peft_model(model, lora)
-    path = Path(path)
     peft_model.save_pretrained(path)
     return path
 

@@ -103,7 +103,6 @@ def run(workdir: Path) -> None:
     import ray
 
     from jobs.run import completed_documents, run_job
-    from pipeline.rows import OUTPUT_SCHEMA
     from pipeline.tables import OutputTables, read_answers
 
     peak = {"driver": 0, "tree": 0}
@@ -129,7 +128,7 @@ def run(workdir: Path) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    decision = completed_documents(config, OutputTables(config.output, config.storage), OUTPUT_SCHEMA.empty_table())
+    decision = completed_documents(config, OutputTables(config.output, config.storage))
     decision_s = time.perf_counter() - started
     summary = run_job(config, progress_interval_s=30)
     done.set()

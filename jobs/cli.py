@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
@@ -15,13 +16,18 @@ from actors.tiny import TINY_FAMILIES
 from jobs.formats import FORMATS, write_result
 from jobs.query import QueryError, parse_as_of
 from jobs.submit import SubmitError
-from jobs.watchdog import RunStalled
+from jobs.watchdog import RunInterrupted, RunStalled
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.sink import RunExistsError
 from pipeline.storage import InputError, StorageError
 from pipeline.tables import TableError
 
 QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
+# Exit codes (README, "Exit codes"); 3 (committed but degraded) is RunSummary.exit_code.
+EXIT_FAILED = 1  # could not start, failed or stalled
+EXIT_INVALID = 2  # invalid config or arguments
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as shells report SIGPIPE
 
 
 def _parse_assignment(text: str) -> tuple[str, Any]:
@@ -39,6 +45,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser, run_id: bool = True) 
     if run_id:
         parser.add_argument("--run-id", help="override the run id (default: UTC time + random suffix)")
     parser.add_argument(
+        "--reprocess",
+        choices=["failed", "all"],
+        help="take again documents a plain run skips: `failed` (any status but ok) or `all` (see README)",
+    )
+    _add_set(parser)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -49,12 +64,20 @@ def _add_config_arguments(parser: argparse.ArgumentParser, run_id: bool = True) 
     )
 
 
+def _add_gcs_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="a running Ray cluster's GCS address, e.g. HEAD:6379 or auto (default: RAY_ADDRESS; "
+        "without either, a new local Ray instance)",
+    )
+
+
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
 
 
 def _add_job_id(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("submission_id", metavar="ID")
+    parser.add_argument("submission_id", metavar="ID", help="the submission id `docqa submit` printed")
     _add_address(parser)
 
 
@@ -77,13 +100,16 @@ def _add_query_arguments(parser: argparse.ArgumentParser, run: bool = True) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docqa", description="Document OCR and question answering on Ray.")
+    parser.add_argument("--version", action="version", version=f"docqa {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job: PDFs → answers in Parquet")
     _add_config_arguments(run)
+    _add_gcs_address(run)
 
     nightly = commands.add_parser("nightly", help="the incremental run a scheduler calls: new or changed documents")
     _add_config_arguments(nightly, run_id=False)
+    _add_gcs_address(nightly)
     nightly.add_argument("--date", type=_parse_date, default=None, help="run date YYYY-MM-DD (default: today, UTC)")
 
     submit = commands.add_parser("submit", help="submit a run (or a nightly run) to a Ray cluster as a Ray Job")
@@ -132,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="override model.id: hub id or local checkpoint directory")
     serve.add_argument("--host", help="override serve.host")
     serve.add_argument("--port", type=int, help="override serve.port")
+    _add_set(serve)
 
     commands.add_parser("models", help="supported model families, their prompt formats and what each supports")
     model = commands.add_parser("model", help="model utilities")
@@ -163,7 +190,18 @@ def _config(args: argparse.Namespace) -> JobConfig:
             overrides[field] = value
     if getattr(args, "run_id", None) is not None:
         overrides["run_id"] = args.run_id
+    if args.reprocess is not None:
+        overrides["reprocess"] = args.reprocess
     return load_config(args.config, overrides)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("docqa")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _today() -> str:
@@ -215,7 +253,8 @@ def _serve(args: argparse.Namespace) -> int:
     from jobs.serve import start_server
 
     overrides = {"model.id": args.model, "serve.host": args.host, "serve.port": args.port}
-    config = load_config(args.config, {field: value for field, value in overrides.items() if value is not None})
+    given = {field: value for field, value in overrides.items() if value is not None}
+    config = load_config(args.config, {**dict(args.assignments), **given})
     url = start_server(config)
     print(f"docqa serving {config.model.id} at {url}/v1/answers (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
     try:
@@ -232,14 +271,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from jobs.run import run_job
 
-        summary = run_job(_config(args))
+        summary = run_job(_config(args), ray_address=args.address)
         print(summary.text())
         return summary.exit_code
     if args.command == "nightly":
         from jobs.run import nightly_run_id, run_nightly
 
         run_date = args.date or _today()
-        summary = run_nightly(_config(args), run_date)
+        summary = run_nightly(_config(args), run_date, ray_address=args.address)
         print(summary.text() if summary else f"run {nightly_run_id(run_date)} is already committed; nothing to do")
         return summary.exit_code if summary else 0
     if args.command == "serve":
@@ -262,10 +301,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from jobs import submit
 
     if args.command == "submit":
+        if args.date and not args.nightly:
+            raise ConfigError("--date applies to --nightly submissions only; add --nightly, or drop --date")
+        if args.run_id and args.nightly:
+            raise ConfigError("--run-id does not apply with --nightly (its run id is fixed by the date); drop one")
         nightly_date = (args.date or _today()) if args.nightly else None
         submission_id = submit.submit(_config(args), args.address, nightly_date)
-        print(submission_id)
+        print(submission_id, flush=True)
         if args.wait:
+            submit.logs(args.address, submission_id, follow=True)  # progress lines, then the summary
             final = submit.wait(args.address, submission_id)
             print(final)
             if final == "SUCCEEDED":
@@ -288,10 +332,20 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID
     except (InputError, ModelLoadError, RunExistsError, RunStalled, StorageError, SubmitError, TableError) as error:
         print(f"docqa: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except RunInterrupted as error:
+        print(f"docqa: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("docqa: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`docqa answers ... | head`): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Parquet), batch by batch: a large result is never held in memory whole."""
 from __future__ import annotations
 
 import json
+import tempfile
 from datetime import date, datetime
 from typing import IO, Any
 
@@ -35,24 +36,31 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _rows(batch: pa.RecordBatch) -> list[list[str]]:
+    return [[_cell(value) for value in row.values()] for row in batch.to_pylist()]
+
+
 def write_table_text(reader: pa.RecordBatchReader, stream: IO[str]) -> int:
-    """An aligned text table; column widths come from the header and the first batch, later cells are
-    cut to fit (a long result streams instead of being measured first). Returns the number of rows."""
+    """An aligned text table, every line as wide as the others and every cell cut at MAX_CELL_CHARS.
+    Column widths come from all rows: the result is spooled to a temporary Arrow file while they are
+    measured (never held in memory whole), then printed from it. Returns the number of rows."""
     names = reader.schema.names
-    widths: list[int] | None = None
-    count = 0
-    for batch in reader:
-        rows = [[_cell(value) for value in row.values()] for row in batch.to_pylist()]
-        if widths is None:
-            widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, name in enumerate(names)]
-            stream.write("  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip())
-            stream.write("\n" + "  ".join("-" * width for width in widths) + "\n")
-        for row in rows:
-            cells = (_fit(cell, width).ljust(width) for cell, width in zip(row, widths, strict=True))
-            stream.write("  ".join(cells).rstrip() + "\n")
-        count += len(rows)
-    if widths is None:
-        stream.write("  ".join(names) + "\n")
+    widths = [len(name) for name in names]
+    with tempfile.TemporaryFile() as spool:
+        with pa.ipc.new_file(spool, reader.schema) as writer:
+            for batch in reader:
+                for row in _rows(batch):
+                    widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+                writer.write_batch(batch)
+        spool.seek(0)
+        spooled = pa.ipc.open_file(spool)
+        stream.write("  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)) + "\n")
+        stream.write("  ".join("-" * width for width in widths) + "\n")
+        count = 0
+        for index in range(spooled.num_record_batches):
+            for row in _rows(spooled.get_batch(index)):
+                stream.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + "\n")
+                count += 1
     stream.write(f"({count} row{'s' if count != 1 else ''})\n")
     return count
 

@@ -102,6 +102,10 @@ class AnswerStore:
         self.connection.register("runs", datasets[RUNS])
         self.connection.register("all_rows", datasets[ANSWERS])
         self.connection.register("current", datasets[CURRENT])
+        # SQL reads the registered tables and nothing else: no file or URL is read or written (COPY,
+        # read_csv, ATTACH), and the setting cannot be turned back on.
+        self.connection.execute("SET enable_external_access = false")
+        self.connection.execute("SET lock_configuration = true")
         self.records = [
             json.loads(text)
             for text in self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at")
@@ -119,16 +123,20 @@ class AnswerStore:
         self.connection.execute(f"CREATE VIEW answers AS SELECT * FROM all_rows WHERE run_id = {sql_string(run_id)}")
 
     def reader(self, sql: str, parameters: Sequence[Any] | None = None) -> pa.RecordBatchReader:
-        """The result of ``sql`` as a stream of record batches."""
+        """The result of ``sql``, one SELECT (or WITH ... SELECT) statement, as a stream of record batches."""
         import duckdb
 
         try:
+            kinds = [statement.type.name for statement in duckdb.extract_statements(sql)]
+            if kinds != ["SELECT"]:
+                found = f"a {kinds[0]} statement" if len(kinds) == 1 else f"{len(kinds)} statements {kinds}"
+                raise QueryError(
+                    f"docqa query runs one read-only SELECT (or WITH ... SELECT) statement; this is {found}"
+                )
             relation = self.connection.sql(sql, params=list(parameters) if parameters else None)
         except duckdb.Error as error:
             tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in QUERYABLE_COLUMNS.items())
             raise QueryError(f"{error}\n\nqueryable tables and their columns:\n{tables}") from None
-        if relation is None:
-            raise QueryError("the statement returned no rows; docqa query runs SELECT statements")
         return relation.to_arrow_reader(STREAM_BATCH_ROWS)
 
     def question_ids(self) -> list[str]:

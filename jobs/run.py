@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from actors.checkpoint import resolve_image_geometry
-from jobs.watchdog import StallWatchdog, check_cpus
+from jobs.progress import ProgressReporter, ProgressSnapshot
+from jobs.watchdog import RunInterrupted, StallWatchdog, check_cpus
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
 from pipeline.document_pages import DocumentPages
@@ -27,7 +30,7 @@ from pipeline.images import ImageGeometry
 from pipeline.rows import RETRYABLE, Status
 from pipeline.sink import RunWriter
 from pipeline.storage import StorageError, check_bucket, check_input, is_s3
-from pipeline.tables import CURRENT, OutputTables, TableError, committed_runs
+from pipeline.tables import CURRENT, RUNS, OutputTables, TableError, committed_runs
 
 log = logging.getLogger("docqa")
 
@@ -73,13 +76,6 @@ class RunStats:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-    def progress_line(self) -> str:
-        rate = self.pages / self.elapsed if self.elapsed > 0 else 0.0
-        return (
-            f"documents {len(self.document_status)} · pages {self.pages} · "
-            f"answers {self.answers} · {rate:.2f} pages/s · {self.elapsed:.0f}s"
-        )
 
     def degraded(self, limit: float) -> dict[str, Any] | None:
         """The retryable failures' share of the pages that were not bad input (a document that could not be
@@ -132,14 +128,18 @@ class RunSummary:
                 f"retryable status (model_error, read_error), over limits.max_failed_page_share="
                 f"{self.degraded['limit']:g}; the next run takes them again"
             )
+        resumed = self.ledger.get("resumed_documents", 0)
+        resumed = f"  of which committed by an earlier attempt of this run: {resumed} documents\n" if resumed else ""
         return (
             f"run {self.run_id} committed{health}\n"
             f"  documents: {ok + sum(failed.values())} ({ok} ok; failed: {failed_text})\n"
             f"  pages: {pages} ({self.counts['pages'].get(Status.OK.value, 0)} ok) · answers: {self.counts['answers']}"
             f" · rows: {self.counts['rows']}\n"
+            f"{resumed}"
             f"  skipped (unchanged since a committed run): {self.ledger['unchanged_documents']} · left for the next"
             f" run: {self.ledger['left_documents'] + self.ledger['deferred_documents']}\n"
-            f"  wall time: {self.wall_s:.1f}s ({pages / max(self.wall_s, 1e-9):.2f} pages/s)\n"
+            f"  wall time: {self.wall_s:.1f}s (this attempt, start to commit; `docqa runs` duration_s)"
+            f" · {pages / max(self.wall_s, 1e-9):.2f} pages/s\n"
             f"  output: {self.output} (tables answers, current, runs)"
         )
 
@@ -174,38 +174,73 @@ def check_gpus(config: JobConfig) -> None:
     )
 
 
-def completed_documents(config: JobConfig, tables: OutputTables, recovered: pa.Table) -> KnownVersions:
+def completed_documents(config: JobConfig, tables: OutputTables) -> KnownVersions:
     """(URI, version) of the documents not to process again: those whose rows in ``current`` are complete
-    and final for this config's fingerprint, and those an earlier attempt of this run committed
-    (``recovered``). Reads only the columns the decision needs, and decides in Arrow, not row by row."""
+    and final for this config's fingerprint. Not final: a retryable status; a status that a setting decides
+    when that setting changed since the run that gave it (``JobConfig.setting_digests``); with
+    ``reprocess: failed`` any status but ok; with ``reprocess: all`` everything. Reads only the columns the
+    decision needs, and decides in Arrow, not row by row."""
+    if config.reprocess == "all":
+        return KnownVersions()
     rows = tables.read(
         CURRENT,
-        columns=["document", "source_version", "document_rows", "status"],
+        columns=["document", "source_version", "document_rows", "status", "run_id"],
         filter=(ds.field("config_fingerprint") == config.fingerprint()) & ds.field("source_version").is_valid(),
     )
-    retry = pc.is_in(rows.column("status"), value_set=pa.array(sorted(RETRYABLE), pa.string()))
+    status = rows.column("status")
+    if config.reprocess == "failed":
+        retake = pc.not_equal(status, Status.OK.value)
+    else:
+        retake = pc.is_in(status, value_set=pa.array(sorted(RETRYABLE), pa.string()))
+    for decided, run_ids in runs_with_changed_settings(config, tables).items():
+        by_run = pc.is_in(rows.column("run_id"), pa.array(run_ids, pa.string()))
+        retake = pc.or_(retake, pc.and_(pc.equal(status, decided), by_run))
     groups = (
-        rows.append_column("retry", pc.cast(retry, pa.int8()))
+        rows.append_column("retake", pc.cast(retake, pa.int8()))
         .group_by(["document", "source_version"])
-        .aggregate([("status", "count"), ("document_rows", "max"), ("retry", "max")])
+        .aggregate([("status", "count"), ("document_rows", "max"), ("retake", "max")])
     )
     final = groups.filter(
         pc.and_(
             pc.greater_equal(groups.column("status_count"), groups.column("document_rows_max")),
-            pc.equal(groups.column("retry_max"), 0),
+            pc.equal(groups.column("retake_max"), 0),
         )
     )
+    return KnownVersions(final.column("document").to_pylist(), final.column("source_version").to_pylist())
+
+
+def resumed_documents(recovered: pa.Table) -> KnownVersions:
+    """(URI, version) of the documents an earlier attempt of this run committed: done by this run."""
     resumed = recovered.filter(pc.is_valid(recovered.column("source_version")))
-    known = pa.concat_tables(table.select(["document", "source_version"]) for table in (final, resumed))
-    return KnownVersions(known.column("document").to_pylist(), known.column("source_version").to_pylist())
+    return KnownVersions(resumed.column("document").to_pylist(), resumed.column("source_version").to_pylist())
 
 
-def build_page_dataset(config: JobConfig, geometry: ImageGeometry, completed: KnownVersions | None = None, ledger=None):
+def runs_with_changed_settings(config: JobConfig, tables: OutputTables) -> dict[str, list[str]]:
+    """Per status that a setting decides, the runs whose recorded setting differs from this config's; runs
+    recorded before digests were kept count as unchanged."""
+    now = config.setting_digests()
+    changed: dict[str, list[str]] = {status: [] for status in now}
+    runs = tables.read(RUNS, columns=["run_id", "record"])
+    for run_id, text in zip(runs.column("run_id").to_pylist(), runs.column("record").to_pylist(), strict=True):
+        recorded = json.loads(text or "{}").get("incremental", {}).get("setting_digests", {})
+        for status, digest in recorded.items():
+            if status in now and digest != now[status]:
+                changed[status].append(run_id)
+    return {status: run_ids for status, run_ids in changed.items() if run_ids}
+
+
+def build_page_dataset(
+    config: JobConfig,
+    geometry: ImageGeometry,
+    completed: KnownVersions | None = None,
+    ledger=None,
+    resumed: KnownVersions | None = None,
+):
     """The CPU part of the plan: list, then read → rasterize → split each document in one Ray task; rows are
     split pages."""
     import ray.data
 
-    listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger)
+    listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
     return ray.data.read_datasource(listing).map_batches(
         DocumentPages(config, geometry, ledger),
         batch_format="pyarrow",
@@ -217,14 +252,16 @@ def build_page_dataset(config: JobConfig, geometry: ImageGeometry, completed: Kn
     )
 
 
-def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str, completed: KnownVersions, ledger):
+def build_dataset(
+    config: JobConfig, geometry: ImageGeometry, run_id: str, completed: KnownVersions, ledger, resumed: KnownVersions
+):
     """The Ray Data plan: the CPU stages, then the model actor pool, streamed."""
     from ray.data import ActorPoolStrategy
 
     from actors.predictor import PagePredictor
 
     pool = config.actors
-    return build_page_dataset(config, geometry, completed, ledger).map_batches(
+    return build_page_dataset(config, geometry, completed, ledger, resumed).map_batches(
         PagePredictor,
         fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
@@ -235,16 +272,29 @@ def build_dataset(config: JobConfig, geometry: ImageGeometry, run_id: str, compl
     )
 
 
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS when set, else start (or reuse) a local Ray instance."""
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray: ``address`` (``--address``), else RAY_ADDRESS, names a running cluster by its GCS
+    address (HEAD:6379, ``auto`` for the one `ray start` began on this machine, or ``ray://HEAD:10001``);
+    with neither, a new local instance is started, even if a cluster runs on this machine."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {address} is a dashboard (job server) URL: `docqa run` joins a cluster by its GCS address "
+            "(--address HEAD:6379 or RAY_ADDRESS=HEAD:6379); to run on the cluster as a Ray Job, use "
+            f"`docqa submit --address {address}`"
+        )
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str | None = None) -> RunSummary:
-    """One run: fail fast on config, model and storage problems, stream the pipeline, commit.
+def run_job(
+    config: JobConfig, progress_interval_s: float = 5.0, run_date: str | None = None, ray_address: str | None = None
+) -> RunSummary:
+    """One run: fail fast on config, model and storage problems, stream the pipeline, commit (``ray_address``:
+    see ``ensure_ray``).
 
     Documents with complete, final rows for this config in ``current`` are skipped. A run id that an
     earlier attempt started (it died, or the nightly job is rerun) resumes: the documents that attempt
@@ -259,7 +309,7 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str |
     check_input(config.input, config.storage)
     if is_s3(config.output):
         check_bucket(config.output, config.storage)
-    ensure_ray()
+    ensure_ray(ray_address)
     check_gpus(config)
     import ray
 
@@ -279,7 +329,7 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str |
         },
         "image_geometry": geometry.__dict__,
         "versions": package_versions(),
-        "incremental": {"config_fingerprint": config.fingerprint()},
+        "incremental": {"config_fingerprint": config.fingerprint(), "setting_digests": config.setting_digests()},
     }
     try:
         writer = RunWriter(
@@ -301,6 +351,12 @@ def run_job(config: JobConfig, progress_interval_s: float = 5.0, run_date: str |
             writer.fail(f"{type(error).__name__}: {error}")
         except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
             log.warning("could not mark run %s failed: %s", writer.run_id, failure)
+        if isinstance(error, KeyboardInterrupt):
+            raise RunInterrupted(
+                f"interrupted: run {writer.run_id} is marked failed; {writer.documents_complete} complete "
+                f"documents are committed and kept; the same command again with --run-id {writer.run_id} (a "
+                "nightly run: the same date) resumes it"
+            ) from None
         raise
 
 
@@ -320,27 +376,41 @@ def _stream(
     if writer.recovered.num_rows:
         log.info("resuming run %s: %d rows of an earlier attempt kept", writer.run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
-    completed = completed_documents(config, writer.tables, writer.recovered)
+    completed = completed_documents(config, writer.tables)
     ledger = start_ledger(config.budget.max_pages)
-    last_report = time.monotonic()
-    dataset = build_dataset(config, geometry, writer.run_id, completed, ledger)
+    resumed = resumed_documents(writer.recovered)
+    dataset = build_dataset(config, geometry, writer.run_id, completed, ledger, resumed)
     watchdog = StallWatchdog(config.limits.stall_timeout_s)
+    counting = threading.Lock()
+
+    def snapshot(listing: dict[str, int], complete: bool) -> ProgressSnapshot:
+        with counting:
+            return ProgressSnapshot(
+                documents_done=writer.documents_complete,
+                documents_listed=listing.get("taken", 0) + listing.get("resumed", 0),
+                listing_complete=complete,
+                pages=stats.pages,
+                answers=stats.answers,
+                elapsed_s=stats.elapsed,
+                documents_done_at_start=len(resumed),
+            )
+
+    def listing(timeout_s: float) -> tuple[dict[str, int], bool]:
+        return ray.get(ledger.listing_progress.remote(), timeout=timeout_s)
+
     try:
-        with watchdog:
+        with watchdog, ProgressReporter(snapshot, listing, progress_interval_s):
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 watchdog.beat()
                 if stats.first_row_s is None:
                     stats.first_row_s = stats.elapsed
-                writer.write(batch)
-                stats.add(batch)
-                if time.monotonic() - last_report >= progress_interval_s:
-                    log.info("%s", stats.progress_line())
-                    last_report = time.monotonic()
+                writer.write(batch)  # a commit can take seconds: the progress line does not wait for it
+                with counting:
+                    stats.add(batch)
     except KeyboardInterrupt:
         if watchdog.diagnosis:  # the watchdog's interrupt, wherever it landed in the loop or on leaving it
             raise watchdog.stalled() from None
         raise
-    log.info("%s", stats.progress_line())
     ledger_report = ray.get(ledger.report.remote())
     render_isolation = ledger_report.pop("render_isolation")
     ray.kill(ledger)
@@ -360,7 +430,7 @@ def _stream(
         writer.run_id,
         output,
         stats.counts(),
-        stats.elapsed,
+        record["duration_s"],  # the one duration: `docqa runs` shows the same
         stats.first_row_s,
         ledger_report,
         dataset.stats(),
@@ -372,10 +442,12 @@ def nightly_run_id(date: str) -> str:
     return f"nightly-{date}"
 
 
-def run_nightly(config: JobConfig, date: str, progress_interval_s: float = 5.0) -> RunSummary | None:
+def run_nightly(
+    config: JobConfig, date: str, progress_interval_s: float = 5.0, ray_address: str | None = None
+) -> RunSummary | None:
     """The incremental run a scheduler calls once a night: a run id fixed by the date, so that firing twice
     does nothing the second time and a rerun after a crash resumes. None when it is already committed."""
     run_id = nightly_run_id(date)
     if any(record["run_id"] == run_id for record in committed_runs(config.output, config.storage)):
         return None
-    return run_job(config.model_copy(update={"run_id": run_id}), progress_interval_s, run_date=date)
+    return run_job(config.model_copy(update={"run_id": run_id}), progress_interval_s, date, ray_address)

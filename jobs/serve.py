@@ -21,7 +21,7 @@ from ray import serve
 
 from actors.checkpoint import resolve_image_geometry
 from actors.serving import AnswerModel
-from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
+from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate
 from pipeline.document_pages import DocumentPages
 from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
@@ -29,6 +29,7 @@ from pipeline.rows import OUTPUT_SCHEMA, Status
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
 APPLICATION_NAME = "docqa"
+FORM_OVERHEAD_BYTES = 64 * 1024  # a request may exceed serve.max_upload_bytes by the form's fields and boundaries
 # Document-level failures that mean "too big" (413); every other failed document is unprocessable (422).
 TOO_LARGE = {Status.FILE_TOO_LARGE.value, Status.TOO_MANY_PAGES.value}
 QUESTION_LIST = TypeAdapter(QuestionList)
@@ -93,6 +94,15 @@ def serve_token(config: JobConfig) -> str:
     return token
 
 
+def questions_error(error: ValidationError) -> str:
+    """What is wrong with a request's questions, each problem at its place (``questions.0.text: ...``)."""
+    problems = []
+    for problem in error.errors():
+        field = ".".join(["questions", *(str(part) for part in problem["loc"])])
+        problems.append(f"  {field}: {problem['msg'].removeprefix('Value error, ')}")
+    return "invalid questions in the request:\n" + "\n".join(problems)
+
+
 def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
     """Question templates from a request: YAML or JSON, a list or a mapping with a ``questions`` list."""
     try:
@@ -104,7 +114,7 @@ def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
     try:
         questions = QUESTION_LIST.validate_python(loaded)
     except ValidationError as error:
-        raise RequestFailure(422, "bad_request", format_validation_error(error)) from None
+        raise RequestFailure(422, "bad_request", questions_error(error)) from None
     if len(questions) > limit:
         raise RequestFailure(422, "bad_request", f"{len(questions)} questions, over serve.max_questions={limit}")
     return questions
@@ -153,16 +163,18 @@ class AnswerAPI:
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.token):
             raise RequestFailure(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)")
         limits = self.config.serve
+        allowed = f"serve.max_upload_bytes={limits.max_upload_bytes}"
         declared = int(request.headers.get("content-length") or 0)
-        if declared > limits.max_upload_bytes + 64 * 1024:  # the form's own fields and boundaries
-            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, self._too_large(declared))
+        if declared > limits.max_upload_bytes + FORM_OVERHEAD_BYTES:
+            error = f"request is {declared} bytes, over {allowed} + {FORM_OVERHEAD_BYTES} for the form"
+            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, error)
         form = await request.form(max_files=2, max_fields=4)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise RequestFailure(422, "bad_request", "send the PDF as a multipart file field named 'file'")
         data = await upload.read(limits.max_upload_bytes + 1)
-        if len(data) > limits.max_upload_bytes:
-            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, self._too_large(len(data)))
+        if len(data) > limits.max_upload_bytes:  # the form parser has spooled and counted the whole file
+            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, f"upload is {upload.size} bytes, over {allowed}")
         config = self._request_config(await self._questions(form))
         file_name = os.path.basename(upload.filename or "upload.pdf") or "upload.pdf"
         async with self.render_lock:
@@ -182,9 +194,6 @@ class AnswerAPI:
         return AnswersResponse(
             request_id=request_id, document=file_name, num_pages=int(pages[0]["num_pages"]), answers=rows
         )
-
-    def _too_large(self, size: int) -> str:
-        return f"upload is {size} bytes, over serve.max_upload_bytes={self.config.serve.max_upload_bytes}"
 
     async def _questions(self, form: Any) -> list[QuestionTemplate]:
         field, set_name = form.get("questions"), form.get("question_set")

@@ -20,6 +20,10 @@ class RunStalled(RuntimeError):
     """No result row arrived for ``limits.stall_timeout_s``; the message says what was pending."""
 
 
+class RunInterrupted(RuntimeError):
+    """The user stopped the run (Ctrl-C); the message says what was committed and how to resume."""
+
+
 def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
     """Before any work: the actor pool at its largest must leave a CPU for a read/render task, or those
     tasks wait forever behind actors that wait for pages."""

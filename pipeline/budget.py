@@ -13,7 +13,8 @@ class RunLedger:
         self.max_pages = max_pages
         self.pages_taken = 0
         self.documents_deferred = 0
-        self.listing: dict[str, int] = {"unchanged": 0, "left": 0}
+        self.listing: dict[str, int] = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
+        self.listing_complete = False
         self.render_isolation: set[str] = set()
 
     def take_pages(self, pages: int) -> bool:
@@ -24,8 +25,14 @@ class RunLedger:
         self.pages_taken += pages
         return True
 
-    def record_listing(self, unchanged: int, left: int) -> None:
-        self.listing = {"unchanged": unchanged, "left": left}
+    def record_listing(self, counts: dict[str, int], complete: bool) -> None:
+        """The listing's counts so far: documents taken by this run, resumed (committed by an earlier attempt
+        of it), unchanged since a committed run, and left for the next run by the budget."""
+        self.listing = dict(counts)
+        self.listing_complete = complete
+
+    def listing_progress(self) -> tuple[dict[str, int], bool]:
+        return self.listing, self.listing_complete
 
     def record_isolation(self, network: str) -> None:
         """How a render helper's network was closed (or why not), as it reported on starting."""
@@ -33,6 +40,8 @@ class RunLedger:
 
     def report(self) -> dict[str, Any]:
         return {
+            "listed_documents": self.listing["taken"],
+            "resumed_documents": self.listing["resumed"],
             "unchanged_documents": self.listing["unchanged"],
             "left_documents": self.listing["left"],
             "deferred_documents": self.documents_deferred,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from pipeline.pages import PageRange, parse_page_selection, selection_contains
+from pipeline.rows import Status
 
 DEFAULT_MODEL_ID = "HuggingFaceM4/idefics2-8b"
 TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
@@ -122,6 +124,12 @@ class ModelConfig(_Strict):
         description="With continuous batching on a CUDA GPU: capture the decoding step once as a CUDA graph and "
         "replay it (one launch per step instead of thousands).",
     )
+
+    @field_validator("id", "adapter")
+    @classmethod
+    def _expand_home(cls, location: str | None) -> str | None:
+        """transformers never expands ``~``: a home-relative checkpoint directory would be taken for a Hub id."""
+        return os.path.expanduser(location) if location and location.startswith("~") else location
 
 
 class RenderConfig(_Strict):
@@ -241,6 +249,11 @@ class JobConfig(_Strict):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Default: a new id from the time. A run id an earlier attempt started resumes it.",
     )
+    reprocess: Literal["failed", "all"] | None = Field(
+        None,
+        description="Take documents again that a plain run skips: `failed` (any row not ok) or `all`. Default: "
+        "only new or changed documents, retryable failures, and failures decided by a setting changed since.",
+    )
     questions: QuestionList
     model: ModelConfig = ModelConfig()
     render: RenderConfig = RenderConfig()
@@ -249,6 +262,15 @@ class JobConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     budget: BudgetConfig = BudgetConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("input", "output")
+    @classmethod
+    def _absolute_local_path(cls, location: str) -> str:
+        """A local path is made absolute against the working directory where the config is loaded: run
+        records then say where the files were, and a submitted job reads the same folder on the cluster."""
+        if "://" in location:
+            return location
+        return os.path.abspath(os.path.expanduser(location))
 
     @model_validator(mode="after")
     def _quantization_needs_gpu(self) -> JobConfig:
@@ -271,11 +293,32 @@ class JobConfig(_Strict):
             "model": self.model.model_dump(mode="json", exclude=SPEED_ONLY_MODEL_FIELDS),
             "render": {"backend": self.render.backend, "image_splitting": self.render.image_splitting},
         }
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(relevant)
+
+    def setting_digests(self) -> dict[str, str]:
+        """Per final status that a setting decides, a digest of that setting. A document that got the status
+        is taken again once the digest differs from the one recorded by the run that gave it (a password
+        added, a limit raised). Passwords go through PBKDF2 so that the run record holds nothing that gives
+        them back cheaply."""
+        limits = self.limits
+        passwords = json.dumps([password.get_secret_value() for password in self.render.passwords]).encode()
+        settings = {
+            Status.ENCRYPTED: hashlib.pbkdf2_hmac("sha256", passwords, b"docqa render.passwords", 100_000).hex(),
+            Status.TOO_MANY_PAGES: limits.max_pages_per_document,
+            Status.FILE_TOO_LARGE: limits.max_file_bytes,
+            Status.PAGE_TOO_LARGE: [limits.max_pixels_per_page, limits.max_aspect_ratio],
+            Status.TIMEOUT: limits.document_timeout_s,
+            Status.MEMORY_LIMIT: limits.render_memory_mb,
+        }
+        return {status.value: _digest(value) for status, value in settings.items()}
 
     def redacted(self) -> dict[str, Any]:
         """The config as written to run records: plain JSON values, secrets masked."""
         return self.model_dump(mode="json")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

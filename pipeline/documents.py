@@ -5,6 +5,7 @@ input documents as it goes, and ``ReadDocument``, which reads each one's bytes i
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -50,8 +51,10 @@ class DocumentListing(Datasource):
     """The input listing as a Ray Data source: one read task pages through the listing and emits one block
     per document as it goes, so the driver never holds the listing and work starts on the first page.
 
-    Documents whose (URI, version) already has committed results are skipped; past ``max_documents`` the
-    rest are only counted, and both counts go to the run's ledger."""
+    Documents whose (URI, version) already has committed results are skipped (``completed``: a committed
+    run's; ``resumed``: an earlier attempt of this run's, which count as done by this run); past
+    ``max_documents`` the rest are only counted. The counts go to the run's ledger as the listing grows (at
+    most once a second) and once more when it is complete: the driver's progress line shows them."""
 
     def __init__(
         self,
@@ -60,11 +63,13 @@ class DocumentListing(Datasource):
         completed: KnownVersions | None = None,
         max_documents: int | None = None,
         ledger=None,
+        resumed: KnownVersions | None = None,
     ) -> None:
         super().__init__()
         self.input_uri = input_uri
         self.storage = storage
         self.completed = completed or KnownVersions()
+        self.resumed = resumed or KnownVersions()
         self.max_documents = max_documents
         self.ledger = ledger
 
@@ -72,19 +77,25 @@ class DocumentListing(Datasource):
         return None
 
     def _blocks(self) -> Iterator[pa.Table]:
-        taken = unchanged = left = 0
+        counts = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
+        reported = time.monotonic()
         for ref in iter_documents(self.input_uri, self.storage):
-            if ref.version is not None and (ref.uri, ref.version) in self.completed:
-                unchanged += 1
-            elif self.max_documents is not None and taken >= self.max_documents:
-                left += 1
+            if ref.version is not None and (ref.uri, ref.version) in self.resumed:
+                counts["resumed"] += 1
+            elif ref.version is not None and (ref.uri, ref.version) in self.completed:
+                counts["unchanged"] += 1
+            elif self.max_documents is not None and counts["taken"] >= self.max_documents:
+                counts["left"] += 1
             else:
-                taken += 1
+                counts["taken"] += 1
                 yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+            if self.ledger is not None and time.monotonic() - reported >= 1.0:
+                self.ledger.record_listing.remote(counts, complete=False)
+                reported = time.monotonic()
         if self.ledger is not None:
             import ray
 
-            ray.get(self.ledger.record_listing.remote(unchanged, left))
+            ray.get(self.ledger.record_listing.remote(counts, complete=True))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)

@@ -101,7 +101,10 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
     pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
 
     requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
-    connection.send(("ok", isolation_report(network)))
+    try:
+        connection.send(("ok", isolation_report(network)))
+    except OSError:  # the parent went away before asking anything (its task was cancelled): nobody to tell
+        return
     document = None
     while True:
         try:
@@ -140,6 +143,8 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
         except MemoryError:
             too_large = DocumentError(Status.MEMORY_LIMIT, "the result does not fit in the memory limit")
             connection.send(("error", too_large))
+        except OSError:  # the parent went away (task cancelled, worker stopped): nobody to answer
+            return
 
 
 class RenderSandbox:

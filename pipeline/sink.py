@@ -120,6 +120,8 @@ class RunWriter:
             self.recovered = self.tables.read(ANSWERS, columns=OUTPUT_SCHEMA.names, filter=this_run)
             _, self.part = split_version(self.tables.open(ANSWERS).transaction_version(self.app_id))
             self._repair_current()
+        # Documents whose rows are all here (committed or buffered), those of earlier attempts included.
+        self.documents_complete = pc.count_distinct(self.recovered.column("document")).as_py()
         self._waiting: pa.Table | None = None  # rows of documents that are not complete yet
         self._pending: list[pa.Table] = []  # rows of complete documents, not yet committed
         self._pending_rows = 0
@@ -238,6 +240,7 @@ class RunWriter:
             waiting = waiting.filter(pc.invert(mask))
         self._waiting = waiting if waiting.num_rows else None
         self._pending_documents += len(complete)
+        self.documents_complete += len(complete)
         due = time.monotonic() - self._last_commit >= self.commit_interval_s
         full = self._pending_rows >= self.commit_rows or self._pending_documents >= MAX_DOCUMENTS_PER_COMMIT
         if full or (due and self._pending_rows):

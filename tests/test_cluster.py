@@ -91,15 +91,20 @@ def _nightly(address: str, model: Path, sample_pdfs: Path, tmp_path: Path) -> tu
 
 
 def test_submit_nightly_then_only_new_and_changed_documents(
-    ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
+    ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     from ray.job_submission import JobSubmissionClient
 
     inputs, submit = _nightly(ray_cluster, tiny_model, sample_pdfs, tmp_path)
 
     assert main([*submit, "--date", "2026-11-20", "--wait"]) == 0
-    submission_id, final = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    submission_id, final = lines[0], lines[-1]
     assert (submission_id, final) == ("docqa-nightly-2026-11-20", "SUCCEEDED")
+    # --wait shows the job's own output while it waits: its progress lines with totals, then its summary.
+    waited = "\n".join(lines[1:-1])
+    assert f"documents {len(list(inputs.iterdir()))}/{len(list(inputs.iterdir()))} · pages" in waited
+    assert "run nightly-2026-11-20 committed" in waited
     assert main(["status", submission_id, "--address", ray_cluster]) == 0
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
     assert main(["logs", submission_id, "--address", ray_cluster]) == 0
@@ -118,7 +123,8 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     (inputs / "new.pdf").write_bytes(invoice_pdf(101, 2, (612, 792)))
     changed = inputs / "invoice-002.pdf"
     changed.write_bytes(invoice_pdf(102, 1, (612, 792)))
-    assert main([*submit, "--date", "2026-11-21", "--wait"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative input is resolved before submitting: the job reads the same folder
+    assert main([*submit, "--date", "2026-11-21", "--input", "pdfs", "--wait"]) == 0
     assert capsys.readouterr().out.split()[-1] == "SUCCEEDED"
     second = read_answers(str(tmp_path / "out"), "nightly-2026-11-21")
     assert sorted(set(second.column("document").to_pylist())) == sorted([str(inputs / "new.pdf"), str(changed)])

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,9 @@ def test_cli_style_overrides_reach_nested_fields(tmp_path: Path) -> None:
         "/models/x",
         8,
         5,
-        "other",
+        os.path.join(os.getcwd(), "other"),  # a local path is made absolute against the working directory
     )
+    assert load_config(path, {"input": "s3://bucket/in/"}).input == "s3://bucket/in/"  # a URI stays as it is
     with pytest.raises(ConfigError, match=r"cannot override 'questions\.7\.text'"):
         load_config(path, {"questions.7.text": "x"})
 

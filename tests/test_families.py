@@ -173,15 +173,15 @@ def test_configs_a_family_cannot_run_are_rejected_before_any_work(
     assert code == 2 and "the Ray cluster has 0 GPUs (this machine has none)" in err
     assert "model.quantization=none (bnb-4bit needs a GPU)" in err
     code, err = run(str(tiny_model), "model.quantization=awq", "actors.num_gpus_per_actor=1")
-    assert code == 1 and "needs an AWQ checkpoint (HuggingFaceM4/idefics2-8b-AWQ)" in err
+    assert code == 2 and "needs an AWQ checkpoint (HuggingFaceM4/idefics2-8b-AWQ)" in err
     code, err = run(models["idefics"]["id"], "model.quantization=awq", "actors.num_gpus_per_actor=1")
-    assert code == 1 and "model.quantization=awq is not available for idefics checkpoints" in err
+    assert code == 2 and "model.quantization=awq is not available for idefics checkpoints" in err
     code, err = run(models["idefics"]["id"], "render.image_splitting=true")
-    assert code == 1 and "Idefics1 checkpoint, which has no image splitting" in err
+    assert code == 2 and "Idefics1 checkpoint, which has no image splitting" in err
     other = tmp_path / "gpt2"
     GPT2Config().save_pretrained(other)
     code, err = run(str(other))
-    assert code == 1 and "is a 'gpt2' checkpoint; supported families: idefics2 (idefics2), idefics (idefics)" in err
+    assert code == 2 and "is a 'gpt2' checkpoint; supported families: idefics2 (idefics2), idefics (idefics)" in err
     code, err = run(str(tiny_model), f"model.adapter={tmp_path / 'no-adapter'}")
     assert code == 1 and "cannot load model.adapter" in err and "adapter_config.json" in err
     assert not output.exists()

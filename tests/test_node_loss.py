@@ -25,10 +25,15 @@ def test_a_lost_node_either_leaves_a_complete_run_or_a_clear_stall_never_a_hang(
     assert survives["model actors on the worker at the kill"] == 1  # the actor was on the node that died
     assert (survives["exit code"], survives["duplicates"], survives["missing documents"]) == (0, 0, 0)
     assert set(survives["statuses"]) == {"ok"} and survives["runs committed"] == ["survives"]
-    # Two CPUs left, two actors restarted there: the watchdog ends the run, saying what is pending.
-    assert starved["exit code"] == 1 and "no result row for" in starved["message"]
-    assert "pending demands: {" in starved["message"] and "'CPU': 1.0" in starved["message"]
+    # Two CPUs left on the head. When render work was still pending at the kill, both actors restart there
+    # and hold them: the watchdog ends the run, saying what is pending, and a rerun with the same run id on a
+    # healthy cluster resumes and completes. When every page had been rendered before the kill (a faster
+    # machine), the run completes. Either way: never a hang, every document exactly once in the end.
+    assert starved["exit code"] in (0, 1), starved["message"]
+    if starved["exit code"] == 1:
+        assert "no result row for" in starved["message"] and "with the same run id" in starved["message"]
+        assert "pending demands: {" in starved["message"] and "'CPU': 1.0" in starved["message"]
+        assert starved["rerun exit code"] == 0
     assert starved["wall time (s)"] < 300
-    # Rerun on a healthy cluster with the same run id: it resumes and completes, each document once.
-    assert (starved["rerun exit code"], starved["duplicates"], starved["missing documents"]) == (0, 0, 0)
+    assert (starved["duplicates"], starved["missing documents"]) == (0, 0)
     assert starved["runs committed"] == ["starved"] and starved["statuses"] == survives["statuses"]  # same pages

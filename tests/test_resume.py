@@ -56,7 +56,7 @@ def _commits(log: Path) -> int:
 
 
 def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
-    ray_session, tiny_model: Path, tmp_path: Path
+    ray_session, tiny_model: Path, tmp_path: Path, capsys
 ) -> None:
     inputs = tmp_path / "pdfs"
     write_samples(inputs, count=12)
@@ -82,9 +82,16 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
     before = read_answers(out)
     assert _keys(before) == _keys(read_current(out))  # every committed part is in both tables
 
+    capsys.readouterr()
     assert main(nightly) == 0
+    summary = capsys.readouterr().out
     after = read_answers(out)
     keys = _keys(after)
+    # The documents the killed attempt committed count as this run's, not as skipped.
+    resumed = len({row["document"] for row in before.select(["document"]).to_pylist()})
+    assert f"documents: {len(list(inputs.iterdir()))} (" in summary
+    assert f"of which committed by an earlier attempt of this run: {resumed} documents" in summary
+    assert "skipped (unchanged since a committed run): 0 ·" in summary
     expected = _expected_keys(job, inputs)
     duplicates = sum(count - 1 for count in keys.values() if count > 1)
     missing = sum(1 for key in expected if key not in keys)

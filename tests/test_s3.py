@@ -82,6 +82,7 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert "  output: s3://bulk/out/ (tables answers, current, runs)" in captured.out
     storage = StorageConfig(endpoint_url=s3_endpoint)
     rows = read_answers("s3://bulk/out/", storage=storage).to_pylist()
     documents = [row["document"] for row in rows]
@@ -198,6 +199,7 @@ def test_a_run_killed_after_its_first_commit_resumes_with_nothing_lost_or_duplic
         ("closed", "s3://bulk/in/", "cannot reach the S3 endpoint"),
     ],
 )
+@pytest.mark.parametrize("command", ["run", "runs", "query"])
 def test_storage_problems_fail_fast_with_a_clear_message(
     ray_session,
     tiny_model: Path,
@@ -208,23 +210,19 @@ def test_storage_problems_fail_fast_with_a_clear_message(
     endpoint_kind: str,
     input_uri: str,
     message: str,
+    command: str,
 ) -> None:
+    """`docqa run` over a bad input, and the query commands over a bad output, stop at the first request with
+    the same message."""
     proxy = FaultProxy(s3_endpoint, deny_all=True) if endpoint_kind == "deny" else None
     endpoint = {"real": s3_endpoint, "deny": proxy.url if proxy else "", "closed": refused_address}[endpoint_kind]
     job = _job(tmp_path, endpoint, storage={"endpoint_url": endpoint, "max_attempts": 2, "connect_timeout_s": 1})
-    code = main(
-        [
-            "run",
-            "--config",
-            str(job),
-            "--input",
-            input_uri,
-            "--output",
-            "s3://bulk/elsewhere/",
-            "--model",
-            str(tiny_model),
-        ]
-    )
+    arguments = {
+        "run": ["--input", input_uri, "--output", "s3://bulk/elsewhere/", "--model", str(tiny_model)],
+        "runs": ["--output", input_uri],
+        "query": ["SELECT count(*) FROM answers", "--output", input_uri],
+    }[command]
+    code = main([command, "--config", str(job), *arguments])
     err = capsys.readouterr().err
     if proxy:
         proxy.stop()

@@ -173,6 +173,18 @@ def test_refusals_say_why(endpoint, sample_pdfs):
     assert no_file.status_code == 422 and "field named 'file'" in no_file.json()["error"]
 
 
+def test_refusals_state_the_upload_size_and_the_bad_question(endpoint):
+    """The upload's own size, not what was read of it; a bad template is the request's, not the job config's."""
+    oversize = _post(endpoint, data=b"%PDF-1.7\n" + b"0" * 200_400)  # over 200000, within the form allowance
+    assert oversize.status_code == 413
+    assert oversize.json()["error"] == "upload is 200409 bytes, over serve.max_upload_bytes=200000"
+    invalid = _post(endpoint, data=b"%PDF-1.7\n", questions="- id: x\n  text: '{nope}'\n")
+    assert invalid.status_code == 422
+    error = invalid.json()["error"]
+    assert error.startswith("invalid questions in the request:\n  questions.0.text: unknown template variable")
+    assert "job config" not in error
+
+
 def test_the_endpoint_refuses_to_start_without_a_token(tiny_model, tmp_path, capsys):
     assert TOKEN_ENV not in os.environ
     job = write_job(tmp_path, tmp_path, tiny_model, QUESTIONS, serve={"port": free_port()})
