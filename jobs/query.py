@@ -82,7 +82,12 @@ class AnswerStore:
             if current is None:
                 raise QueryError(f"no docqa output under {output} (no Delta table at {tables.uri(CURRENT)})")
             if version is not None:  # `current` at that version, the other tables as of its commit
-                as_of = commit_times(current)[version]
+                times = commit_times(current)
+                if version not in times:
+                    raise QueryError(
+                        f"{output} has no version {version} of `current`: its versions are 0 to {max(times)}"
+                    )
+                as_of = times[version]
                 current = tables.open(CURRENT, version)
             elif as_of is not None:
                 first = min(commit_times(current).values())

@@ -111,6 +111,8 @@ def test_time_travel_returns_the_tables_as_of_an_earlier_version(two_runs, capsy
     assert capsys.readouterr().out.strip() == '{"n": 0}'
     assert main(["runs", "--output", output, "--as-of", "2020-01-01"]) == 2
     assert "has no version as of 2020-01-01" in capsys.readouterr().err
+    assert main(["runs", "--output", output, "--version", "999"]) == 2
+    assert "has no version 999 of `current`: its versions are 0 to " in capsys.readouterr().err
 
 
 def test_optimize_and_vacuum_leave_every_query_unchanged(two_runs, tmp_path: Path, capsys) -> None:
