@@ -111,13 +111,6 @@ class AnswerStore:
         # read_csv, ATTACH), and the setting cannot be turned back on.
         self.connection.execute("SET enable_external_access = false")
         self.connection.execute("SET lock_configuration = true")
-        self.records = [
-            json.loads(text)
-            for text in self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at")
-            .read_all()
-            .column(0)
-            .to_pylist()
-        ]
         if run_id is None:
             self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
             return
@@ -146,8 +139,9 @@ class AnswerStore:
 
     def question_ids(self) -> list[str]:
         """Question ids in the order of the latest run's config, then any others the runs asked."""
+        committed = self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at DESC")
         ordered: list[str] = []
-        for record in reversed(self.records):
+        for record in map(json.loads, committed.read_all().column(0).to_pylist()):
             for question in record.get("config", {}).get("questions", []):
                 if question["id"] not in ordered:
                     ordered.append(question["id"])

@@ -378,8 +378,8 @@ def _stream(
         stats.add(writer.recovered)
     completed = completed_documents(config, writer.tables)
     ledger = start_ledger(config.budget.max_pages)
-    resumed = resumed_documents(writer.recovered)
-    dataset = build_dataset(config, geometry, writer.run_id, completed, ledger, resumed)
+    done_at_start = writer.documents_complete  # committed by an earlier attempt of this run
+    dataset = build_dataset(config, geometry, writer.run_id, completed, ledger, resumed_documents(writer.recovered))
     watchdog = StallWatchdog(config.limits.stall_timeout_s)
     counting = threading.Lock()
 
@@ -392,7 +392,7 @@ def _stream(
                 pages=stats.pages,
                 answers=stats.answers,
                 elapsed_s=stats.elapsed,
-                documents_done_at_start=len(resumed),
+                documents_done_at_start=done_at_start,
             )
 
     def listing(timeout_s: float) -> tuple[dict[str, int], bool]:

@@ -21,7 +21,7 @@ from ray import serve
 
 from actors.checkpoint import resolve_image_geometry
 from actors.serving import AnswerModel
-from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate
+from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
 from pipeline.document_pages import DocumentPages
 from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
@@ -94,15 +94,6 @@ def serve_token(config: JobConfig) -> str:
     return token
 
 
-def questions_error(error: ValidationError) -> str:
-    """What is wrong with a request's questions, each problem at its place (``questions.0.text: ...``)."""
-    problems = []
-    for problem in error.errors():
-        field = ".".join(["questions", *(str(part) for part in problem["loc"])])
-        problems.append(f"  {field}: {problem['msg'].removeprefix('Value error, ')}")
-    return "invalid questions in the request:\n" + "\n".join(problems)
-
-
 def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
     """Question templates from a request: YAML or JSON, a list or a mapping with a ``questions`` list."""
     try:
@@ -114,7 +105,9 @@ def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
     try:
         questions = QUESTION_LIST.validate_python(loaded)
     except ValidationError as error:
-        raise RequestFailure(422, "bad_request", questions_error(error)) from None
+        raise RequestFailure(
+            422, "bad_request", format_validation_error(error, "invalid questions in the request", ("questions",))
+        ) from None
     if len(questions) > limit:
         raise RequestFailure(422, "bad_request", f"{len(questions)} questions, over serve.max_questions={limit}")
     return questions

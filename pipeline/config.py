@@ -335,13 +335,17 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[keys[-1]] = value
 
 
-def format_validation_error(error: ValidationError) -> str:
+def format_validation_error(
+    error: ValidationError, heading: str = "invalid job config", location: tuple[str, ...] = ()
+) -> str:
+    """Each problem at its place (``questions.0.text: ...``); ``location`` prefixes the fields of a part
+    validated on its own (a request's questions)."""
     lines = []
     for problem in error.errors():
-        field = ".".join(str(part) for part in problem["loc"]) or "(config)"
+        field = ".".join([*location, *(str(part) for part in problem["loc"])]) or "(config)"
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {message}")
-    return "invalid job config:\n" + "\n".join(lines)
+    return f"{heading}:\n" + "\n".join(lines)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -18,7 +18,7 @@ import pytest
 from jobs.cli import main
 from jobs.samples import invoice_pdf, write_job
 from pipeline.config import StorageConfig
-from pipeline.tables import RUNS, OutputTables
+from pipeline.tables import RUNS, OutputTables, read_answers
 from tests.hostile import encrypted_pdf
 
 QUESTIONS = [{"id": "total", "text": "Total?", "pages": "last", "max_new_tokens": 2}]
@@ -35,8 +35,6 @@ def _runs(output: Path) -> dict[str, dict]:
 
 
 def _statuses(output: Path, run_id: str) -> dict[str, str]:
-    from pipeline.tables import read_answers
-
     rows = read_answers(str(output), run_id).select(["document", "status"]).to_pylist()
     return {Path(row["document"]).name: row["status"] for row in rows}
 
@@ -164,8 +162,6 @@ def test_ctrl_c_says_what_was_committed_in_a_local_instance_of_its_own(tiny_mode
     assert committed >= 2 and "--run-id stopped" in message
     row = _runs(tmp_path / "out")["stopped"]
     assert row["state"] == "failed"
-    from pipeline.tables import read_answers
-
     assert len(set(read_answers(str(tmp_path / "out"), "stopped").column("document").to_pylist())) == committed
 
 
