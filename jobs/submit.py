@@ -19,6 +19,10 @@ SHIPPED_PACKAGES = ("pipeline", "actors", "jobs")
 FINAL_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
 LIVE_OR_DONE = {"PENDING", "RUNNING", "SUCCEEDED"}
 AGENT_RETRIES = 30
+# Ray runs an entrypoint with `/bin/sh -c`; dash forks the command, and a `docqa stop` that lands before that
+# fork signals only the shell (Ray lists the processes to stop once), leaving the driver running. `exec`
+# makes the driver the process Ray signals.
+DRIVER = "exec python -m jobs.cli"
 
 
 class SubmitError(RuntimeError):
@@ -90,7 +94,7 @@ def submit(config: JobConfig, address: str | None, nightly_date: str | None = No
     client = job_client(address)
     if nightly_date:
         base = f"docqa-nightly-{nightly_date}"
-        entrypoint = f"python -m jobs.cli nightly --config job.yaml --date {nightly_date}"
+        entrypoint = f"{DRIVER} nightly --config job.yaml --date {nightly_date}"
         for attempt in range(1, 100):
             submission_id = base if attempt == 1 else f"{base}-attempt-{attempt}"
             status = _status(client, submission_id)
@@ -104,7 +108,7 @@ def submit(config: JobConfig, address: str | None, nightly_date: str | None = No
         run_id = config.run_id or new_run_id(datetime.now(UTC))
         config = config.model_copy(update={"run_id": run_id})
         submission_id = f"docqa-run-{run_id}"
-        entrypoint = "python -m jobs.cli run --config job.yaml"
+        entrypoint = f"{DRIVER} run --config job.yaml"
     staging = stage_working_dir(config)
     try:
         for attempt in itertools.count(1):

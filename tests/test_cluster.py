@@ -149,10 +149,20 @@ def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     assert wait(ray_cluster, first, timeout_s=120) == "STOPPED"
     assert main(["status", first, "--address", ray_cluster]) == 0
     assert capsys.readouterr().out.strip() == "STOPPED"
+    # Stopped means stopped: no driver of the first attempt is left to compete with the next one for CPUs.
+    deadline = time.monotonic() + 15
+    while _drivers("2026-11-22") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _drivers("2026-11-22")
 
     assert main(submit) == 0  # the scheduler fires again: a new attempt, not the stopped job
     second = capsys.readouterr().out.strip()
     assert second == "docqa-nightly-2026-11-22-attempt-2"
+    # The driver is the process Ray starts and stops (no shell between them that a stop could signal alone).
+    deadline = time.monotonic() + 60
+    while not (drivers := _drivers("2026-11-22")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [driver.parent().name() for driver in drivers] == ["ray::JobSupervisor"]
     assert main(["logs", second, "--address", ray_cluster, "--follow"]) == 0  # returns when the job ends
     assert "run nightly-2026-11-22 committed" in capsys.readouterr().out
     assert main(["status", second, "--address", ray_cluster]) == 0
@@ -161,6 +171,18 @@ def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     assert sorted({Path(d).name for d in rows.column("document").to_pylist()}) == sorted(
         p.name for p in inputs.iterdir()
     )
+
+
+def _drivers(nightly_date: str) -> list:
+    """The processes on this machine running the nightly job's driver of ``nightly_date``."""
+    import psutil
+
+    marker = f"nightly --config job.yaml --date {nightly_date}"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "jobs.cli" in (cmdline := " ".join(process.info["cmdline"] or [])) and marker in cmdline:
+            found.append(process)
+    return found
 
 
 def test_stop_and_unknown_ids(ray_cluster: str, refused_address: str, capsys) -> None:
