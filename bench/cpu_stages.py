@@ -65,20 +65,22 @@ def raw_pymupdf_loop(paths: list[Path], pages_per_document: int, geometry, split
 
 
 def stage_functions(config, geometry) -> int:
-    """Our stages in this process: the listing, then the task each listed document gets in Ray (read →
-    rasterize → split → Arrow table; the render sandbox is its helper process)."""
+    """Our stages in this process: the listing, then the tasks each listed document gets in Ray (read → plan
+    its units; each unit: render → split → Arrow tables; the render sandbox is their helper process)."""
     import pyarrow as pa
 
-    from pipeline.document_pages import DocumentPages
+    from pipeline.document_pages import DocumentUnits, UnitPages
     from pipeline.documents import REF_SCHEMA
     from pipeline.rows import Status
     from pipeline.storage import iter_documents
 
-    document_pages = DocumentPages(config, geometry)
+    document_units, unit_pages = DocumentUnits(config, geometry), UnitPages(config, geometry)
     pages = 0
     for ref in iter_documents(config.input, config.storage):
-        table = document_pages(pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA))
-        pages += table["status"].to_pylist().count(Status.OK.value)
+        units = document_units(pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA))
+        for unit in range(units.num_rows):
+            for table in unit_pages(units.slice(unit, 1)):
+                pages += table["status"].to_pylist().count(Status.OK.value)
     return pages
 
 

@@ -21,10 +21,10 @@ import pyarrow.dataset as ds
 
 from actors.checkpoint import resolve_image_geometry
 from jobs.progress import ProgressReporter, ProgressSnapshot
-from jobs.watchdog import RunInterrupted, StallWatchdog, check_cpus
+from jobs.watchdog import RENDER_TASK_CPUS, RunInterrupted, StallWatchdog, check_cpus
 from pipeline.budget import start_ledger
 from pipeline.config import ConfigError, JobConfig
-from pipeline.document_pages import DocumentPages
+from pipeline.document_pages import DocumentUnits, UnitPages, block_threshold
 from pipeline.documents import DocumentListing, KnownVersions
 from pipeline.images import ImageGeometry
 from pipeline.rows import RETRYABLE, Status
@@ -236,19 +236,20 @@ def build_page_dataset(
     ledger=None,
     resumed: KnownVersions | None = None,
 ):
-    """The CPU part of the plan: list, then read → rasterize → split each document in one Ray task; rows are
-    split pages."""
+    """The CPU part of the plan: list; read and plan each document (one task per document); render and split
+    each work unit (one task per unit, its pages handed on in blocks within ``render.block_mb``)."""
     import ray.data
 
+    ray.data.DataContext.get_current().target_max_block_size = block_threshold(config, geometry)
+    # Bounds the concurrent renders per node, and keeps Ray from fusing these tasks into the actor, where they
+    # would hold up the GPU.
+    task = {"num_cpus": RENDER_TASK_CPUS, "memory": config.render.task_memory_mb * 1024 * 1024}
     listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
-    return ray.data.read_datasource(listing).map_batches(
-        DocumentPages(config, geometry, ledger),
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=1,
-        # Bounds the concurrent renders per node, and keeps Ray from fusing this task into the actor,
-        # where it would hold up the GPU.
-        memory=config.render.task_memory_mb * 1024 * 1024,
+    return (
+        ray.data.read_datasource(listing)
+        .map_batches(DocumentUnits(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **task)
+        .repartition(target_num_rows_per_block=1)  # each unit its own task, a long document's ranges in parallel
+        .map_batches(UnitPages(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **task)
     )
 
 

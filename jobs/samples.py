@@ -32,6 +32,22 @@ def invoice_pdf(number: int, pages: int, page_size: tuple[float, float]) -> byte
     return data
 
 
+def report_pdf(pages: int, page_size: tuple[float, float] = PAGE_SIZES["a4"]) -> bytes:
+    """A long text report, one numbered section a page; deterministic for a given page count."""
+    rng = random.Random(pages)
+    words = "revenue margin outlook segment capital audit risk liquidity growth forecast".split()
+    document = pymupdf.open()
+    for page_number in range(1, pages + 1):
+        page = document.new_page(width=page_size[0], height=page_size[1])
+        lines = [f"Annual Report 2026 - Section {page_number}", ""]
+        lines += [" ".join(rng.choice(words) for _ in range(11)) for _ in range(40)]
+        lines += ["", f"Page {page_number} of {pages}"]
+        page.insert_text((50, 60), "\n".join(lines), fontsize=10, fontname="helv")
+    data = document.tobytes(garbage=3, deflate=True)
+    document.close()
+    return data
+
+
 def write_samples(directory: str | Path, count: int = 6, with_bad_files: bool = True) -> list[Path]:
     """Write ``count`` invoices (1-3 pages, mixed sizes) and, optionally, a truncated, a non-PDF and an empty file."""
     directory = Path(directory)

@@ -1,7 +1,7 @@
 """`docqa serve`: ask questions about one uploaded PDF now, on Ray Serve.
 
 The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own stages on
-the upload (``DocumentPages.split_pages``: RasterizeDocument in its sandbox, then SplitPage) and sends each
+the upload (``split_pages``: RasterizeDocument in its sandbox, then SplitPage) and sends each
 page with its questions to the AnswerModel deployment, which batches pages across requests. Answers come
 back as rows with the fields of the Parquet output.
 """
@@ -22,7 +22,7 @@ from ray import serve
 from actors.checkpoint import resolve_image_geometry
 from actors.serving import AnswerModel
 from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
-from pipeline.document_pages import DocumentPages
+from pipeline.document_pages import split_pages
 from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rows import OUTPUT_SCHEMA, Status
@@ -211,7 +211,7 @@ class AnswerAPI:
 
     def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[dict[str, Any]]:
         """The batch pipeline's rasterize and split stages, on one uploaded document."""
-        return DocumentPages(config, self.geometry).split_pages(document_of_bytes(file_name, data))
+        return split_pages(config, self.geometry, document_of_bytes(file_name, data))
 
 
 def build_app(config: JobConfig) -> serve.Application:

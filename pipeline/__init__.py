@@ -1,4 +1,5 @@
 """The CPU side of docqa's Ray Data plan, as Ray runs it: ``read_datasource(DocumentListing)`` lists the
-documents; one ``map_batches(DocumentPages)`` task per document reads, rasterizes (in the render helper)
-and splits it; the actor pool (actors/predictor.py) answers; the driver's ``RunWriter`` commits the rows to the
-output's Delta tables (pipeline/tables.py)."""
+documents; one ``map_batches(DocumentUnits)`` task per document reads it and plans its page ranges; one
+``map_batches(UnitPages)`` task per range rasterizes (in the render helper) and splits its pages, handing
+them on in bounded blocks (pipeline/document_pages.py); the actor pool (actors/predictor.py) answers; the
+driver's ``RunWriter`` commits the rows to the output's Delta tables (pipeline/tables.py)."""

@@ -141,6 +141,18 @@ class RenderConfig(_Strict):
     task_memory_mb: int = Field(
         1024, ge=64, description="Memory Ray reserves per read/render/split task; bounds concurrent renders per node."
     )
+    range_pages: int = Field(
+        64,
+        ge=1,
+        description="A document with more pages to answer than this is rendered in page ranges of this many, each "
+        "by its own task (in parallel, each under limits.document_timeout_s and limits.render_memory_mb).",
+    )
+    block_mb: int = Field(
+        64,
+        ge=1,
+        description="Byte budget of a block of rendered pages handed from the CPU stages to the model: pages move on "
+        "as they are rendered, in blocks of at most this size (a page larger than the budget is a block alone).",
+    )
 
 
 class LimitsConfig(_Strict):

@@ -1,14 +1,20 @@
-"""``DocumentPages``, the ``map_batches`` operator (pyarrow batches, one task per listed document) that
-reads, rasterizes and splits each document and hands the actor pool one Arrow table of split pages.
+"""The CPU stages as Ray runs them: ``DocumentUnits`` (one task per listed document) reads a document and
+plans its work units; ``UnitPages`` (one task per unit) renders and splits a unit's pages and hands them on
+one at a time, so that Ray closes a block at the run's byte budget (``render.block_mb``) and a task's
+memory does not grow with the document.
 
-Ray would fuse the three stages into one task anyway. Running them as one ``map_batches`` lets us build
-the output table ourselves: each page's sub-image buffer (megabytes of raw pixels) is wrapped by Arrow
-rather than copied, and Ray never serializes such rows to estimate their size, as it does for every row a
-``map`` returns. Each stage stays a plain callable with its own tests; this only chains them.
+A document of one unit travels with its bytes; the units of a longer document carry none and each reads
+the document again (the read stage's limits, the same version: a changed file fails the document with
+``read_error``), so that a 2,000-page document is not copied once per range through the object store.
+
+Building the page table ourselves (not returning rows from ``map``) lets Arrow wrap each page's sub-image
+buffer (megabytes of raw pixels) rather than copy it, and keeps Ray from serializing such rows to
+estimate their size. Each stage stays a plain callable with its own tests; this only chains them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,7 +24,35 @@ from pipeline.config import JobConfig
 from pipeline.documents import ReadDocument
 from pipeline.images import ImageGeometry, SplitPage
 from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import PAGE_SCHEMA
+from pipeline.rows import DOCUMENT_FIELDS, PAGE_SCHEMA
+from pipeline.storage import DocumentRef
+
+# What travels from the planning stage to the rendering stage: one row per work unit.
+UNIT_SCHEMA = pa.schema(
+    [
+        *(PAGE_SCHEMA.field(name) for name in DOCUMENT_FIELDS),
+        ("data", pa.binary()),  # null: the unit reads the document again
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("num_pages", pa.int64()),
+        ("repaired", pa.bool_()),
+        ("first_page", pa.int64()),
+        ("last_page", pa.int64()),
+        ("ranges", pa.int64()),  # the document's number of units
+        ("document_rows", pa.int64()),
+    ]
+)
+
+
+# Beside its sub-images, a page row's other columns (identity, question ids, shapes) take at most this.
+PAGE_ROW_ALLOWANCE = 64 * 1024
+
+
+def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:
+    """The size past which Ray closes a block (``DataContext.target_max_block_size``): the budget less the
+    largest page, since a block is closed only once a page takes it past the threshold."""
+    largest_page = geometry.max_split_page_bytes + PAGE_ROW_ALLOWANCE
+    return max(1, config.render.block_mb * 1024 * 1024 - largest_page)
 
 
 def _wrapped(buffer: np.ndarray) -> pa.Array:
@@ -38,18 +72,43 @@ def page_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=PAGE_SCHEMA)
 
 
-class DocumentPages:
-    """Listed documents → their split pages, or the rows saying why not."""
+class DocumentUnits:
+    """Listed documents → their work units (``RasterizeDocument.plan``)."""
 
     def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
         self.read = ReadDocument(config.limits, config.storage)
         self.rasterize = RasterizeDocument(config, geometry, ledger)
-        self.split = SplitPage(geometry)
 
     def __call__(self, listed: pa.Table) -> pa.Table:
-        return page_table([page for ref in listed.to_pylist() for page in self.split_pages(self.read(ref))])
+        units = []
+        for ref in listed.to_pylist():
+            planned = self.rasterize.plan(self.read(ref))
+            shared = len(planned) == 1 and planned[0]["status"] == "ok"
+            units += [{**unit, "data": unit["data"] if shared else None} for unit in planned]
+        return pa.Table.from_pylist(units, schema=UNIT_SCHEMA)
 
-    def split_pages(self, document: dict[str, Any]) -> list[dict[str, Any]]:
-        """A read document's split page rows (or the one row saying why it has none); the online endpoint
-        runs this on uploads."""
-        return [self.split(page) for page in self.rasterize(document)]
+
+class UnitPages:
+    """Work units → their split pages, one page per batch handed on."""
+
+    def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
+        read = ReadDocument(config.limits, config.storage)
+        self.rasterize = RasterizeDocument(config, geometry, ledger, reread=lambda unit: read(_ref_of(unit)))
+        self.split = SplitPage(geometry)
+
+    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        for unit in units.to_pylist():
+            for page in self.rasterize.render(unit):
+                yield page_table([self.split(page)])
+
+
+def _ref_of(unit: dict[str, Any]) -> dict[str, Any]:
+    """The listing's reference to a unit's document, to read it again."""
+    return DocumentRef(unit["uri"], unit["file_size"], unit["etag"], unit["source_version"]).as_row()
+
+
+def split_pages(config: JobConfig, geometry: ImageGeometry, document: dict[str, Any]) -> list[dict[str, Any]]:
+    """A read document's split page rows (or the one row saying why it has none), all in this process: the
+    online endpoint runs this on uploads."""
+    split = SplitPage(geometry)
+    return [split(page) for page in RasterizeDocument(config, geometry)(document)]

@@ -31,6 +31,11 @@ class ImageGeometry:
     square: bool = False  # Idefics1: every image is resized to a longest_edge square, bicubic
 
     @property
+    def max_split_page_bytes(self) -> int:
+        """The most bytes of sub-images one page can have: every part's edges end at most ``longest_edge``."""
+        return (5 if self.splitting else 1) * max(self.longest_edge, self.shortest_edge) ** 2 * 3
+
+    @property
     def render_longest_edge(self) -> int:
         """Longest edge worth rendering: the processor keeps ``longest_edge``, per crop when splitting."""
         return self.longest_edge * (2 if self.splitting else 1)

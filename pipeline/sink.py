@@ -123,6 +123,7 @@ class RunWriter:
         # Documents whose rows are all here (committed or buffered), those of earlier attempts included.
         self.documents_complete = pc.count_distinct(self.recovered.column("document")).as_py()
         self._waiting: pa.Table | None = None  # rows of documents that are not complete yet
+        self._settled: set[str] = set()  # documents settled by a row for the whole document
         self._pending: list[pa.Table] = []  # rows of complete documents, not yet committed
         self._pending_rows = 0
         self._pending_documents = 0
@@ -225,8 +226,29 @@ class RunWriter:
 
         self.tables.retry_commit(CURRENT, replace)
 
+    def _settle(self, table: pa.Table) -> pa.Table:
+        """A row without a page number speaks for its whole document (a long document's page range that
+        failed as a whole fails it): the first such row settles the document alone, and the document's other
+        rows, waiting here or still to come from its other ranges, are dropped."""
+        if self._settled and (arrived := set(table.column("document").to_pylist()) & self._settled):
+            table = table.filter(pc.invert(pc.is_in(table.column("document"), value_set=pa.array(sorted(arrived)))))
+        whole = table.filter(pc.is_null(table.column("page_number")))
+        if not whole.num_rows:
+            return table
+        first: dict[str, int] = {}
+        for index, document in enumerate(whole.column("document").to_pylist()):
+            first.setdefault(document, index)
+        self._settled.update(first)
+        settled = pa.array(list(first), pa.string())
+        if self._waiting is not None:
+            self._waiting = self._waiting.filter(
+                pc.invert(pc.is_in(self._waiting.column("document"), value_set=settled))
+            )
+        others = table.filter(pc.invert(pc.is_in(table.column("document"), value_set=settled)))
+        return pa.concat_tables([others, whole.take(list(first.values()))])
+
     def write(self, table: pa.Table) -> None:
-        table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        table = self._settle(table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
         waiting = table if self._waiting is None else pa.concat_tables([self._waiting, table])
         documents = waiting.column("document").to_pylist()
         expected = dict(zip(documents, waiting.column("document_rows").to_pylist(), strict=True))

@@ -15,7 +15,7 @@ import yaml
 from bench import free_port
 from jobs.cli import main
 from jobs.samples import invoice_pdf
-from jobs.submit import wait
+from jobs.submit import job_client, wait
 from pipeline.tables import committed_runs, read_answers
 
 
@@ -150,10 +150,13 @@ def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     assert main(["status", first, "--address", ray_cluster]) == 0
     assert capsys.readouterr().out.strip() == "STOPPED"
     # Stopped means stopped: no driver of the first attempt is left to compete with the next one for CPUs.
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while _drivers("2026-11-22") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _drivers("2026-11-22")
+    client = job_client(ray_cluster)
+    assert not _drivers("2026-11-22"), (
+        _describe(_drivers("2026-11-22")) + "\n" + str(client.get_job_info(first)) + "\n" + client.get_job_logs(first)
+    )
 
     assert main(submit) == 0  # the scheduler fires again: a new attempt, not the stopped job
     second = capsys.readouterr().out.strip()
@@ -183,6 +186,22 @@ def _drivers(nightly_date: str) -> list:
         if "jobs.cli" in (cmdline := " ".join(process.info["cmdline"] or [])) and marker in cmdline:
             found.append(process)
     return found
+
+
+def _describe(processes: list) -> str:
+    """What a failure needs to be understood: each process's parents, signal masks and threads."""
+    import psutil
+
+    lines = []
+    for process in processes:
+        try:
+            chain = [f"{p.pid}:{p.name()}:{' '.join(p.cmdline())[:80]}" for p in process.parents()]
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            signals = [line for line in status.splitlines() if line.startswith(("Sig", "PPid", "Threads", "State"))]
+            lines.append(f"{process.pid} {process.cmdline()} created {process.create_time()} parents {chain} {signals}")
+        except psutil.Error as error:
+            lines.append(f"{process.pid}: {error}")
+    return "\n".join(lines)
 
 
 def test_stop_and_unknown_ids(ray_cluster: str, refused_address: str, capsys) -> None:

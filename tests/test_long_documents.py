@@ -1,0 +1,139 @@
+"""Long documents (#20): page ranges rendered by separate tasks, pages handed on in blocks within a byte
+budget, and the same rows as the path that renders a document whole."""
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from actors.checkpoint import resolve_image_geometry
+from jobs.cli import main
+from jobs.samples import invoice_pdf, report_pdf, write_job
+from pipeline.config import load_config
+from pipeline.rows import Status
+from pipeline.tables import read_answers
+
+REPORT_PAGES = 30
+QUESTIONS = [
+    {"id": "topic", "text": "What is this page about?", "max_new_tokens": 5},
+    {"id": "total", "text": "What is the total?", "pages": "last", "max_new_tokens": 5},
+]
+# A range of 7 pages; tiny's A4 pages split into about 2.1 MB of sub-images, so 8 MB blocks hold 3 of them.
+SPLIT = {"range_pages": 7, "block_mb": 8}
+WHOLE = {"range_pages": 1000, "block_mb": 1000}
+MiB = 1024 * 1024
+
+
+def _inputs(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / "report.pdf").write_bytes(report_pdf(REPORT_PAGES))
+    (directory / "invoice.pdf").write_bytes(invoice_pdf(7, 2, (612, 792)))
+    return directory
+
+
+def _answers(output: Path) -> dict[tuple, tuple]:
+    rows = read_answers(str(output)).to_pylist()
+    return {
+        (Path(row["document"]).name, row["page_number"], row["question_id"]): (row["status"], row["answer"])
+        for row in rows
+    }
+
+
+def test_a_long_document_in_ranges_and_small_blocks_gives_the_rows_of_the_whole_path(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    inputs = _inputs(tmp_path / "in")
+    outputs = {}
+    for name, render in (("split", SPLIT), ("whole", WHOLE)):
+        (tmp_path / name).mkdir()
+        job = write_job(tmp_path / name, inputs, tiny_model, QUESTIONS, render=render, commit_rows=10)
+        assert main(["run", "--config", str(job)]) == 0
+        outputs[name] = _answers(tmp_path / name / "out")
+
+    split, whole = outputs["split"], outputs["whole"]
+    expected = {("report.pdf", page, "topic") for page in range(1, REPORT_PAGES + 1)}
+    expected |= {("report.pdf", REPORT_PAGES, "total"), ("invoice.pdf", 1, "topic"), ("invoice.pdf", 2, "topic")}
+    expected |= {("invoice.pdf", 2, "total")}
+    assert set(split) == expected  # every page of every range, exactly once
+    assert {status for status, _ in split.values()} == {Status.OK}
+    assert split == whole  # the same answers, page by page
+
+
+def test_the_cpu_stages_render_ranges_in_separate_tasks_and_emit_blocks_within_the_budget(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    from jobs.run import build_page_dataset
+
+    inputs = _inputs(tmp_path / "in")
+    config = load_config(write_job(tmp_path, inputs, tiny_model, QUESTIONS, render=SPLIT))
+    geometry = resolve_image_geometry(config.model, config.render)
+    blocks = []
+    for bundle in build_page_dataset(config, geometry).iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            block = ray_session.get(entry.ref)
+            assert isinstance(block, pa.Table)
+            documents = {Path(uri).name for uri in block.column("uri").to_pylist()}
+            size = max(block.nbytes, entry.metadata.size_bytes)
+            blocks.append((documents, block.num_rows, size, entry.metadata.exec_stats.task_idx))
+
+    report = [block for block in blocks if block[0] == {"report.pdf"}]
+    assert sum(rows for _, rows, _, _ in report) == REPORT_PAGES
+    assert max(size for _, _, size, _ in blocks) <= SPLIT["block_mb"] * MiB
+    assert max(rows for _, rows, _, _ in report) > 1  # the budget holds several pages, not one a block
+    # ceil(30 / 7) = 5 ranges, each rendered by its own task, each handing on several blocks.
+    tasks = {task for *_, task in report}
+    assert len(tasks) == 5
+    assert len(report) > len(tasks)
+
+
+def test_a_range_that_fails_as_a_whole_fails_its_document_once_and_completely(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Ranges 1-3, 4-6, 7-9 of a 9-page document whose last page takes seconds to render: the last range
+    times out, and the document is one `timeout` row naming that range, none of the other ranges' answers."""
+    import pymupdf
+
+    from tests.hostile import slow_pdf
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    document = pymupdf.open(stream=report_pdf(8), filetype="pdf")
+    document.insert_pdf(pymupdf.open(stream=slow_pdf(6_000_000), filetype="pdf"))  # 3 s to render
+    (inputs / "slow-end.pdf").write_bytes(document.tobytes())
+    (inputs / "report.pdf").write_bytes(report_pdf(9))
+    render = {"range_pages": 3, "block_mb": 8}
+    job = write_job(tmp_path, inputs, tiny_model, QUESTIONS[:1], render=render, limits={"document_timeout_s": 1})
+    assert main(["run", "--config", str(job)]) == 0
+
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
+    slow = [row for row in rows if row["document"].endswith("slow-end.pdf")]
+    assert [(row["page_number"], row["status"]) for row in slow] == [(None, Status.TIMEOUT)]
+    assert slow[0]["error"].startswith("pages 7-9: ")
+    report = [row for row in rows if row["document"].endswith("report.pdf")]
+    assert sorted(row["page_number"] for row in report) == list(range(1, 10))
+    assert {row["status"] for row in report} == {Status.OK}
+
+
+def test_the_writer_keeps_a_whole_document_row_alone_whatever_arrives_before_or_after_it(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.config import StorageConfig
+    from pipeline.rows import rows_to_table
+    from pipeline.sink import RunWriter
+
+    def page(document: str, number: int) -> dict:
+        return {"run_id": "r", "document": document, "document_rows": 4, "page_number": number, "status": "ok"}
+
+    verdict = {"run_id": "r", "document": "a.pdf", "document_rows": 1, "status": "timeout", "error": "pages 3-4: late"}
+    start = {"run_id": "r", "started_at": datetime.now(UTC).isoformat()}
+    writer = RunWriter(str(tmp_path / "out"), "r", "2026-11-25", StorageConfig(), start, commit_rows=1)
+    writer.write(rows_to_table([page("a.pdf", 1), page("a.pdf", 2), *(page("b.pdf", n) for n in range(1, 5))]))
+    writer.write(rows_to_table([verdict, page("a.pdf", 5)]))  # a's verdict, and a page of another range
+    writer.write(rows_to_table([page("a.pdf", 6), {**verdict, "error": "pages 5-6: late"}]))  # after it
+    assert writer.documents_complete == 2
+    writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
+    assert [(row["page_number"], row["error"]) for row in rows if row["document"] == "a.pdf"] == [
+        (None, "pages 3-4: late")
+    ]
+    assert sorted(row["page_number"] for row in rows if row["document"] == "b.pdf") == [1, 2, 3, 4]
