@@ -99,7 +99,7 @@ def run_case(workdir: Path, name: str, inputs: Path, model: Path, render: dict, 
     from jobs.samples import write_job
     from pipeline.tables import read_answers
 
-    case = workdir / name
+    case = workdir / f"run-{name}"
     case.mkdir()
     job = write_job(
         case,
@@ -158,7 +158,11 @@ def main() -> None:
         "longest": (write_inputs(workdir / "longest", args.longest_pages, 1), {}, 2000),
     }
     results = []
-    print(f"# bench.long_document  {args.pages}-page A4 report, 1 question a page, pages at 1960 px", flush=True)
+    print(
+        f"# bench.long_document  A4 text reports of {args.pages} pages (longest: {args.longest_pages}), "
+        "1 question a page, pages at 1960 px",
+        flush=True,
+    )
     print(f"machine: {os.cpu_count()} CPUs; cases: {', '.join(cases)}", flush=True)
     for name in cases:
         inputs, render, max_pages = plans[name]
