@@ -24,7 +24,7 @@ from pipeline.config import JobConfig
 from pipeline.documents import ReadDocument
 from pipeline.images import ImageGeometry, SplitPage
 from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import DOCUMENT_FIELDS, PAGE_SCHEMA
+from pipeline.rows import DOCUMENT_FIELDS, PAGE_SCHEMA, Status
 from pipeline.storage import DocumentRef
 
 # What travels from the planning stage to the rendering stage: one row per work unit.
@@ -83,7 +83,7 @@ class DocumentUnits:
         units = []
         for ref in listed.to_pylist():
             planned = self.rasterize.plan(self.read(ref))
-            shared = len(planned) == 1 and planned[0]["status"] == "ok"
+            shared = len(planned) == 1 and planned[0]["status"] == Status.OK
             units += [{**unit, "data": unit["data"] if shared else None} for unit in planned]
         return pa.Table.from_pylist(units, schema=UNIT_SCHEMA)
 

@@ -151,8 +151,12 @@ class RasterizeDocument:
             question_ids = [question.id for question in self.config.questions_for_page(page_number, num_pages)]
             if not question_ids:
                 continue
-            page = {**whole, "page_number": page_number, "question_ids": question_ids}
-            page["document_rows"] = unit["document_rows"]
+            page = {
+                **whole,
+                "page_number": page_number,
+                "question_ids": question_ids,
+                "document_rows": unit["document_rows"],
+            }
             started = time.perf_counter()
             try:
                 too_large = page_limit_violation(document.page_size(page_number), longest_edge, limits)

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -56,6 +57,12 @@ def split_version(version: int | None) -> tuple[int, int]:
     """(attempt, part) of a part commit's transaction version."""
     version = version or 0
     return version >> PART_BITS, version & ((1 << PART_BITS) - 1)
+
+
+def _without(rows: pa.Table, documents: Iterable[str]) -> pa.Table:
+    """``rows`` less those of ``documents``."""
+    unwanted = pa.array(sorted(documents), pa.string())
+    return rows.filter(pc.invert(pc.is_in(rows.column("document"), value_set=unwanted)))
 
 
 def run_row(run_id: str, run_date: date, state: str, attempt: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +193,7 @@ class RunWriter:
             pc.is_in(there.column("run_id"), pa.array(sorted(newer), pa.string())),
         )
         done = pc.unique(there.filter(keep).column("document"))
-        missing = self.recovered.filter(pc.invert(pc.is_in(self.recovered.column("document"), value_set=done)))
+        missing = _without(self.recovered, done.to_pylist())
         log.info("run %s: bringing %d row(s) of part %d into current", self.run_id, missing.num_rows, self.part)
         self._replace_current(self._with_run_date(missing), self.part)
 
@@ -230,22 +237,18 @@ class RunWriter:
         """A row without a page number speaks for its whole document (a long document's page range that
         failed as a whole fails it): the first such row settles the document alone, and the document's other
         rows, waiting here or still to come from its other ranges, are dropped."""
-        if self._settled and (arrived := set(table.column("document").to_pylist()) & self._settled):
-            table = table.filter(pc.invert(pc.is_in(table.column("document"), value_set=pa.array(sorted(arrived)))))
         whole = table.filter(pc.is_null(table.column("page_number")))
-        if not whole.num_rows:
-            return table
-        first: dict[str, int] = {}
+        verdicts: dict[str, int] = {}  # each newly settled document: the index of its first such row
         for index, document in enumerate(whole.column("document").to_pylist()):
-            first.setdefault(document, index)
-        self._settled.update(first)
-        settled = pa.array(list(first), pa.string())
-        if self._waiting is not None:
-            self._waiting = self._waiting.filter(
-                pc.invert(pc.is_in(self._waiting.column("document"), value_set=settled))
-            )
-        others = table.filter(pc.invert(pc.is_in(table.column("document"), value_set=settled)))
-        return pa.concat_tables([others, whole.take(list(first.values()))])
+            if document not in self._settled:
+                verdicts.setdefault(document, index)
+        self._settled.update(verdicts)
+        if self._waiting is not None and verdicts:
+            self._waiting = _without(self._waiting, verdicts)
+        settled_here = set(table.column("document").to_pylist()) & self._settled
+        if not settled_here:
+            return table
+        return pa.concat_tables([_without(table, settled_here), whole.take(pa.array(verdicts.values(), pa.int64()))])
 
     def write(self, table: pa.Table) -> None:
         table = self._settle(table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
