@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from actors.checkpoint import ModelLoadError, check_model_directory, model_load_hint
+from actors.constraints import Constraint, Grammars
 from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry
@@ -48,6 +49,7 @@ class Prompt:
     page: int  # index of the page in the batch
     text: str
     max_new_tokens: int
+    constraint: Constraint | None = None  # the grammar the answer is decoded under (QuestionTemplate.constraint)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,8 @@ class ModelAdapter(ABC):
         )
         stop = [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)]
         self.stop_token_ids = sorted(set(stop + (newline_token_ids(self.tokenizer) if self.stop_at_newline else [])))
+        self.answer_stop_ids = stop  # what a grammar lets an answer end with
+        self._grammars: Grammars | None = None
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.decoder = (
@@ -245,6 +249,14 @@ class ModelAdapter(ABC):
             if self.slot_decoding and model_config.continuous_batching
             else None
         )
+
+    @property
+    def grammars(self) -> Grammars:
+        """The constraints of typed questions, compiled for this tokenizer (built when first needed)."""
+        if self._grammars is None:
+            vocab_size = self.model.config.get_text_config().vocab_size
+            self._grammars = Grammars(self.tokenizer, vocab_size, self.answer_stop_ids)
+        return self._grammars
 
     @classmethod
     def load(cls, model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
@@ -352,14 +364,17 @@ class ModelAdapter(ABC):
         features: list[torch.Tensor],
         max_new_tokens: int,
         fixed_length: bool = False,
+        constraint: Constraint | None = None,
     ) -> list[Answer]:
         """transformers' batched greedy ``generate``, prompt i about page ``pages[i]`` from its precomputed
-        image features; decodes new tokens only. ``fixed_length`` forces max_new_tokens tokens (benchmarks of
-        random-weight models, which never stop)."""
+        image features, every answer under ``constraint`` if given; decodes new tokens only. ``fixed_length``
+        forces max_new_tokens tokens (benchmarks of random-weight models, which never stop)."""
         started = time.perf_counter()
         inputs = self._generation_inputs(token_lists, pages, features)
+        processors = [self.grammars.logits_processor(constraint, len(token_lists))] if constraint else None
         output = self.model.generate(
             **inputs,
+            logits_processor=processors,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens if fixed_length else None,
             do_sample=False,
@@ -405,7 +420,12 @@ class ModelAdapter(ABC):
         if self.decoder is None:
             raise RuntimeError("continuous batching is off (model.continuous_batching) or not supported by this family")
         requests = [
-            DecodeRequest(len(tokens), prompt.max_new_tokens, prompt.max_new_tokens if fixed_length else 0)
+            DecodeRequest(
+                len(tokens),
+                prompt.max_new_tokens,
+                prompt.max_new_tokens if fixed_length else 0,
+                self.grammars.matcher(prompt.constraint) if prompt.constraint else None,
+            )
             for tokens, prompt in zip(token_lists, prompts, strict=True)
         ]
 
@@ -427,9 +447,9 @@ class ModelAdapter(ABC):
 
     def answer(self, pages: list[list[np.ndarray]], prompts: list[Prompt], fixed_length: bool = False) -> list[Answer]:
         """Answer every prompt (in order) about its page; each page goes through the vision encoder once.
-        With continuous batching all prompts are decoded together, each to its own length; else prompts
-        with the same length cap share one ``generate`` call. Either way a batch that runs out of GPU memory
-        is answered in halves."""
+        With continuous batching all prompts are decoded together, each to its own length and under its own
+        grammar; else prompts with the same length cap and grammar share one ``generate`` call. Either way
+        a batch that runs out of GPU memory is answered in halves."""
         if not prompts:
             return []
         started = time.perf_counter()
@@ -443,11 +463,13 @@ class ModelAdapter(ABC):
             if slots:
                 return self.decode_in_slots(chunk_tokens, chunk_prompts, features, fixed_length)
             pages = [prompt.page for prompt in chunk_prompts]
-            return self.generate(chunk_tokens, pages, features, chunk_prompts[0].max_new_tokens, fixed_length)
+            first = chunk_prompts[0]
+            return self.generate(chunk_tokens, pages, features, first.max_new_tokens, fixed_length, first.constraint)
 
-        groups: dict[int, list[int]] = defaultdict(list)  # generate: one call per length cap
+        # generate: one call per length cap and constraint; continuous batching: one for all
+        groups: dict[tuple[int, Constraint | None], list[int]] = defaultdict(list)
         for index, prompt in enumerate(prompts):
-            groups[0 if slots else prompt.max_new_tokens].append(index)
+            groups[(0, None) if slots else (prompt.max_new_tokens, prompt.constraint)].append(index)
         answers: list[Answer | None] = [None] * len(prompts)
         for indices in groups.values():
             for index, answer in zip(indices, split_on_out_of_memory(run, indices), strict=True):

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from actors.constraints import allowed_tokens, full_bitmask
+
 logger = logging.getLogger(__name__)
 
 WINDOW_STEP = 128  # attention-window buckets: one CUDA graph per bucket
@@ -51,6 +53,7 @@ class DecodeRequest:
     prompt_length: int  # the prompt's tokens (its prefill width is at most the longest of its group)
     max_new_tokens: int
     min_new_tokens: int = 0  # stop tokens are masked until this many tokens were generated
+    matcher: Any = None  # the answer's grammar matcher (actors/constraints.py), or None: any token
 
 
 @dataclass
@@ -134,6 +137,7 @@ class SlotCache:
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # steps since the last read
         self.tokens = torch.zeros(sync_steps, slots, dtype=torch.long, device=device)
         self.probabilities = torch.zeros(sync_steps, slots, dtype=torch.float32, device=device)
+        self.bitmask: torch.Tensor | None = None  # allowed tokens of each slot's next step (set at first prefill)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
@@ -179,11 +183,12 @@ class Chosen(NamedTuple):
     probabilities: torch.Tensor  # (rows,)
 
 
-def choose(logits: torch.Tensor, stop: torch.Tensor, early: torch.Tensor) -> Chosen:
-    """Greedy next token of each row, stop tokens (``stop``: a vocabulary mask) excluded where ``early``
-    (below the row's minimum length), and its probability under the raw logits, as ``generate`` reports it
-    with output_logits."""
-    scores = logits.masked_fill(early[:, None] & stop[None, :], -float("inf"))
+def choose(logits: torch.Tensor, stop: torch.Tensor, early: torch.Tensor, bitmask: torch.Tensor) -> Chosen:
+    """Greedy next token of each row among those its grammar allows (``bitmask``), stop tokens (``stop``: a
+    vocabulary mask) excluded where ``early`` (below the row's minimum length), and its probability under
+    the raw logits, as ``generate`` reports it with output_logits."""
+    blocked = (early[:, None] & stop[None, :]) | ~allowed_tokens(bitmask, logits.shape[-1])
+    scores = logits.masked_fill(blocked, -float("inf"))
     tokens = scores.argmax(-1)
     return Chosen(tokens, logits.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
 
@@ -250,7 +255,8 @@ class SlotDecoder:
         slot_cache.live.index_fill_(1, slot_cache.position, True)
         arguments = (slot_cache.input_ids, slot_cache.position_ids, slot_cache.mask(window), slot_cache.cache)
         logits = self.step(*arguments).float()
-        chosen = choose(logits, stop, slot_cache.generated < slot_cache.min_new_tokens)
+        assert slot_cache.bitmask is not None  # set at the first prefill, before any step
+        chosen = choose(logits, stop, slot_cache.generated < slot_cache.min_new_tokens, slot_cache.bitmask)
         slot_cache.tokens.index_copy_(0, slot_cache.step_index, chosen.tokens[None])
         slot_cache.probabilities.index_copy_(0, slot_cache.step_index, chosen.probabilities[None])
         slot_cache.input_ids.copy_(chosen.tokens[:, None])
@@ -307,14 +313,31 @@ class SlotDecoder:
         slot_cache.live.zero_()
         stop_set = set(stop_token_ids)
         stop: torch.Tensor | None = None
+        # Answers under a grammar: the host reads every step's tokens, to give each matcher its token and
+        # fill the next step's mask.
+        constrained = any(request.matcher is not None for request in requests)
+        sync_steps = 1 if constrained else self.sync_steps
+        masks: torch.Tensor | None = None  # host side of slot_cache.bitmask
+
+        def fill_masks(bitmask: torch.Tensor, rows: dict[int, int]) -> torch.Tensor:
+            """Row i of ``bitmask``: what request ``rows[i]``'s grammar allows next (all where it has none)."""
+            bitmask.fill_(-1)
+            for index, row in rows.items():
+                matcher = requests[row].matcher
+                if matcher is not None and not matcher.is_terminated():
+                    matcher.fill_next_token_bitmask(bitmask, index)
+            return bitmask
 
         def record(slot: int, tokens: list[int], probabilities: list[float]) -> None:
             """Append a row's new tokens up to its stop token or length cap; free its slot if it ended."""
             row = running[slot]
             result = results[row]
+            matcher = requests[row].matcher
             for token, probability in zip(tokens, probabilities, strict=True):
                 result.tokens.append(token)
                 result.probabilities.append(probability)
+                if matcher is not None and not matcher.is_terminated():
+                    matcher.accept_token(token)
                 if token in stop_set or len(result.tokens) >= requests[row].max_new_tokens:
                     result.milliseconds = (time.perf_counter() - started[row]) * 1000
                     del running[slot]
@@ -323,7 +346,7 @@ class SlotDecoder:
 
         def admit() -> None:
             """Fill free slots from the waiting prompts, in prefill groups of at most PREFILL_TOKENS."""
-            nonlocal stop
+            nonlocal stop, masks
             while free and waiting:
                 group: list[int] = []
                 while waiting and len(group) < len(free):
@@ -336,12 +359,18 @@ class SlotDecoder:
                     started[row] = now
                 prefilled = prefill(group)
                 self.stats["prefills"] += 1
+                vocab_size = prefilled.logits.shape[-1]
                 if stop is None:
-                    stop = torch.zeros(prefilled.logits.shape[-1], dtype=torch.bool, device=self.device)
+                    stop = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
                     stop[stop_token_ids] = True
+                    if slot_cache.bitmask is None:  # once per slot cache: its captured steps read this tensor
+                        slot_cache.bitmask = full_bitmask(slot_cache.slots, vocab_size, self.device)
+                    slot_cache.bitmask.fill_(-1)
+                    masks = full_bitmask(slot_cache.slots, vocab_size)
                 min_new = [requests[row].min_new_tokens for row in group]
                 early = torch.tensor([count > 0 for count in min_new], device=self.device)
-                first = choose(prefilled.logits.to(self.device), stop, early)
+                group_masks = fill_masks(full_bitmask(len(group), vocab_size), dict(enumerate(group))).to(self.device)
+                first = choose(prefilled.logits.to(self.device), stop, early, group_masks)
                 slots = [free.pop(0) for _ in group]
                 slot_cache.admit(slots, prefilled, column, first, min_new)
                 for slot, row, token, probability in zip(
@@ -354,13 +383,16 @@ class SlotDecoder:
         while running:
             assert stop is not None  # set by the first admission
             remaining = max(requests[row].max_new_tokens - len(results[row].tokens) for row in running.values())
-            steps = min(self.sync_steps, remaining)
+            steps = min(sync_steps, remaining)
             if column + steps > slot_cache.columns:
                 column = self._move_back(slot_cache, column, running, waiting, requests)
                 self.stats["moves"] += 1
             slot_cache.position.fill_(column)
             slot_cache.step_index.zero_()
             window = min(-(-(column + steps) // WINDOW_STEP) * WINDOW_STEP, slot_cache.columns)
+            if constrained:
+                assert masks is not None and slot_cache.bitmask is not None
+                slot_cache.bitmask.copy_(fill_masks(masks, running))
             for _ in range(steps):
                 self._queue_step(slot_cache, window, stop)
             column += steps

@@ -12,6 +12,10 @@ from actors.families import load_adapter
 from pipeline.config import JobConfig, QuestionTemplate
 from pipeline.images import ImageGeometry, unpack_images
 from pipeline.rows import Status, output_rows, rows_to_table
+from pipeline.text_layer import TEXT_LAYER, find_evidence
+from pipeline.values import ValueParser
+
+MODEL = "model"  # answer_source of an answer the model gave
 
 Templates = dict[str, QuestionTemplate]  # the questions asked, by id; a page row names the ones it gets
 
@@ -27,6 +31,7 @@ class PageAnswerer:
         self.run_id = run_id
         self.fingerprint = config.fingerprint()
         self.adapter = load_adapter(config.model, geometry, resolve_device(config.actors.num_gpus_per_actor))
+        self.values = ValueParser(config.values)
 
     def _rows(self, page: dict[str, Any], templates: Templates, **fields: Any) -> list[dict[str, Any]]:
         """The page's row for each of its questions, question text filled in."""
@@ -41,24 +46,37 @@ class PageAnswerer:
         )
 
     def _answered(self, pages: list[dict[str, Any]], templates: list[Templates]) -> list[list[dict]]:
-        images, prompts, rows = [], [], []
-        for slot, (page, asked) in enumerate(zip(pages, templates, strict=True)):
-            images.append(unpack_images(page["sub_images"], page["sub_image_shapes"]))
+        """Each page's rows answered: by the model, or from the page's text layer (``source``), then typed
+        (``type``) and looked up in the text layer (evidence)."""
+        images, prompts, rows, by_model = [], [], [], []
+        for page, asked in zip(pages, templates, strict=True):
             page_rows = self._rows(page, asked)
             rows.append(page_rows)
+            model_rows = []
             for row in page_rows:
-                max_new_tokens = asked[row["question_id"]].max_new_tokens
-                prompts.append(Prompt(slot, self.adapter.prompt(row["question"]), max_new_tokens))
-        answers = iter(self.adapter.answer(images, prompts))
-        for page_rows in rows:
+                if asked[row["question_id"]].answered_by_model(page["text_usable"]):
+                    model_rows.append(row)
+                else:
+                    row.update(answer=page["text"], answer_source=TEXT_LAYER)
+            if model_rows:
+                images.append(unpack_images(page["sub_images"], page["sub_image_shapes"]))
+            for row in model_rows:
+                template = asked[row["question_id"]]
+                prompt = self.adapter.prompt(row["question"])
+                prompts.append(Prompt(len(images) - 1, prompt, template.answer_tokens, template.constraint))
+                by_model.append(row)
+        for row, answer in zip(by_model, self.adapter.answer(images, prompts), strict=True):
+            row.update(
+                answer=answer.text,
+                answer_source=MODEL,
+                confidence=answer.confidence,
+                generated_tokens=answer.generated_tokens,
+                model_ms=answer.model_ms,
+            )
+        for page, asked, page_rows in zip(pages, templates, rows, strict=True):
             for row in page_rows:
-                answer = next(answers)
-                row.update(
-                    answer=answer.text,
-                    confidence=answer.confidence,
-                    generated_tokens=answer.generated_tokens,
-                    model_ms=answer.model_ms,
-                )
+                row.update(self.values.parse(asked[row["question_id"]], row["answer"]))
+                row.update(find_evidence(row["answer"], page["words"], page["word_boxes"]))
         return rows
 
     def rows(self, pages: list[dict[str, Any]], templates: list[Templates]) -> list[list[dict[str, Any]]]:

@@ -18,7 +18,9 @@ def raw_prompt(question: str) -> str:
     return f"<image>Question: {question} Answer:"
 
 
-def _greedy(processor, model, inputs, max_new_tokens: int, fixed_length: bool, stop_at_newline: bool):
+def _greedy(
+    processor, model, inputs, max_new_tokens: int, fixed_length: bool, stop_at_newline: bool, logits_processor=None
+):
     tokenizer = processor.tokenizer
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
     output = model.generate(
@@ -29,6 +31,7 @@ def _greedy(processor, model, inputs, max_new_tokens: int, fixed_length: bool, s
         eos_token_id=stop,
         stop_strings=["\n"] if stop_at_newline else None,
         tokenizer=tokenizer if stop_at_newline else None,
+        logits_processor=logits_processor,
     )
     new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
     length = next((i + 1 for i, token in enumerate(new_tokens) if token in stop), len(new_tokens))
@@ -45,12 +48,13 @@ def reference_answer(
     max_new_tokens: int,
     fixed_length: bool = False,
     stop_at_newline: bool = False,
+    logits_processor=None,
 ) -> tuple[str, int]:
     """Greedy answer to an Idefics2 ``prompt`` about ``page`` (H, W, 3 uint8), exactly as the model card does
     it (``fixed_length``: exactly max_new_tokens tokens, for random-weight benchmarks; ``stop_at_newline``:
-    the base checkpoint's stop rule)."""
+    the base checkpoint's stop rule; ``logits_processor``: e.g. a grammar's)."""
     inputs = processor(text=prompt, images=[[Image.fromarray(page)]], return_tensors="pt")
-    return _greedy(processor, model, inputs, max_new_tokens, fixed_length, stop_at_newline)
+    return _greedy(processor, model, inputs, max_new_tokens, fixed_length, stop_at_newline, logits_processor)
 
 
 @torch.inference_mode()

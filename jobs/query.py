@@ -44,6 +44,7 @@ QUERYABLE_COLUMNS = {
     "current": ANSWER_SCHEMA.names,
     "all_rows": ANSWER_SCHEMA.names,
     "runs": RUN_SCHEMA.names,
+    "documents": ["document", "num_pages", "status", "per question ID: ID, ID_value, ID_currency, ID_page"],
 }
 
 
@@ -113,7 +114,12 @@ class AnswerStore:
         self.connection.execute("SET lock_configuration = true")
         if run_id is None:
             self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
-            return
+        else:
+            self._select_run(output, run_id)
+        self.connection.execute(f"CREATE VIEW documents AS {self.documents_sql()}")
+
+    def _select_run(self, output: str, run_id: str) -> None:
+        """``answers`` as the rows of run ``run_id``."""
         if not self.reader("SELECT 1 FROM runs WHERE run_id = $1", [run_id]).read_all().num_rows:
             latest = self.reader("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").read_all()
             known = ", ".join(latest.column(0).to_pylist()) or "none"
@@ -137,16 +143,40 @@ class AnswerStore:
             raise QueryError(f"{error}\n\nqueryable tables and their columns:\n{tables}") from None
         return relation.to_arrow_reader(STREAM_BATCH_ROWS)
 
-    def question_ids(self) -> list[str]:
-        """Question ids in the order of the latest run's config, then any others the runs asked."""
+    def question_templates(self) -> dict[str, dict[str, Any]]:
+        """Each question's template (as the latest committed run that asked it wrote it), in the order of the
+        latest run's config, then any others the runs asked (as plain text questions)."""
         committed = self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at DESC")
-        ordered: list[str] = []
+        templates: dict[str, dict[str, Any]] = {}
         for record in map(json.loads, committed.read_all().column(0).to_pylist()):
             for question in record.get("config", {}).get("questions", []):
-                if question["id"] not in ordered:
-                    ordered.append(question["id"])
+                templates.setdefault(question["id"], question)
         asked = self.reader("SELECT DISTINCT question_id FROM answers WHERE question_id IS NOT NULL").read_all()
-        return ordered + sorted(set(asked.column(0).to_pylist()) - set(ordered))
+        for question_id in sorted(set(asked.column(0).to_pylist()) - set(templates)):
+            templates[question_id] = {"id": question_id}
+        return templates
+
+    def question_ids(self) -> list[str]:
+        return list(self.question_templates())
+
+    def documents_sql(self, questions: Sequence[str] | None = None, reduce: str | None = None) -> str:
+        """One row per document: its page count, its status, and per question its answer reduced to one
+        (the question's ``reduce``, or ``reduce`` for all), its typed value and the page it came from."""
+        templates = self.question_templates()
+        wanted = list(questions) if questions else list(templates)
+        unknown = [qid for qid in wanted if qid not in templates]
+        if unknown:
+            raise QueryError(f"unknown question id(s) {unknown}; the runs asked: {list(templates)}")
+        columns = [
+            "document",
+            "max(num_pages) AS num_pages",
+            "CASE WHEN bool_and(status = 'ok') THEN 'ok' ELSE string_agg(DISTINCT status, ',' ORDER BY status)"
+            " FILTER (WHERE status <> 'ok') END AS status",
+        ]
+        for qid in wanted:
+            template = templates[qid]
+            columns += reduced_columns(qid, template.get("type", "text"), reduce or template.get("reduce", "first"))
+        return f"SELECT {', '.join(columns)} FROM answers GROUP BY document"
 
     def answers_of(self, document: str) -> pa.RecordBatchReader:
         """All current answers of one document (a URI, or a substring matching exactly one document)."""
@@ -169,32 +199,9 @@ class AnswerStore:
         )
 
     def table(self, questions: Sequence[str] | None = None, all_pages: bool = False) -> pa.RecordBatchReader:
-        """One row per document, one column per question: the answer of the first page that answered it,
-        or with ``all_pages`` every page's answer as "p1: … | p2: …"."""
-        known = self.question_ids()
-        wanted = list(questions) if questions else known
-        unknown = [qid for qid in wanted if qid not in known]
-        if unknown:
-            raise QueryError(f"unknown question id(s) {unknown}; the runs asked: {known}")
-        columns = []
-        for index, qid in enumerate(wanted):
-            value = (
-                "string_agg('p' || page_number || ': ' || answer, ' | ' ORDER BY page_number)"
-                if all_pages
-                else "arg_min(answer, page_number)"
-            )
-            alias = '"' + qid.replace('"', '""') + '"'
-            columns.append(f"{value} FILTER (WHERE status = 'ok' AND question_id = ${index + 1}) AS {alias}")
-        select = ",\n    ".join(
-            [
-                "document",
-                "max(num_pages) AS num_pages",
-                "CASE WHEN bool_and(status = 'ok') THEN 'ok' ELSE string_agg(DISTINCT status, ',' ORDER BY status)"
-                " FILTER (WHERE status <> 'ok') END AS status",
-                *columns,
-            ]
-        )
-        return self.reader(f"SELECT {select}\nFROM answers GROUP BY document ORDER BY document", wanted)
+        """The ``documents`` view (one row per document), of ``questions`` only if given; with ``all_pages``
+        every page's answer as "p1: … | p2: …" whatever the questions' ``reduce``."""
+        return self.reader(self.documents_sql(questions, "all" if all_pages else None) + " ORDER BY document")
 
     def failures(self) -> pa.RecordBatchReader:
         """Documents and pages whose current rows are not answers, with the reason; one row per page."""
@@ -239,3 +246,42 @@ def failures(output: str, run: str | None = None, storage: StorageConfig | None 
 
 def runs(output: str, storage: StorageConfig | None = None, **snapshot) -> pa.Table:
     return AnswerStore(output, None, storage, **snapshot).runs().read_all()
+
+
+# The typed-value column of each question type, and how a document's answers are reduced to one.
+VALUE_COLUMN = {"number": "value_number", "money": "value_number", "date": "value_date", "boolean": "value_boolean"}
+
+
+def reduced_columns(question_id: str, question_type: str, reduce: str) -> list[str]:
+    """SQL aggregates of one question's document-level answer: ``ID`` (the answer), ``ID_value`` and, for
+    money, ``ID_currency`` (typed questions), ``ID_page`` (the page it came from). Only the question's
+    answered rows (status ok; for typed questions, value parsed) take part."""
+    answered = (
+        f"FILTER (WHERE status = 'ok' AND question_id = {sql_string(question_id)}"
+        " AND coalesce(value_status, 'parsed') = 'parsed')"
+    )
+    fields = {question_id: "answer"}
+    if question_type in VALUE_COLUMN:
+        fields[f"{question_id}_value"] = VALUE_COLUMN[question_type]
+    if question_type == "money":
+        fields[f"{question_id}_currency"] = "value_currency"
+    fields[f"{question_id}_page"] = "page_number"
+    columns = []
+    for name, column in fields.items():
+        if reduce == "all":
+            aggregate = (
+                "string_agg('p' || page_number || ': ' || answer, ' | ' ORDER BY page_number)"
+                if column == "answer"
+                else f"list({column} ORDER BY page_number)"
+            )
+        else:
+            function, key = {"first": ("arg_min", "page_number"), "last": ("arg_max", "page_number")}.get(
+                reduce, ("arg_max", "confidence")
+            )
+            aggregate = f"{function}({column}, {key})"
+        columns.append(f"{aggregate} {answered} AS {sql_identifier(name)}")
+    return columns
+
+
+def sql_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -32,6 +32,18 @@ def invoice_pdf(number: int, pages: int, page_size: tuple[float, float]) -> byte
     return data
 
 
+def scanned_pdf(data: bytes, dpi: int = 100) -> bytes:
+    """The pages of a PDF as images only (a scan): the same look, no text layer."""
+    source, scan = pymupdf.open(stream=data, filetype="pdf"), pymupdf.open()
+    for page in source:
+        image = scan.new_page(width=page.rect.width, height=page.rect.height)
+        image.insert_image(image.rect, pixmap=page.get_pixmap(dpi=dpi))
+    scanned = scan.tobytes()
+    source.close()
+    scan.close()
+    return scanned
+
+
 def report_pdf(pages: int, page_size: tuple[float, float] = PAGE_SIZES["a4"]) -> bytes:
     """A long text report, one numbered section a page; deterministic for a given page count."""
     rng = random.Random(pages)

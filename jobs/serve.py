@@ -7,6 +7,7 @@ back as rows with the fields of the Parquet output.
 """
 
 import asyncio
+import datetime
 import hmac
 import os
 import secrets
@@ -25,7 +26,7 @@ from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTempla
 from pipeline.document_pages import split_pages
 from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
-from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.rows import BBOX, OUTPUT_SCHEMA, Status
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
 APPLICATION_NAME = "docqa"
@@ -33,7 +34,16 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # a request may exceed serve.max_upload_bytes b
 # Document-level failures that mean "too big" (413); every other failed document is unprocessable (422).
 TOO_LARGE = {Status.FILE_TOO_LARGE.value, Status.TOO_MANY_PAGES.value}
 QUESTION_LIST = TypeAdapter(QuestionList)
-_PYTHON_TYPES = {"string": str, "int32": int, "int64": int, "double": float, "float": float, "bool": bool}
+_PYTHON_TYPES = {
+    "string": str,
+    "int32": int,
+    "int64": int,
+    "double": float,
+    "float": float,
+    "bool": bool,
+    "date32[day]": datetime.date,  # value_date, as an ISO date in JSON
+    str(BBOX): dict[str, float],  # evidence_bbox: {"x0": …, "y0": …, "x1": …, "y1": …}
+}
 AnswerRow = create_model(  # the Parquet row, field for field
     "AnswerRow", **{field.name: (_PYTHON_TYPES[str(field.type)] | None, None) for field in OUTPUT_SCHEMA}
 )

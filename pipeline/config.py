@@ -30,6 +30,24 @@ TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
 SPEED_ONLY_MODEL_FIELDS = {"prefix_cache", "continuous_batching", "decode_slots", "cuda_graphs"}
 
 
+BOOLEAN_ANSWERS = ["yes", "no"]  # a boolean question's answers: true, false
+# The forms `constrained: true` decodes number, money and date answers under (regular grammars; the value is
+# then parsed by pipeline/values.py, in the configured locale).
+AMOUNT = r"-?[0-9]+([.,' ][0-9]+)*"
+CURRENCY = r"([A-Z]{3}|[$€£¥₹])"
+CONSTRAINED_FORMS = {
+    "number": AMOUNT,
+    "money": rf"({CURRENCY} ?)?{AMOUNT}( ?{CURRENCY})?",
+    "date": "|".join(  # 2025-11-03, 03/11/2025, 3 Nov 2025, November 3, 2025
+        [
+            r"[0-9]{1,4}[-/.][0-9]{1,2}[-/.][0-9]{1,4}",
+            r"[0-9]{1,2}\.? [A-Za-z]+\.? [0-9]{4}",
+            r"[A-Za-z]+\.? [0-9]{1,2},? [0-9]{4}",
+        ]
+    ),
+}
+
+
 class ConfigError(ValueError):
     """An invalid job config; the message names each bad field and what is wrong with it."""
 
@@ -50,6 +68,29 @@ class QuestionTemplate(_Strict):
     text: str = Field(min_length=1, description="Question, may use {file_name}, {page_number}, {num_pages}.")
     pages: str | int | list[str | int] = Field("all", description='all, first, last, or ranges such as "1-3,-1".')
     max_new_tokens: int = Field(64, ge=1, le=8192)
+    type: Literal["text", "number", "money", "date", "boolean", "choice"] = Field(
+        "text",
+        description="What the answer is: text (as generated), number, money (amount and ISO 4217 currency), "
+        "date, boolean (yes/no), or choice (one of `choices`). Typed answers are parsed into the value_* columns.",
+    )
+    choices: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="With type choice: the allowed answers (at least two, distinct)."
+    )
+    constrained: bool | None = Field(
+        None,
+        description="Decode only answers of the type's form (a grammar masks the other tokens): always on for "
+        "choice and boolean; number, money and date may opt in; null: on for choice and boolean.",
+    )
+    source: Literal["model", "text_layer", "auto"] = Field(
+        "model",
+        description="Where the answer comes from: the model; the page's own text layer (type text only); or "
+        "auto: the text layer when the page has a usable one (see README), else the model.",
+    )
+    reduce: Literal["first", "last", "max_confidence", "all"] = Field(
+        "first",
+        description="The document-level answer (`docqa table`, the `documents` view): the first or last page's "
+        "answer, the most confident one, or all of them in page order.",
+    )
 
     @field_validator("text")
     @classmethod
@@ -68,6 +109,51 @@ class QuestionTemplate(_Strict):
     def _valid_pages(cls, pages: str | int | list[str | int]) -> str | int | list[str | int]:
         parse_page_selection(pages)
         return pages
+
+    @model_validator(mode="after")
+    def _consistent_type(self) -> QuestionTemplate:
+        if self.type == "choice":
+            if not self.choices or len(self.choices) < 2:
+                raise ValueError("type choice needs `choices`: at least two allowed answers")
+            if len(set(self.choices)) < len(self.choices):
+                raise ValueError(f"choices must be distinct: {self.choices}")
+        elif self.choices is not None:
+            raise ValueError(f"`choices` is for type choice, not type {self.type}")
+        if self.constrained is False and self.type in ("choice", "boolean"):
+            raise ValueError(f"type {self.type} is always constrained; leave `constrained` out")
+        if self.constrained and self.type == "text":
+            raise ValueError("type text has no form to constrain; set a type, or leave `constrained` out")
+        if self.source != "model" and self.type != "text":
+            raise ValueError(f"source {self.source} gives the page's text: type must be text, not {self.type}")
+        return self
+
+    def answered_by_model(self, text_usable: bool) -> bool:
+        """Whether the model answers this question on a page whose text layer is (or is not) usable."""
+        return self.source == "model" or (self.source == "auto" and not text_usable)
+
+    @property
+    def allowed_answers(self) -> list[str] | None:
+        """The only answers a choice or boolean question can have."""
+        return BOOLEAN_ANSWERS if self.type == "boolean" else self.choices
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """The grammar answers are decoded under, as (``ebnf`` or ``regex``, its text), or None."""
+        allowed = self.allowed_answers
+        if allowed is not None:  # EBNF string literals take JSON's escapes
+            return "ebnf", "root ::= " + " | ".join(json.dumps(answer, ensure_ascii=False) for answer in allowed)
+        if self.constrained:
+            return "regex", CONSTRAINED_FORMS[self.type]
+        return None
+
+    @property
+    def answer_tokens(self) -> int:
+        """Most tokens an answer may take: ``max_new_tokens``, raised for a choice so that the longest allowed
+        answer fits however it is tokenized (at most a token per byte) with its stop token."""
+        allowed = self.allowed_answers
+        if allowed is None:
+            return self.max_new_tokens
+        return max(self.max_new_tokens, max(len(answer.encode()) for answer in allowed) + 1)
 
     @property
     def page_ranges(self) -> tuple[PageRange, ...]:
@@ -178,6 +264,43 @@ class LimitsConfig(_Strict):
     )
 
 
+class ValuesConfig(_Strict):
+    """How typed answers are read (pipeline/values.py)."""
+
+    locale: str = Field(
+        "en_US",
+        description="Locale of the documents (babel's names: en_US, de_DE, fr_FR, ...): the language of month "
+        "names, the decimal separator of an ambiguous amount (1,234), the currency a bare symbol ($) means.",
+    )
+    day_first: bool | None = Field(
+        None, description="03/11/2025 is 3 November (true) or March 11 (false); null: the locale's date order."
+    )
+
+    @field_validator("locale")
+    @classmethod
+    def _known_locale(cls, locale: str) -> str:
+        from babel import Locale, UnknownLocaleError
+
+        try:
+            Locale.parse(locale)
+        except (UnknownLocaleError, ValueError) as error:
+            raise ValueError(f"unknown locale {locale!r} ({error}); use a name such as en_US or de_DE") from None
+        return locale
+
+
+class TextLayerConfig(_Strict):
+    """When a page's own text layer is usable as an answer (questions with ``source: auto``)."""
+
+    min_chars: int = Field(50, ge=1, description="Fewest non-space characters of a usable text layer.")
+    min_readable_share: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Least share of its non-space characters that are letters, digits or common punctuation "
+        "(not U+FFFD, private-use or control characters: what a font without a Unicode map extracts to).",
+    )
+
+
 class ActorPoolConfig(_Strict):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
@@ -274,6 +397,8 @@ class JobConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     budget: BudgetConfig = BudgetConfig()
     serve: ServeConfig = ServeConfig()
+    values: ValuesConfig = ValuesConfig()
+    text_layer: TextLayerConfig = TextLayerConfig()
 
     @field_validator("input", "output")
     @classmethod
@@ -301,10 +426,16 @@ class JobConfig(_Strict):
         changes. Limits, actors, storage, budgets and the model's speed settings (the same answers, faster)
         do not change answers and are left out."""
         relevant = {
-            "questions": [question.model_dump(mode="json") for question in self.questions],
+            "questions": [question_fingerprint(question) for question in self.questions],
             "model": self.model.model_dump(mode="json", exclude=SPEED_ONLY_MODEL_FIELDS),
             "render": {"backend": self.render.backend, "image_splitting": self.render.image_splitting},
         }
+        # Sections added with typed answers count only where they matter, so that an upgrade does not take
+        # every document of an unchanged config again.
+        if any(question.type in ("number", "money", "date") for question in self.questions):
+            relevant["values"] = self.values.model_dump(mode="json")
+        if any(question.source == "auto" for question in self.questions):
+            relevant["text_layer"] = self.text_layer.model_dump(mode="json")
         return _digest(relevant)
 
     def setting_digests(self) -> dict[str, str]:
@@ -327,6 +458,20 @@ class JobConfig(_Strict):
     def redacted(self) -> dict[str, Any]:
         """The config as written to run records: plain JSON values, secrets masked."""
         return self.model_dump(mode="json")
+
+
+# Question fields added with typed answers: in a fingerprint only when set (see JobConfig.fingerprint).
+TYPED_ANSWER_FIELDS = ("type", "choices", "constrained", "source")
+
+
+def question_fingerprint(question: QuestionTemplate) -> dict[str, Any]:
+    """What of a question its answers depend on: all but ``reduce`` (read at query time), the typed-answer
+    fields only when they differ from their defaults."""
+    dumped = question.model_dump(mode="json", exclude={"reduce"})
+    for name in TYPED_ANSWER_FIELDS:
+        if dumped[name] == QuestionTemplate.model_fields[name].default:
+            del dumped[name]
+    return dumped
 
 
 def _digest(value: Any) -> str:

@@ -5,6 +5,7 @@ size rules. Failures are ``DocumentError`` with their status. Nothing here knows
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +28,41 @@ class PdfDocument(Protocol):
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         """The page as (H, W, 3) uint8 RGB of exactly ``rendered_size(page_size, longest_edge)``."""
 
+    def text_layer(self, page_number: int) -> TextLayer:
+        """The page's own text (PyMuPDF's, for both backends)."""
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TextLayer:
+    """A page's text layer: its text and its words in reading order (MuPDF's ``sort=True``: blocks top to
+    bottom, left to right), each word's box as fractions of the page (x0, y0, x1, y1, rotation applied)."""
+
+    text: str
+    words: list[str]
+    boxes: list[float]  # 4 per word
+
+    @property
+    def chars(self) -> int:
+        """Non-space characters: 0 for a scanned page."""
+        return sum(not character.isspace() for character in self.text)
+
+
+NO_TEXT_LAYER = TextLayer("", [], [])
+
+
+def pymupdf_text_layer(page) -> TextLayer:
+    """A PyMuPDF page's text layer."""
+    import pymupdf
+
+    width, height = page.rect.width, page.rect.height
+    words, boxes = [], []
+    for x0, y0, x1, y1, word, *_ in page.get_text("words", sort=True):
+        rect = pymupdf.Rect(x0, y0, x1, y1) * page.rotation_matrix
+        words.append(word)
+        boxes += [rect.x0 / width, rect.y0 / height, rect.x1 / width, rect.y1 / height]
+    return TextLayer(page.get_text("text", sort=True), words, boxes)
 
 
 class PyMuPdfDocument:
@@ -62,6 +97,9 @@ class PyMuPdfDocument:
         rows = np.frombuffer(pixmap.samples, dtype=np.uint8).reshape(pixmap.height, pixmap.stride)
         return rows[:, : pixmap.width * 3].reshape(pixmap.height, pixmap.width, 3)
 
+    def text_layer(self, page_number: int) -> TextLayer:
+        return pymupdf_text_layer(self.document[page_number - 1])
+
     def close(self) -> None:
         self.document.close()
 
@@ -77,6 +115,7 @@ class PopplerDocument:
         from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
 
         self.data = data
+        self.text_document: PyMuPdfDocument | None = None  # opened for the text layer when first asked
         self.repaired = False  # poppler does not say
         self.password: str | None = None
         for password in (None, *passwords):
@@ -120,8 +159,21 @@ class PopplerDocument:
         )
         return np.asarray(image.convert("RGB"))
 
+    def text_layer(self, page_number: int) -> TextLayer:
+        """PyMuPDF's text of the page: poppler's own (``pdftotext -bbox``) would need its XHTML parsed and a
+        second word-splitting rule; one text layer for both backends keeps answers and evidence the same.
+        A file MuPDF cannot open has no text layer here."""
+        if self.text_document is None:
+            try:
+                self.text_document = PyMuPdfDocument(self.data, (self.password,) if self.password else ())
+            except DocumentError:
+                return NO_TEXT_LAYER
+        return self.text_document.text_layer(page_number)
+
     def close(self) -> None:
         self.data = b""
+        if self.text_document is not None:
+            self.text_document.close()
 
 
 def check_header(data: bytes) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.images import ImageGeometry
-from pipeline.pdf import page_limit_violation
+from pipeline.pdf import NO_TEXT_LAYER, TextLayer, page_limit_violation
 from pipeline.rows import DocumentError, Status, failed, page_row
 from pipeline.sandbox import RenderSandbox, SandboxedDocument
+from pipeline.text_layer import is_usable
 
 
 class RasterizeDocument:
@@ -142,22 +143,44 @@ class RasterizeDocument:
         finally:
             opened.close()
 
+    @staticmethod
+    def _text_layer(document: SandboxedDocument, page_number: int) -> TextLayer:
+        """The page's text layer; none where MuPDF fails on it (the page may still render). Out of time: raises."""
+        try:
+            return document.text_layer(page_number)
+        except DocumentError as error:
+            if error.status == Status.TIMEOUT:
+                raise
+            return NO_TEXT_LAYER
+        except Exception:  # noqa: BLE001 - a page whose text cannot be read is still a page
+            return NO_TEXT_LAYER
+
     def _render_pages(
         self, document: SandboxedDocument, unit: dict[str, Any], whole: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
         limits, num_pages = self.config.limits, unit["num_pages"]
         longest_edge = self.geometry.render_longest_edge
         for page_number in range(unit["first_page"], unit["last_page"] + 1):
-            question_ids = [question.id for question in self.config.questions_for_page(page_number, num_pages)]
-            if not question_ids:
+            questions = self.config.questions_for_page(page_number, num_pages)
+            if not questions:
                 continue
+            started = time.perf_counter()
+            layer = self._text_layer(document, page_number)
+            usable = is_usable(layer.text, self.config.text_layer)
             page = {
                 **whole,
                 "page_number": page_number,
-                "question_ids": question_ids,
+                "question_ids": [question.id for question in questions],
                 "document_rows": unit["document_rows"],
+                "text": layer.text if any(question.source != "model" for question in questions) else None,
+                "words": layer.words,
+                "word_boxes": layer.boxes,
+                "text_layer_chars": layer.chars,
+                "text_usable": usable,
             }
-            started = time.perf_counter()
+            if not any(question.answered_by_model(usable) for question in questions):
+                yield {**page, "render_ms": (time.perf_counter() - started) * 1000}  # no pixels needed
+                continue
             try:
                 too_large = page_limit_violation(document.page_size(page_number), longest_edge, limits)
                 if too_large:

@@ -54,6 +54,10 @@ RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR})
 # Carried from the read stage to every row of the document.
 DOCUMENT_FIELDS = ("uri", "file_size", "source_version", "etag", "version_id", "sha256")
 
+BBOX = pa.struct([(corner, pa.float64()) for corner in ("x0", "y0", "x1", "y1")])
+# A page's text layer: its words in reading order and their boxes (x0, y0, x1, y1 each, fractions of the page).
+TEXT_LAYER_FIELDS = [("words", pa.list_(pa.string())), ("word_boxes", pa.list_(pa.float32()))]
+
 # The split stage's rows, as the actor receives them.
 PAGE_SCHEMA = pa.schema(
     [
@@ -71,6 +75,12 @@ PAGE_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("render_ms", pa.float64()),
+        # The page's own text layer (pipeline/pdf.py TextLayer): its words and their boxes for evidence, its
+        # text where a question may be answered from it, and whether it is usable for `source: auto`.
+        ("text", pa.string()),
+        *TEXT_LAYER_FIELDS,
+        ("text_layer_chars", pa.int64()),
+        ("text_usable", pa.bool_()),
         ("sub_images", pa.binary()),
         ("sub_image_shapes", pa.list_(pa.int64())),
     ]
@@ -101,6 +111,18 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("render_ms", pa.float64()),
         pa.field("model_ms", pa.float64()),
+        # Typed answers (pipeline/values.py): the value in its type's column, and whether it was read.
+        pa.field("value_number", pa.float64()),
+        pa.field("value_currency", pa.string()),  # ISO 4217
+        pa.field("value_date", pa.date32()),
+        pa.field("value_boolean", pa.bool_()),
+        pa.field("value_status", pa.string()),  # parsed, unparsed (why in error), null for text questions
+        # Where the answer came from, and where it is on the page (pipeline/evidence.py).
+        pa.field("answer_source", pa.string()),  # model or text_layer
+        pa.field("evidence", pa.string()),  # text_layer: found in the page's text layer; none: not found
+        pa.field("evidence_text", pa.string()),  # the page's words that matched the answer
+        pa.field("evidence_bbox", BBOX),  # their bounding box, as fractions of the page's width and height
+        pa.field("text_layer_chars", pa.int32()),  # non-space characters of the page's text layer; 0: a scan
     ]
 )
 
@@ -156,7 +178,12 @@ def page_row(document: dict[str, Any], **fields: Any) -> dict[str, Any]:
         "status": document["status"],
         "error": document["error"],
         "render_ms": None,
-        "image": None,  # the rendered page, (H, W, 3) uint8
+        "text": None,
+        "words": [],
+        "word_boxes": [],
+        "text_layer_chars": None,
+        "text_usable": False,
+        "image": None,  # the rendered page, (H, W, 3) uint8; None where no question needs the model
         **fields,
     }
 
@@ -168,6 +195,7 @@ def output_rows(page: dict[str, Any], questions: list[Any], **fields: Any) -> li
         "document": page["uri"],
         **{field: page[field] for field in DOCUMENT_FIELDS if field != "uri"},
         **{field: page[field] for field in ("document_rows", "repaired", "page_number", "num_pages")},
+        "text_layer_chars": page["text_layer_chars"],
         "status": page["status"],
         "error": page["error"],
         "render_ms": page["render_ms"],

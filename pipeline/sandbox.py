@@ -33,11 +33,14 @@ import time
 import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.rows import DocumentError, Status
+
+if TYPE_CHECKING:
+    from pipeline.pdf import TextLayer
 
 # Shared between the parent and its helper: holds a rendered page up to about 22 megapixels (RGB).
 PIXEL_BUFFER_BYTES = 64 * 1024 * 1024
@@ -121,6 +124,8 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> Non
                 answer = ("ok", isolation_report(network, *arguments))
             elif operation == "page_size":
                 answer = ("ok", document.page_size(*arguments))
+            elif operation == "text_layer":
+                answer = ("ok", document.text_layer(*arguments))
             elif operation == "render":
                 image = document.render(*arguments)
                 if image.nbytes <= PIXEL_BUFFER_BYTES:
@@ -285,6 +290,9 @@ class SandboxedDocument:
 
     def page_size(self, page_number: int) -> tuple[float, float]:
         return tuple(self.sandbox.call("page_size", (page_number,), self.deadline))
+
+    def text_layer(self, page_number: int) -> TextLayer:
+        return self.sandbox.call("text_layer", (page_number,), self.deadline)
 
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         buffer, shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)

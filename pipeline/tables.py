@@ -136,12 +136,14 @@ class OutputTables:
             raise TableError(describe_delta_error(error, f"cannot open {self.uri(name)}")) from None
 
     def create(self) -> None:
-        """Create the tables that do not exist yet. Two writers creating the same table at once: one
-        commit wins, the other finds the table there."""
+        """Create the tables that do not exist yet, and add the columns a newer docqa writes to those that do
+        (their older rows read them as null). Two writers creating the same table at once: one commit wins,
+        the other finds the table there."""
         from deltalake import DeltaTable
         from deltalake.exceptions import CommitFailedError
 
         for name in TABLES:
+            self._add_new_columns(name)
             try:
                 DeltaTable.create(
                     self.uri(name),
@@ -156,6 +158,20 @@ class OutputTables:
                     raise
             except Exception as error:  # noqa: BLE001 - delta-rs raises plain exceptions for store failures
                 raise TableError(describe_delta_error(error, f"cannot create {self.uri(name)}")) from None
+
+    def _add_new_columns(self, name: str) -> None:
+        """Schema evolution of a table written by an older docqa: the columns it lacks, added (nullable)."""
+        from deltalake import Schema
+
+        def add(table) -> None:
+            present = set(table.schema().to_arrow().names)
+            missing = [field for field in SCHEMAS[name] if field.name not in present]
+            if missing:
+                log.info("adding the columns %s to %s", [field.name for field in missing], self.uri(name))
+                table.alter.add_columns(Schema.from_arrow(pa.schema(missing)).fields)
+
+        if self.open(name) is not None:
+            self.retry_commit(name, add)
 
     def dataset(self, name: str, as_of: datetime | None = None) -> ds.Dataset:
         """A pyarrow dataset of the table's committed files, at its latest version or as of ``as_of``;

@@ -4,6 +4,7 @@ generate, whatever the slot count, the steps queued between two reads, and the m
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,16 @@ from actors.checkpoint import resolve_image_geometry
 from actors.families import load_adapter
 from bench.model_stage import sample_pages
 from bench.naive import reference_answer
-from pipeline.config import ModelConfig, RenderConfig
+from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
 from pipeline.images import split_page
 
 QUESTIONS = ["What is the invoice number?", "Total?", "Who is the customer named on this invoice, in full?"]
+# Typed questions decoded under their grammars, beside free ones in the same batch.
+CONSTRAINED = [
+    QuestionTemplate(id="paid", text="Is it paid?", type="boolean"),
+    QuestionTemplate(id="kind", text="Kind?", type="choice", choices=["invoice", "receipt", "credit note"]),
+    QuestionTemplate(id="total", text="Total?", type="money", constrained=True, max_new_tokens=12),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +86,42 @@ def test_answers_equal_single_sample_generate(
         assert stats["prefills"] >= len(prompts) / slots  # admissions as slots free up, not one batch
         if sync_steps > 1:
             assert stats["moves"] >= 1, stats
+
+
+@pytest.mark.parametrize("settings", [{"decode_slots": 2}, {"continuous_batching": False}])
+def test_constrained_answers_are_allowed_and_equal_generate_with_the_same_grammar(
+    tiny_model: Path, pages: list[np.ndarray], reference: tuple[object, object], settings: dict[str, object]
+) -> None:
+    """Every choice and boolean answer is one of its allowed strings (the random model alone would write
+    anything), amounts take their regular form, and each equals transformers' generate under the same
+    xgrammar logits processor."""
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32", **settings)
+    geometry = resolve_image_geometry(model_config, RenderConfig())
+    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    questions = [QuestionTemplate(id="free", text=QUESTIONS[0], max_new_tokens=8), *CONSTRAINED]
+    prompts = [
+        Prompt(page, engine.prompt(question.text), question.answer_tokens, question.constraint)
+        for page in range(len(pages))
+        for question in questions
+    ]
+    answers = engine.answer([split_page(page, geometry) for page in pages], prompts)
+
+    processor, model = reference
+    for answer, prompt, question in zip(answers, prompts, questions * len(pages), strict=True):
+        grammar = engine.grammars.logits_processor(prompt.constraint, 1) if prompt.constraint else None
+        expected = (
+            reference_answer(
+                processor, model, pages[prompt.page], prompt.text, prompt.max_new_tokens, logits_processor=[grammar]
+            )
+            if grammar
+            else reference_answer(processor, model, pages[prompt.page], prompt.text, prompt.max_new_tokens)
+        )
+        assert (answer.text, answer.generated_tokens) == expected, question.id
+        if question.allowed_answers:
+            assert answer.text in question.allowed_answers, (question.id, answer.text)
+        if question.type == "money":
+            assert re.fullmatch(question.constraint[1], answer.text), answer.text
+    free = [
+        answer.text for answer, question in zip(answers, questions * len(pages), strict=True) if question.id == "free"
+    ]
+    assert not set(free) & {"yes", "no", "invoice", "receipt", "credit note"}  # unconstrained: anything

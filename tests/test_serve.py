@@ -144,6 +144,18 @@ def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
     assert unknown.status_code == 422 and "no question set 'nope'" in unknown.json()["error"]
     invalid = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions="- id: x\n  text: '{nope}'\n")
     assert invalid.status_code == 422 and "unknown template variable" in invalid.json()["error"]
+    typed = [
+        {"id": "kind", "text": "Kind?", "type": "choice", "choices": ["invoice", "receipt"]},
+        {"id": "text", "text": "Transcribe.", "source": "auto"},
+    ]
+    body = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=yaml.safe_dump(typed)).json()
+    kinds = [row for row in body["answers"] if row["question_id"] == "kind"]
+    texts = [row for row in body["answers"] if row["question_id"] == "text"]
+    assert len(kinds) == len(texts) == 2
+    assert all(row["answer"] in ("invoice", "receipt") and row["value_status"] == "parsed" for row in kinds)
+    for row in texts:  # born-digital pages: their own text, and where it is
+        assert (row["answer_source"], row["evidence"], row["value_status"]) == ("text_layer", "text_layer", None)
+        assert row["answer"].startswith("ACME Supplies Ltd.") and set(row["evidence_bbox"]) == {"x0", "y0", "x1", "y1"}
     many = yaml.safe_dump([{"id": f"q{i}", "text": "Total?"} for i in range(4)])
     too_many = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=many)
     assert too_many.status_code == 422 and "over serve.max_questions=3" in too_many.json()["error"]

@@ -79,7 +79,9 @@ def test_a_document_that_later_fails_as_a_whole_has_only_its_failure_in_current(
         "num_pages": None,
         "status": "corrupt",
         "number": None,
+        "number_page": None,
         "total": None,
+        "total_page": None,
     }
 
 
@@ -289,3 +291,32 @@ def test_an_attempt_taken_over_by_a_later_one_stops_and_loses_nothing(tmp_path: 
     assert sorted(set(rows.column("document").to_pylist())) == [f"s3://in/doc-{n:05d}.pdf" for n in range(6)]
     assert rows.num_rows == 12 and read_current(output).num_rows == 12
     assert [(r["run_id"], r["attempt"], r["commits"]) for r in committed_runs(output)] == [("twice", 2, 2)]
+
+
+def test_outputs_written_before_typed_answers_gain_their_columns(tmp_path: Path) -> None:
+    """An output folder written by a docqa without the typed-answer columns: the next run adds them (Delta
+    schema evolution), its old rows read them as null, and the documents view works over both."""
+    import datetime
+
+    from deltalake import write_deltalake
+
+    from pipeline.tables import ANSWER_SCHEMA, OutputTables
+
+    added = ANSWER_SCHEMA.names[ANSWER_SCHEMA.get_field_index("model_ms") + 1 : -1]
+    assert "value_number" in added and "evidence_bbox" in added
+    older = pa.schema([field for field in ANSWER_SCHEMA if field.name not in added])
+    row = {"run_id": "old", "document": "a.pdf", "page_number": 1, "question_id": "q", "answer": "12 EUR"}
+    old_rows = pa.Table.from_pylist([{**row, "status": "ok", "run_date": datetime.date(2026, 1, 1)}], schema=older)
+    tables = OutputTables(str(tmp_path), StorageConfig())
+    for name in ("answers", "current"):
+        write_deltalake(tables.uri(name), old_rows, partition_by=["run_date"] if name == "answers" else None)
+
+    tables.create()
+    for name in ("answers", "current"):
+        assert DeltaTable(tables.uri(name)).schema().to_arrow().names[: len(older)] == older.names
+        assert set(DeltaTable(tables.uri(name)).schema().to_arrow().names) == set(ANSWER_SCHEMA.names)
+    [current] = read_current(str(tmp_path)).to_pylist()
+    assert current["answer"] == "12 EUR" and {current[name] for name in added} == {None}
+    assert query.AnswerStore(str(tmp_path)).reader("SELECT q, q_page FROM documents").read_all().to_pylist() == [
+        {"q": "12 EUR", "q_page": 1}
+    ]

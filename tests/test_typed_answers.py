@@ -1,0 +1,206 @@
+"""Answers users can compute with and check: typed values read in a locale, choices the model cannot leave,
+evidence boxes from the page's text layer, the text layer as the answer, document-level reductions."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from pathlib import Path
+
+import pymupdf
+import pytest
+
+from jobs.cli import main
+from jobs.query import AnswerStore
+from jobs.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
+from pipeline.config import CONSTRAINED_FORMS, JobConfig, QuestionTemplate, TextLayerConfig, ValuesConfig
+from pipeline.images import ImageGeometry
+from pipeline.rasterize import RasterizeDocument
+from pipeline.rows import document_row
+from pipeline.tables import read_current
+from pipeline.text_layer import find_evidence, is_usable
+from pipeline.values import ValueParser
+
+# (type, answer, locale, day_first) -> the value columns it must give
+REAL_WORLD = [
+    ("money", "1.234,50 €", "de_DE", None, {"value_number": 1234.5, "value_currency": "EUR"}),
+    ("money", "$1,234.50", "en_US", None, {"value_number": 1234.5, "value_currency": "USD"}),
+    ("money", "$1,234.50", "en_CA", None, {"value_number": 1234.5, "value_currency": "CAD"}),
+    ("money", "Total: EUR 1 234,50", "fr_FR", None, {"value_number": 1234.5, "value_currency": "EUR"}),
+    ("money", "£3.20", "en_GB", None, {"value_number": 3.2, "value_currency": "GBP"}),
+    ("money", "-45.10 CHF", "en_US", None, {"value_number": -45.1, "value_currency": "CHF"}),
+    ("money", "12.00", "en_US", None, {"value_number": 12.0, "value_currency": None}),
+    ("number", "1,234", "en_US", None, {"value_number": 1234.0}),
+    ("number", "1,234", "de_DE", None, {"value_number": 1.234}),
+    ("number", "about 17 items", "en_US", None, {"value_number": 17.0}),
+    ("date", "3 Nov 2025", "en_US", None, {"value_date": datetime.date(2025, 11, 3)}),
+    ("date", "03/11/2025", "en_GB", None, {"value_date": datetime.date(2025, 11, 3)}),  # day first
+    ("date", "03/11/2025", "en_US", None, {"value_date": datetime.date(2025, 3, 11)}),  # month first
+    ("date", "03/11/2025", "en_US", True, {"value_date": datetime.date(2025, 11, 3)}),  # day_first wins
+    ("date", "3. November 2025", "de_DE", None, {"value_date": datetime.date(2025, 11, 3)}),
+    ("date", "The invoice is dated 3 Nov 2025.", "en_US", None, {"value_date": datetime.date(2025, 11, 3)}),
+    ("boolean", "yes", "en_US", None, {"value_boolean": True}),
+    ("boolean", "No", "en_US", None, {"value_boolean": False}),
+]
+UNREADABLE = [("money", "n/a"), ("number", "none"), ("date", "soon"), ("boolean", "maybe")]
+
+
+@pytest.mark.parametrize(("kind", "answer", "locale", "day_first", "expected"), REAL_WORLD)
+def test_typed_values_of_real_world_strings(kind, answer, locale, day_first, expected) -> None:
+    parser = ValueParser(ValuesConfig(locale=locale, day_first=day_first))
+    columns = parser.parse(QuestionTemplate(id="q", text="?", type=kind), answer)
+    assert columns["value_status"] == "parsed"
+    expected = {"value_number": None, "value_currency": None, "value_date": None, "value_boolean": None, **expected}
+    assert {name: columns[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize(("kind", "answer"), UNREADABLE)
+def test_an_unreadable_answer_is_kept_and_says_why(kind: str, answer: str) -> None:
+    columns = ValueParser(ValuesConfig()).parse(QuestionTemplate(id="q", text="?", type=kind), answer)
+    assert columns["value_status"] == "unparsed"
+    assert columns["error"].startswith(f"{kind} not read from the answer: ") and repr(answer) in columns["error"]
+
+
+def test_text_questions_have_no_value_and_choices_are_checked() -> None:
+    parser = ValueParser(ValuesConfig())
+    assert set(parser.parse(QuestionTemplate(id="q", text="?"), "12 EUR").values()) == {None}
+    choice = QuestionTemplate(id="q", text="?", type="choice", choices=["red", "green"])
+    assert parser.parse(choice, "red")["value_status"] == "parsed"
+    assert parser.parse(choice, "blue")["value_status"] == "unparsed"
+
+
+def _pages(data: bytes, questions: list[dict]) -> list[dict]:
+    """The page rows of a document through the render stage (in its sandbox), as the pipeline makes them."""
+    config = JobConfig(input="in", output="out", questions=questions)
+    geometry = ImageGeometry(980, 378, False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    rows = RasterizeDocument(config, geometry)(document_row("memory://invoice.pdf", len(data), data=data))
+    return [row for row in rows if row["page_number"] is not None]
+
+
+def test_evidence_boxes_are_where_the_words_are_printed() -> None:
+    """Answers found in a born-digital invoice's text layer (after normalizing case, spaces and number
+    formats) get the box PyMuPDF's own search finds for them; a scan of the same page has no text layer."""
+    data = invoice_pdf(3, pages=1, page_size=PAGE_SIZES["letter"])
+    [page] = _pages(data, [{"id": "q", "text": "?"}])
+    document = pymupdf.open(stream=data, filetype="pdf")[0]
+    width, height = document.rect.width, document.rect.height
+    total = re.search(r"TOTAL DUE: (\S+)", document.get_text()).group(1)
+    for answer, printed in [
+        ("inv-0003", "INV-0003"),
+        (total.replace(",", ""), total),
+        ("acme  supplies", "ACME Supplies"),
+    ]:
+        evidence = find_evidence(answer, page["words"], page["word_boxes"])
+        [rect] = document.search_for(printed)
+        assert evidence["evidence"] == "text_layer" and evidence["evidence_text"] == printed
+        expected = {"x0": rect.x0 / width, "y0": rect.y0 / height, "x1": rect.x1 / width, "y1": rect.y1 / height}
+        assert evidence["evidence_bbox"] == pytest.approx(expected, abs=0.01), answer
+    assert find_evidence("INV-9999", page["words"], page["word_boxes"])["evidence"] == "none"
+    assert page["text_layer_chars"] > 100 and page["text_usable"]
+
+    [scanned] = _pages(scanned_pdf(data), [{"id": "q", "text": "?"}])
+    assert (scanned["text_layer_chars"], scanned["words"], scanned["text_usable"]) == (0, [], False)
+    assert find_evidence("INV-0003", scanned["words"], scanned["word_boxes"])["evidence"] == "none"
+
+
+def test_a_page_answered_from_its_text_layer_is_not_rendered() -> None:
+    data = invoice_pdf(5, pages=1, page_size=PAGE_SIZES["a4"])
+    [text_only] = _pages(data, [{"id": "t", "text": "?", "source": "auto"}])
+    assert text_only["image"] is None and text_only["text"] == pymupdf.open(stream=data)[0].get_text(sort=True)
+    [scanned] = _pages(scanned_pdf(data), [{"id": "t", "text": "?", "source": "auto"}])
+    assert scanned["image"] is not None and scanned["text"] == ""
+
+
+def test_usable_text_layer_rule() -> None:
+    rule = TextLayerConfig(min_chars=10, min_readable_share=0.8)
+    assert is_usable("Invoice INV-0001, total $12.00", rule)
+    assert not is_usable("Invoice", rule)  # too short
+    assert not is_usable("\ufffd\ufffd\ufffd\x01\x02\ue000\ue001 abc def", rule)  # unmapped glyphs
+
+
+QUESTIONS = [
+    {
+        "id": "kind",
+        "text": "What kind of document is this?",
+        "type": "choice",
+        "reduce": "last",
+        "choices": ["invoice", "receipt", "credit note"],
+        "max_new_tokens": 4,
+    },
+    {"id": "paid", "text": "Is it paid?", "type": "boolean", "pages": "first"},
+    {
+        "id": "total",
+        "text": "Total due?",
+        "type": "money",
+        "constrained": True,
+        "pages": "last",
+        "max_new_tokens": 10,
+        "reduce": "max_confidence",
+    },
+    {"id": "date", "text": "Invoice date?", "type": "date", "max_new_tokens": 6, "reduce": "all"},
+    {"id": "text", "text": "Transcribe the page.", "source": "auto", "max_new_tokens": 8},
+]
+
+
+def test_run_types_constrains_cites_and_reduces(ray_session, tiny_model: Path, tmp_path: Path) -> None:
+    """`docqa run` over born-digital and scanned invoices: every choice and boolean answer is allowed and
+    read; constrained amounts take their form; born-digital pages are transcribed from their text layer
+    (equal to PyMuPDF's text, with its evidence), scanned ones by the model; `docqa table` and the
+    `documents` view reduce each question as configured."""
+    import yaml
+
+    inputs = tmp_path / "pdfs"
+    inputs.mkdir()
+    born_digital = {number: invoice_pdf(number, pages=2, page_size=PAGE_SIZES["letter"]) for number in (1, 2)}
+    for number, data in born_digital.items():
+        (inputs / f"invoice-{number}.pdf").write_bytes(data)
+    (inputs / "scan-1.pdf").write_bytes(scanned_pdf(born_digital[1]))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"input": str(inputs), "output": str(tmp_path / "out"), "questions": QUESTIONS}))
+    assert main(["run", "--config", str(job), "--model", str(tiny_model)]) == 0
+
+    rows = read_current(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == 3 * (2 * 3 + 2)  # 3 documents x (2 pages x kind, date, text + paid, total)
+    assert {row["status"] for row in rows} == {"ok"}
+    by_question = {qid: [row for row in rows if row["question_id"] == qid] for qid in ("kind", "paid", "total", "date")}
+    for row in by_question["kind"]:
+        assert row["answer"] in ("invoice", "receipt", "credit note") and row["value_status"] == "parsed"
+    for row in by_question["paid"]:
+        assert row["answer"] in ("yes", "no") and row["value_boolean"] == (row["answer"] == "yes")
+    for row in by_question["total"]:
+        assert re.fullmatch(CONSTRAINED_FORMS["money"], row["answer"]) or row["generated_tokens"] == 10
+    for row in by_question["date"]:
+        assert row["value_status"] in ("parsed", "unparsed") and (row["value_status"] == "parsed") == (
+            row["value_date"] is not None
+        )
+    for row in [row for row in rows if row["question_id"] == "text"]:
+        name = Path(row["document"]).name
+        if name.startswith("invoice"):
+            page = pymupdf.open(stream=born_digital[int(name[8])])[row["page_number"] - 1]
+            assert row["answer_source"] == "text_layer" and row["answer"] == page.get_text(sort=True)
+            assert row["evidence"] == "text_layer" and row["text_layer_chars"] > 100
+            assert row["confidence"] is None and row["generated_tokens"] is None
+        else:
+            assert row["answer_source"] == "model" and row["text_layer_chars"] == 0 and row["evidence"] == "none"
+
+    store = AnswerStore(str(tmp_path / "out"))
+    documents = {row["document"]: row for row in store.reader("SELECT * FROM documents").read_all().to_pylist()}
+    table = {row["document"]: row for row in store.table().read_all().to_pylist()}
+    assert documents == table and len(documents) == 3
+    for document, reduced in documents.items():
+
+        def of(qid: str, document: str = document) -> list[dict]:
+            mine = (row for row in rows if (row["document"], row["question_id"]) == (document, qid))
+            return sorted(mine, key=lambda row: row["page_number"])
+
+        assert (reduced["kind"], reduced["kind_page"]) == (of("kind")[-1]["answer"], 2)  # last
+        assert (reduced["paid"], reduced["paid_value"], reduced["paid_page"]) == (
+            of("paid")[0]["answer"],
+            of("paid")[0]["value_boolean"],
+            1,
+        )
+        best = max(of("total"), key=lambda row: row["confidence"])
+        if best["value_status"] == "parsed":
+            assert (reduced["total_value"], reduced["total_currency"]) == (best["value_number"], best["value_currency"])
+        parsed_dates = [row for row in of("date") if row["value_status"] == "parsed"]
+        assert reduced["date_page"] == ([row["page_number"] for row in parsed_dates] or None)  # all
