@@ -313,10 +313,10 @@ class SlotDecoder:
         slot_cache.live.zero_()
         stop_set = set(stop_token_ids)
         stop: torch.Tensor | None = None
-        # Answers under a grammar: the host reads every step's tokens, to give each matcher its token and
-        # fill the next step's mask.
-        constrained = any(request.matcher is not None for request in requests)
-        sync_steps = 1 if constrained else self.sync_steps
+        # While an answer under a grammar runs or waits, the host reads every step's tokens, to give each
+        # matcher its token and fill the next step's mask; other answers leave the mask open.
+        constrained = {row for row, request in enumerate(requests) if request.matcher is not None}
+        masked = False  # whether slot_cache.bitmask holds any grammar's mask
         masks: torch.Tensor | None = None  # host side of slot_cache.bitmask
 
         def fill_masks(bitmask: torch.Tensor, rows: dict[int, int]) -> torch.Tensor:
@@ -383,16 +383,20 @@ class SlotDecoder:
         while running:
             assert stop is not None  # set by the first admission
             remaining = max(requests[row].max_new_tokens - len(results[row].tokens) for row in running.values())
-            steps = min(sync_steps, remaining)
+            grammars = bool(constrained) and any(row in constrained for row in [*running.values(), *waiting])
+            steps = min(1 if grammars else self.sync_steps, remaining)
             if column + steps > slot_cache.columns:
                 column = self._move_back(slot_cache, column, running, waiting, requests)
                 self.stats["moves"] += 1
             slot_cache.position.fill_(column)
             slot_cache.step_index.zero_()
             window = min(-(-(column + steps) // WINDOW_STEP) * WINDOW_STEP, slot_cache.columns)
-            if constrained:
-                assert masks is not None and slot_cache.bitmask is not None
+            assert masks is not None and slot_cache.bitmask is not None
+            if grammars:
                 slot_cache.bitmask.copy_(fill_masks(masks, running))
+            elif masked:
+                slot_cache.bitmask.fill_(-1)
+            masked = grammars
             for _ in range(steps):
                 self._queue_step(slot_cache, window, stop)
             column += steps

@@ -75,8 +75,11 @@ class PageAnswerer:
             )
         for page, asked, page_rows in zip(pages, templates, rows, strict=True):
             for row in page_rows:
-                row.update(self.values.parse(asked[row["question_id"]], row["answer"]))
-                row.update(find_evidence(row["answer"], page["words"], page["word_boxes"]))
+                template = asked[row["question_id"]]
+                row.update(self.values.parse(template, row["answer"]))
+                # A label (yes, invoice) printed somewhere on the page is no evidence for it.
+                words = [] if template.allowed_answers else page["words"]
+                row.update(find_evidence(row["answer"], words, page["word_boxes"]))
         return rows
 
     def rows(self, pages: list[dict[str, Any]], templates: list[Templates]) -> list[list[dict[str, Any]]]:

@@ -255,7 +255,8 @@ VALUE_COLUMN = {"number": "value_number", "money": "value_number", "date": "valu
 def reduced_columns(question_id: str, question_type: str, reduce: str) -> list[str]:
     """SQL aggregates of one question's document-level answer: ``ID`` (the answer), ``ID_value`` and, for
     money, ``ID_currency`` (typed questions), ``ID_page`` (the page it came from). Only the question's
-    answered rows (status ok; for typed questions, value parsed) take part."""
+    answered rows (status ok; for typed questions, value parsed) take part; ``all`` gives every page's as
+    text ("p1: … | p2: …", pages "1, 2, 3"), so that every output format and engine takes it."""
     answered = (
         f"FILTER (WHERE status = 'ok' AND question_id = {sql_string(question_id)}"
         " AND coalesce(value_status, 'parsed') = 'parsed')"
@@ -266,18 +267,20 @@ def reduced_columns(question_id: str, question_type: str, reduce: str) -> list[s
     if question_type == "money":
         fields[f"{question_id}_currency"] = "value_currency"
     fields[f"{question_id}_page"] = "page_number"
+    # The row each field comes from: the same for all of a question's fields (``*_null``: a null value is
+    # a value, not a reason to look at another row); the most confident model answer, then the first page.
+    function, key = {
+        "first": ("arg_min_null", "page_number"),
+        "last": ("arg_max_null", "page_number"),
+        "max_confidence": ("arg_max_null", "[coalesce(confidence, -1.0), -page_number]"),
+    }.get(reduce, (None, None))
     columns = []
     for name, column in fields.items():
-        if reduce == "all":
-            aggregate = (
-                "string_agg('p' || page_number || ': ' || answer, ' | ' ORDER BY page_number)"
-                if column == "answer"
-                else f"list({column} ORDER BY page_number)"
-            )
+        if function is None:  # all: every page's, as text ("p1: … | p2: …"; pages "1, 2"), for any engine or format
+            shown = "page_number" if column == "page_number" else f"'p' || page_number || ': ' || {column}"
+            separator = "', '" if column == "page_number" else "' | '"
+            aggregate = f"string_agg({shown}, {separator} ORDER BY page_number)"
         else:
-            function, key = {"first": ("arg_min", "page_number"), "last": ("arg_max", "page_number")}.get(
-                reduce, ("arg_max", "confidence")
-            )
             aggregate = f"{function}({column}, {key})"
         columns.append(f"{aggregate} {answered} AS {sql_identifier(name)}")
     return columns

@@ -35,14 +35,15 @@ BOOLEAN_ANSWERS = ["yes", "no"]  # a boolean question's answers: true, false
 # then parsed by pipeline/values.py, in the configured locale).
 AMOUNT = r"-?[0-9]+([.,' ][0-9]+)*"
 CURRENCY = r"([A-Z]{3}|[$€£¥₹])"
+MONTH = r"[^ 0-9,./\-]+"  # a month's name, in any language
 CONSTRAINED_FORMS = {
     "number": AMOUNT,
     "money": rf"({CURRENCY} ?)?{AMOUNT}( ?{CURRENCY})?",
-    "date": "|".join(  # 2025-11-03, 03/11/2025, 3 Nov 2025, November 3, 2025
+    "date": "|".join(  # 2025-11-03, 03/11/2025, 3 Nov 2025, 3. März 2025, November 3, 2025
         [
             r"[0-9]{1,4}[-/.][0-9]{1,2}[-/.][0-9]{1,4}",
-            r"[0-9]{1,2}\.? [A-Za-z]+\.? [0-9]{4}",
-            r"[A-Za-z]+\.? [0-9]{1,2},? [0-9]{4}",
+            rf"[0-9]{{1,2}}\.? {MONTH}\.? [0-9]{{4}}",
+            rf"{MONTH}\.? [0-9]{{1,2}},? [0-9]{{4}}",
         ]
     ),
 }
@@ -140,20 +141,22 @@ class QuestionTemplate(_Strict):
     def constraint(self) -> tuple[str, str] | None:
         """The grammar answers are decoded under, as (``ebnf`` or ``regex``, its text), or None."""
         allowed = self.allowed_answers
-        if allowed is not None:  # EBNF string literals take JSON's escapes
-            return "ebnf", "root ::= " + " | ".join(json.dumps(answer, ensure_ascii=False) for answer in allowed)
+        if allowed is not None:  # as written or capitalized; EBNF string literals take JSON's escapes
+            spellings = dict.fromkeys(form for answer in allowed for form in (answer, answer[:1].upper() + answer[1:]))
+            literals = " | ".join(json.dumps(spelling, ensure_ascii=False) for spelling in spellings)
+            return "ebnf", f'root ::= " "? ({literals})'
         if self.constrained:
-            return "regex", CONSTRAINED_FORMS[self.type]
+            return "regex", f" ?({CONSTRAINED_FORMS[self.type]})"
         return None
 
     @property
     def answer_tokens(self) -> int:
         """Most tokens an answer may take: ``max_new_tokens``, raised for a choice so that the longest allowed
-        answer fits however it is tokenized (at most a token per byte) with its stop token."""
+        answer fits however it is tokenized (at most a token per byte) with a leading space and its stop token."""
         allowed = self.allowed_answers
         if allowed is None:
             return self.max_new_tokens
-        return max(self.max_new_tokens, max(len(answer.encode()) for answer in allowed) + 1)
+        return max(self.max_new_tokens, max(len(answer.encode()) for answer in allowed) + 2)
 
     @property
     def page_ranges(self) -> tuple[PageRange, ...]:
@@ -333,11 +336,23 @@ class BudgetConfig(_Strict):
     max_pages: int | None = Field(None, ge=1, description="Pages rendered per run (whole documents only).")
 
 
+# Columns of the documents view (`docqa table`) beside each question's own, ID_value, ID_currency, ID_page.
+DOCUMENT_COLUMNS = ("document", "num_pages", "status")
+DERIVED_SUFFIXES = ("_value", "_currency", "_page")
+
+
 def check_unique_ids(questions: list[QuestionTemplate]) -> list[QuestionTemplate]:
     ids = [question.id for question in questions]
     duplicates = sorted({qid for qid in ids if ids.count(qid) > 1})
     if duplicates:
         raise ValueError(f"question ids must be unique; repeated: {duplicates}")
+    taken = {*DOCUMENT_COLUMNS, *(qid + suffix for qid in ids for suffix in DERIVED_SUFFIXES)}
+    clashing = sorted(set(ids) & taken)
+    if clashing:
+        raise ValueError(
+            f"question ids {clashing} clash with columns of the documents view (document, num_pages, status, and "
+            "per question ID: ID_value, ID_currency, ID_page)"
+        )
     return questions
 
 

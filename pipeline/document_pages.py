@@ -44,8 +44,9 @@ UNIT_SCHEMA = pa.schema(
 )
 
 
-# Beside its sub-images, a page row's other columns (identity, question ids, shapes) take at most this.
-PAGE_ROW_ALLOWANCE = 64 * 1024
+# Beside its sub-images, a page row's other columns (identity, question ids, shapes, its text layer's text,
+# words and boxes) take at most this for any ordinary page (a dense page of 10,000 words takes ~300 KiB).
+PAGE_ROW_ALLOWANCE = 1024 * 1024
 
 
 def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:

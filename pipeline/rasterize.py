@@ -145,13 +145,12 @@ class RasterizeDocument:
 
     @staticmethod
     def _text_layer(document: SandboxedDocument, page_number: int) -> TextLayer:
-        """The page's text layer; none where MuPDF fails on it (the page may still render). Out of time: raises."""
+        """The page's text layer; none where MuPDF raises on it (the page may still render). Raises
+        DocumentError where the helper itself failed (time, memory, a crash)."""
         try:
             return document.text_layer(page_number)
-        except DocumentError as error:
-            if error.status == Status.TIMEOUT:
-                raise
-            return NO_TEXT_LAYER
+        except DocumentError:
+            raise
         except Exception:  # noqa: BLE001 - a page whose text cannot be read is still a page
             return NO_TEXT_LAYER
 
@@ -165,13 +164,22 @@ class RasterizeDocument:
             if not questions:
                 continue
             started = time.perf_counter()
-            layer = self._text_layer(document, page_number)
-            usable = is_usable(layer.text, self.config.text_layer)
             page = {
                 **whole,
                 "page_number": page_number,
                 "question_ids": [question.id for question in questions],
                 "document_rows": unit["document_rows"],
+            }
+            try:
+                layer = self._text_layer(document, page_number)
+            except DocumentError as error:  # the helper died on the page, as a render can: this page fails
+                if error.status == Status.TIMEOUT:
+                    raise
+                yield failed(page, error.status, f"page {page_number}: {error.reason}")
+                continue
+            usable = is_usable(layer.text, self.config.text_layer)
+            page = {
+                **page,
                 "text": layer.text if any(question.source != "model" for question in questions) else None,
                 "words": layer.words,
                 "word_boxes": layer.boxes,

@@ -117,7 +117,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("value_date", pa.date32()),
         pa.field("value_boolean", pa.bool_()),
         pa.field("value_status", pa.string()),  # parsed, unparsed (why in error), null for text questions
-        # Where the answer came from, and where it is on the page (pipeline/evidence.py).
+        # Where the answer came from, and where it is on the page (pipeline/text_layer.py).
         pa.field("answer_source", pa.string()),  # model or text_layer
         pa.field("evidence", pa.string()),  # text_layer: found in the page's text layer; none: not found
         pa.field("evidence_text", pa.string()),  # the page's words that matched the answer

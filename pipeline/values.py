@@ -61,7 +61,8 @@ class ValueParser:
         return codes
 
     def parse(self, question: QuestionTemplate, answer: str | None) -> dict[str, Any]:
-        """The value columns of ``answer`` to ``question``, plus ``error`` when it could not be read."""
+        """The value columns of ``answer`` to ``question``, plus ``error`` when it could not be read; for a
+        choice or boolean also ``answer``: the allowed answer as configured (``Yes`` → ``yes``)."""
         columns: dict[str, Any] = dict.fromkeys(VALUE_COLUMNS)
         if question.type == "text" or answer is None:
             return columns
@@ -73,15 +74,18 @@ class ValueParser:
         return columns
 
     def _choice(self, question: QuestionTemplate, answer: str) -> dict[str, Any]:
-        if answer not in (question.allowed_answers or []):
-            raise ValueError(f"{answer!r} is not one of {question.allowed_answers}")
-        return {}
+        """The allowed answer as configured (the grammar also lets the model capitalize it)."""
+        allowed = question.allowed_answers or []
+        matches = [choice for choice in allowed if choice.casefold() == answer.casefold()]
+        if not matches:
+            raise ValueError(f"{answer!r} is not one of {allowed}")
+        return {"answer": matches[0]}
 
     def _boolean(self, question: QuestionTemplate, answer: str) -> dict[str, Any]:
         yes, no = BOOLEAN_ANSWERS
         if answer.casefold() not in (yes, no):
             raise ValueError(f"{answer!r} is neither {yes!r} nor {no!r}")
-        return {"value_boolean": answer.casefold() == yes}
+        return {"answer": answer.casefold(), "value_boolean": answer.casefold() == yes}
 
     def _number(self, question: QuestionTemplate, answer: str) -> dict[str, Any]:
         return {"value_number": self._amount(answer)[0]}
@@ -104,8 +108,11 @@ class ValueParser:
         if len(separators) == 1 and re.search(r"[.,]\d{3}$", price.amount_text):
             price = Price.fromstring(answer, decimal_separator=get_decimal_symbol(self.locale))
         amount = float(price.amount)
-        before = answer[: answer.find(price.amount_text)].rstrip()
-        if before.endswith(MINUS_SIGNS) or before[:-1].rstrip().endswith(MINUS_SIGNS):  # -45.10 or -$45.10
+        start = answer.find(price.amount_text)
+        before, after = answer[:start], answer[start + len(price.amount_text) :]
+        # A sign written against the amount or its symbol (-45.10, -$45.10), or accounting's (45.10).
+        signed = before.endswith(MINUS_SIGNS) or before[:-1].endswith(MINUS_SIGNS)
+        if signed or (before.endswith("(") and after.startswith(")")):
             amount = -amount
         currency = price.currency
         if currency is None:

@@ -103,7 +103,7 @@ def test_runs_table_failures_and_answers_of_a_document(outputs):
     assert list(joined[0]) == ["document", "num_pages", "status", "total", "total_page"]
     three_pages = next(row for row in joined if row["num_pages"] == 3)
     assert three_pages["total"].startswith("p1: ") and " | p3: " in three_pages["total"]
-    assert three_pages["total_page"] == [1, 2, 3]
+    assert three_pages["total_page"] == "1, 2, 3"
 
     failures = query.failures(outputs).to_pylist()
     assert {(Path(row["document"]).name, row["status"]) for row in failures} == {

@@ -19,7 +19,7 @@ from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import document_row
 from pipeline.tables import read_current
 from pipeline.text_layer import find_evidence, is_usable
-from pipeline.values import ValueParser
+from pipeline.values import VALUE_COLUMNS, ValueParser
 
 # (type, answer, locale, day_first) -> the value columns it must give
 REAL_WORLD = [
@@ -29,6 +29,8 @@ REAL_WORLD = [
     ("money", "Total: EUR 1 234,50", "fr_FR", None, {"value_number": 1234.5, "value_currency": "EUR"}),
     ("money", "£3.20", "en_GB", None, {"value_number": 3.2, "value_currency": "GBP"}),
     ("money", "-45.10 CHF", "en_US", None, {"value_number": -45.1, "value_currency": "CHF"}),
+    ("money", "Total - $45.10", "en_US", None, {"value_number": 45.1, "value_currency": "USD"}),  # a dash, no sign
+    ("money", "(45.10) EUR", "en_US", None, {"value_number": -45.1, "value_currency": "EUR"}),  # accounting
     ("money", "12.00", "en_US", None, {"value_number": 12.0, "value_currency": None}),
     ("number", "1,234", "en_US", None, {"value_number": 1234.0}),
     ("number", "1,234", "de_DE", None, {"value_number": 1.234}),
@@ -65,8 +67,13 @@ def test_text_questions_have_no_value_and_choices_are_checked() -> None:
     parser = ValueParser(ValuesConfig())
     assert set(parser.parse(QuestionTemplate(id="q", text="?"), "12 EUR").values()) == {None}
     choice = QuestionTemplate(id="q", text="?", type="choice", choices=["red", "green"])
-    assert parser.parse(choice, "red")["value_status"] == "parsed"
+    assert parser.parse(choice, "Red") == {**dict.fromkeys(VALUE_COLUMNS), "value_status": "parsed", "answer": "red"}
     assert parser.parse(choice, "blue")["value_status"] == "unparsed"
+
+
+def test_question_ids_cannot_take_a_documents_view_column() -> None:
+    with pytest.raises(ValueError, match=r"question ids \['total_page'\] clash with columns of the documents view"):
+        JobConfig(input="i", output="o", questions=[{"id": "total", "text": "?"}, {"id": "total_page", "text": "?"}])
 
 
 def _pages(data: bytes, questions: list[dict]) -> list[dict]:
@@ -203,4 +210,4 @@ def test_run_types_constrains_cites_and_reduces(ray_session, tiny_model: Path, t
         if best["value_status"] == "parsed":
             assert (reduced["total_value"], reduced["total_currency"]) == (best["value_number"], best["value_currency"])
         parsed_dates = [row for row in of("date") if row["value_status"] == "parsed"]
-        assert reduced["date_page"] == ([row["page_number"] for row in parsed_dates] or None)  # all
+        assert reduced["date_page"] == (", ".join(str(row["page_number"]) for row in parsed_dates) or None)  # all
