@@ -70,11 +70,12 @@ def test_split_stage_row_roundtrip_is_raw_uint8() -> None:
 
 def test_page_table_wraps_the_sub_image_buffers_without_copying_them() -> None:
     from pipeline.document_pages import page_table
-    from pipeline.rows import PAGE_SCHEMA
+    from pipeline.rows import PAGE_SCHEMA, page_row
 
     geometry = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
-    document = {"uri": "x", "file_size": 1, "source_version": "v", "etag": "", "version_id": "", "sha256": "h"}
-    document.update(num_pages=3, document_rows=3, repaired=False, error=None, render_ms=1.0, question_ids=["q"])
+    read = {"uri": "x", "file_size": 1, "source_version": "v", "etag": "", "version_id": "", "sha256": "h"}
+    document = page_row({**read, "status": "ok", "error": None}, num_pages=3, document_rows=3, render_ms=1.0)
+    document["question_ids"] = ["q"]
     rows = [
         SplitPage(geometry)({**document, "page_number": 1, "status": "ok", "image": _page(896, 693, 1)}),
         SplitPage(geometry)({**document, "page_number": 2, "status": "render_error", "image": None}),
