@@ -17,6 +17,7 @@ time); ``as_of`` reads all three as of a timestamp. Results stream as Arrow reco
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -116,7 +117,7 @@ class AnswerStore:
             self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
         else:
             self._select_run(output, run_id)
-        self.connection.execute(f"CREATE VIEW documents AS {self.documents_sql()}")
+        self.documents_view = False  # created by the first statement that names it (it reads every run record)
 
     def _select_run(self, output: str, run_id: str) -> None:
         """``answers`` as the rows of run ``run_id``."""
@@ -137,6 +138,9 @@ class AnswerStore:
                 raise QueryError(
                     f"docqa query runs one read-only SELECT (or WITH ... SELECT) statement; this is {found}"
                 )
+            if not self.documents_view and re.search(r"\bdocuments\b", sql, re.IGNORECASE):
+                self.connection.execute(f"CREATE VIEW documents AS {self.documents_sql()}")
+                self.documents_view = True
             relation = self.connection.sql(sql, params=list(parameters) if parameters else None)
         except duckdb.Error as error:
             tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in QUERYABLE_COLUMNS.items())
