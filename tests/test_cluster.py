@@ -24,9 +24,28 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head node in its own process group, with token authentication (conftest sets RAY_AUTH_MODE=token
     and the session's token file); its dashboard address is what `docqa submit` talks to."""
     temp_dir = tmp_path_factory.mktemp("ray")
-    dashboard_port = free_port()
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     environment.pop("RAY_ADDRESS", None)
+    # A port probed free can be taken before the head binds it: the head then exits, or waits for a GCS that
+    # never starts (seen with --port taken); either way it is stopped and started again on other ports.
+    for _ in range(3):
+        started = _start_head(temp_dir, environment)
+        if started is not None:
+            break
+    else:
+        raise RuntimeError("the Ray head did not come up in three attempts, each on freshly probed ports")
+    head, address = started
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+
+
+def _start_head(temp_dir: Path, environment: dict[str, str]) -> tuple[subprocess.Popen, str] | None:
+    """A head on freshly probed ports and its dashboard address once it answers; None (the head stopped) if
+    it exited or did not answer within 60 s."""
+    from ray.job_submission import JobSubmissionClient
+
+    dashboard_port = free_port()
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"),
@@ -53,20 +72,19 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 60
     while True:
         try:
             JobSubmissionClient(address).list_jobs()
-            break
+            return head, address
         except Exception:  # noqa: BLE001 - any failure means "not up yet"
-            if time.monotonic() > deadline or head.poll() is not None:
-                raise RuntimeError("the Ray head did not come up") from None
+            if head.poll() is not None:
+                return None
+            if time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGTERM)
+                head.wait(timeout=60)
+                return None
             time.sleep(1)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
 
 
 def _job(tmp_path: Path, inputs: Path, model: Path) -> Path:
