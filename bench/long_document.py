@@ -59,7 +59,8 @@ def write_inputs(directory: Path, pages: int, documents: int) -> Path:
 
 
 class TreeMemory:
-    """Samples the peak PSS of a process and its descendants, and the machine's used memory."""
+    """Samples the peak PSS of a process and its descendants (and, at that peak, the largest of them), and
+    the machine's used memory."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -67,6 +68,7 @@ class TreeMemory:
         self.root = psutil.Process(pid)
         self.machine_before = psutil.virtual_memory().used
         self.tree_peak = 0
+        self.peak_processes: list[tuple[str, int]] = []  # (name, PSS) of the largest processes at the peak
         self.machine_peak = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -76,17 +78,20 @@ class TreeMemory:
         import psutil
 
         while not self.done.is_set():
-            total = 0
+            sizes = []
             try:
                 processes = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             for process in processes:
                 try:
-                    total += process.memory_full_info().pss
+                    sizes.append((process.name(), process.memory_full_info().pss))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.tree_peak = max(self.tree_peak, total)
+            total = sum(size for _, size in sizes)
+            if total > self.tree_peak:
+                self.tree_peak = total
+                self.peak_processes = sorted(sizes, key=lambda item: -item[1])[:4]
             self.machine_peak = max(self.machine_peak, psutil.virtual_memory().used - self.machine_before)
             time.sleep(0.2)
 
@@ -134,6 +139,7 @@ def run_case(workdir: Path, name: str, inputs: Path, model: Path, render: dict, 
         "wall_s": round(wall_s, 1),
         "pages_per_s": round(len(statuses) / wall_s, 3),
         "tree_peak_gib": round(memory.tree_peak / GiB, 2),
+        "largest_at_peak_gib": [[process, round(size / GiB, 2)] for process, size in memory.peak_processes],
         "machine_used_peak_gib": round(memory.machine_peak / GiB, 2),
     }
 

@@ -106,6 +106,7 @@ class AnswerStore:
         except TableError as error:
             raise QueryError(str(error)) from None
         self.connection = duckdb.connect()
+        self.documents_view = False  # created by the first statement that names it (it reads every run record)
         self.connection.register("runs", datasets[RUNS])
         self.connection.register("all_rows", datasets[ANSWERS])
         self.connection.register("current", datasets[CURRENT])
@@ -117,7 +118,6 @@ class AnswerStore:
             self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
         else:
             self._select_run(output, run_id)
-        self.documents_view = False  # created by the first statement that names it (it reads every run record)
 
     def _select_run(self, output: str, run_id: str) -> None:
         """``answers`` as the rows of run ``run_id``."""

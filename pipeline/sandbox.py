@@ -244,6 +244,8 @@ class RenderSandbox:
     def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
         """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
         status of a helper that missed the deadline (timeout), ran out of memory or died."""
+        if self._process.poll() is not None:  # died between calls (or its replacement never started): not this
+            self._replace()  # call's fault, so a fresh helper takes it
         try:
             self._requests.send((operation, arguments))
         except (BrokenPipeError, OSError):

@@ -73,6 +73,18 @@ def s3_endpoint():
     server.stop()
 
 
+# What the sample folder's documents end as under the default backend: its bad files fail, the rest answer.
+SAMPLE_FAILURES = {"empty.pdf": "empty", "not-a-pdf.pdf": "not_pdf"}
+
+
+def assert_sample_statuses(rows: list[dict], inputs: Path) -> None:
+    """Every document of the sample folder ``inputs`` has rows, all with its expected status."""
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        found.setdefault(Path(row["document"]).name, set()).add(row["status"])
+    assert found == {path.name: {SAMPLE_FAILURES.get(path.name, "ok")} for path in inputs.iterdir()}
+
+
 @pytest.fixture(scope="session")
 def sample_pdfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pdfs")

@@ -17,6 +17,7 @@ from jobs.cli import main
 from jobs.samples import invoice_pdf
 from jobs.submit import job_client, wait
 from pipeline.tables import committed_runs, read_answers
+from tests.conftest import assert_sample_statuses
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +133,7 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     assert capsys.readouterr().out.strip() == submission_id
     assert len(JobSubmissionClient(ray_cluster).list_jobs()) == jobs_before
     first = read_answers(str(tmp_path / "out"), "nightly-2026-11-20")
-    assert len(set(first.column("document").to_pylist())) == len(list(inputs.iterdir()))
-    expected = {"empty.pdf": "empty", "not-a-pdf.pdf": "not_pdf"}  # the rest are answers
-    assert {Path(row["document"]).name: row["status"] for row in first.to_pylist()} == {
-        path.name: expected.get(path.name, "ok") for path in inputs.iterdir()
-    }
+    assert_sample_statuses(first.to_pylist(), inputs)
 
     (inputs / "new.pdf").write_bytes(invoice_pdf(101, 2, (612, 792)))
     changed = inputs / "invoice-002.pdf"
@@ -188,10 +185,7 @@ def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     assert "run nightly-2026-11-22 committed" in capsys.readouterr().out
     assert main(["status", second, "--address", ray_cluster]) == 0
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
-    rows = read_answers(str(tmp_path / "out"), "nightly-2026-11-22")
-    assert sorted({Path(d).name for d in rows.column("document").to_pylist()}) == sorted(
-        p.name for p in inputs.iterdir()
-    )
+    assert_sample_statuses(read_answers(str(tmp_path / "out"), "nightly-2026-11-22").to_pylist(), inputs)
 
 
 def _drivers(nightly_date: str) -> list:

@@ -18,6 +18,7 @@ from jobs.cli import main
 from jobs.samples import write_job
 from pipeline.rows import Status
 from pipeline.tables import committed_runs, read_answers
+from tests.conftest import assert_sample_statuses
 
 QUESTIONS = [{"id": "total", "text": "Total?", "pages": "all", "max_new_tokens": 2}]
 
@@ -72,8 +73,7 @@ def test_a_run_that_gets_no_rows_stops_with_what_is_pending_and_resumes_later(
     assert (run["run_id"], run["state"]) == ("stalled", "failed") and "no result row" in run["error"]
 
     assert main(["run", "--config", str(job), "--run-id", "stalled"]) == 0
-    rows = read_answers(str(tmp_path / "out"), "stalled").to_pylist()
-    assert {Path(row["document"]).name for row in rows} == {path.name for path in sample_pdfs.iterdir()}
+    assert_sample_statuses(read_answers(str(tmp_path / "out"), "stalled").to_pylist(), sample_pdfs)
     assert [record["attempt"] for record in committed_runs(str(tmp_path / "out"))] == [2]
 
 

@@ -127,7 +127,9 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
 
     def run_of(date: str) -> set[str]:
         assert main(["nightly", "--config", str(job), "--date", date]) == 0
-        return set(read_answers(out, f"nightly-{date}").column("document").to_pylist())
+        rows = read_answers(out, f"nightly-{date}")
+        assert set(rows.column("status").to_pylist()) <= {"ok"}  # answers, not failures (or an empty night)
+        return set(rows.column("document").to_pylist())
 
     first = run_of("2026-11-01")
     assert len(first) == 4
@@ -155,6 +157,7 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
         == 0
     )
     fourth = read_answers(out, "nightly-2026-11-04")
+    assert set(fourth.column("status").to_pylist()) == {"ok"}
     pages = {doc: len(set(pages)) for doc, pages in _pages_by_document(fourth).items()}
     # Left after the third night: invoice-005 (3 pages) and invoice-006 (1 page); 3 pages fit one of them,
     # whichever reserved its pages first, and the other waits.

@@ -66,6 +66,14 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
         sandbox.call("open", (b"%PDF-1.7 garbage", "pymupdf", ()), time.monotonic() + 30)
     assert caught.value.status == Status.CORRUPT
 
+    # A helper that dies between documents (killed from outside, or its replacement never started) costs the
+    # next document nothing: it is started again before that document is sent.
+    died = sandbox.process_id
+    os.kill(died, signal.SIGKILL)
+    sandbox._process.wait(timeout=30)
+    assert sandbox.call("open", (invoice_pdf(4, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30) == (1, False)
+    assert sandbox.process_id != died
+
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "docqa-test-secret-do-not-log-9f3a7c",
