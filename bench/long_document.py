@@ -4,7 +4,7 @@ pages render at 1960 px, as for idefics2-8b). Cases, each its own `docqa run` (i
 
 - ``whole``: the document in one task and one block (``render.range_pages`` and ``render.block_mb`` past
   the document's size): how the CPU stage handled a document before page ranges and blocks; the baseline;
-- ``ranges``: the defaults (ranges of 64 pages, 64 MB blocks);
+- ``ranges``: the defaults (ranges of 64 pages, 32 MB blocks);
 - ``short``: the same pages as documents of 20 pages: the rate a long document should keep;
 - ``longest``: a document at the default ``limits.max_pages_per_document`` (2000 pages), defaults.
 

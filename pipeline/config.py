@@ -237,7 +237,7 @@ class RenderConfig(_Strict):
         "by its own task (in parallel, each under limits.document_timeout_s and limits.render_memory_mb).",
     )
     block_mb: int = Field(
-        64,
+        32,
         ge=1,
         description="Byte budget of a block of rendered pages handed from the CPU stages to the model: pages move on "
         "as they are rendered, in blocks of at most this size (a page larger than the budget is a block alone).",
