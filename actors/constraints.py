@@ -36,11 +36,11 @@ class Grammars:
             self.compiled[constraint] = compile(text)
         return self.compiled[constraint]
 
-    def matcher(self, constraint: Constraint | None) -> Any:
-        """A fresh matcher for one answer (None: the answer is free)."""
+    def matcher(self, constraint: Constraint) -> Any:
+        """A fresh matcher for one answer."""
         import xgrammar
 
-        return None if constraint is None else xgrammar.GrammarMatcher(self.compile(constraint))
+        return xgrammar.GrammarMatcher(self.compile(constraint))
 
     def logits_processor(self, constraint: Constraint, rows: int) -> Any:
         """For one ``generate`` call of ``rows`` answers under the same constraint (used once)."""

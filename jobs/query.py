@@ -160,9 +160,6 @@ class AnswerStore:
             templates[question_id] = {"id": question_id}
         return templates
 
-    def question_ids(self) -> list[str]:
-        return list(self.question_templates())
-
     def documents_sql(self, questions: Sequence[str] | None = None, reduce: str | None = None) -> str:
         """One row per document: its page count, its status, and per question its answer reduced to one
         (the question's ``reduce``, or ``reduce`` for all), its typed value and the page it came from."""

@@ -30,16 +30,12 @@ from pipeline.storage import DocumentRef
 # What travels from the planning stage to the rendering stage: one row per work unit.
 UNIT_SCHEMA = pa.schema(
     [
-        *(PAGE_SCHEMA.field(name) for name in DOCUMENT_FIELDS),
+        *(PAGE_SCHEMA.field(name) for name in (*DOCUMENT_FIELDS, "status", "error", "num_pages", "repaired")),
         ("data", pa.binary()),  # null: the unit reads the document again
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("num_pages", pa.int64()),
-        ("repaired", pa.bool_()),
         ("first_page", pa.int64()),
         ("last_page", pa.int64()),
         ("ranges", pa.int64()),  # the document's number of units
-        ("document_rows", pa.int64()),
+        PAGE_SCHEMA.field("document_rows"),
     ]
 )
 

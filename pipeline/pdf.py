@@ -115,7 +115,8 @@ class PopplerDocument:
         from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
 
         self.data = data
-        self.text_document: PyMuPdfDocument | None = None  # opened for the text layer when first asked
+        # Opened for the text layer when first asked; None: not yet, False: MuPDF cannot open the file.
+        self.text_document: PyMuPdfDocument | bool | None = None
         self.repaired = False  # poppler does not say
         self.password: str | None = None
         for password in (None, *passwords):
@@ -167,12 +168,14 @@ class PopplerDocument:
             try:
                 self.text_document = PyMuPdfDocument(self.data, (self.password,) if self.password else ())
             except DocumentError:
-                return NO_TEXT_LAYER
+                self.text_document = False  # tried once per document, not once per page
+        if self.text_document is False:
+            return NO_TEXT_LAYER
         return self.text_document.text_layer(page_number)
 
     def close(self) -> None:
         self.data = b""
-        if self.text_document is not None:
+        if isinstance(self.text_document, PyMuPdfDocument):
             self.text_document.close()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.images import ImageGeometry
-from pipeline.pdf import NO_TEXT_LAYER, TextLayer, page_limit_violation
+from pipeline.pdf import NO_TEXT_LAYER, page_limit_violation
 from pipeline.rows import DocumentError, Status, failed, page_row
 from pipeline.sandbox import RenderSandbox, SandboxedDocument
 from pipeline.text_layer import is_usable
@@ -143,17 +143,6 @@ class RasterizeDocument:
         finally:
             opened.close()
 
-    @staticmethod
-    def _text_layer(document: SandboxedDocument, page_number: int) -> TextLayer:
-        """The page's text layer; none where MuPDF raises on it (the page may still render). Raises
-        DocumentError where the helper itself failed (time, memory, a crash)."""
-        try:
-            return document.text_layer(page_number)
-        except DocumentError:
-            raise
-        except Exception:  # noqa: BLE001 - a page whose text cannot be read is still a page
-            return NO_TEXT_LAYER
-
     def _render_pages(
         self, document: SandboxedDocument, unit: dict[str, Any], whole: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
@@ -171,21 +160,22 @@ class RasterizeDocument:
                 "document_rows": unit["document_rows"],
             }
             try:
-                layer = self._text_layer(document, page_number)
+                layer = document.text_layer(page_number)
             except DocumentError as error:  # the helper died on the page, as a render can: this page fails
                 if error.status == Status.TIMEOUT:
                     raise
                 yield failed(page, error.status, f"page {page_number}: {error.reason}")
                 continue
+            except Exception:  # noqa: BLE001 - MuPDF raised on the page's text: the page may still render
+                layer = NO_TEXT_LAYER
             usable = is_usable(layer.text, self.config.text_layer)
-            page = {
-                **page,
-                "text": layer.text if any(question.source != "model" for question in questions) else None,
-                "words": layer.words,
-                "word_boxes": layer.boxes,
-                "text_layer_chars": layer.chars,
-                "text_usable": usable,
-            }
+            page.update(
+                text=layer.text if any(question.source != "model" for question in questions) else None,
+                words=layer.words,
+                word_boxes=layer.boxes,
+                text_layer_chars=layer.chars,
+                text_usable=usable,
+            )
             if not any(question.answered_by_model(usable) for question in questions):
                 yield {**page, "render_ms": (time.perf_counter() - started) * 1000}  # no pixels needed
                 continue
