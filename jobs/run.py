@@ -265,7 +265,10 @@ def build_dataset(
     return build_page_dataset(config, geometry, completed, ledger, resumed).map_batches(
         PagePredictor,
         fn_constructor_kwargs={"config": config, "geometry": geometry, "run_id": run_id},
-        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        # The floor is one actor, not min_actors: after a lost node Ray restarts the lost actors on the nodes
+        # left, where they may hold every CPU; an idle actor above the floor is let go, so the read/render
+        # tasks get a CPU back instead of waiting forever (bench/node_loss.py, the `starved` topology).
+        compute=ActorPoolStrategy(min_size=1, initial_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.num_gpus_per_actor,
         num_cpus=pool.num_cpus_per_actor,
         batch_size=pool.batch_size,

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError, create_model
 from ray import serve
+from ray.exceptions import RayTaskError
 
 from actors.checkpoint import resolve_image_geometry
 from actors.serving import AnswerModel
@@ -256,6 +257,16 @@ def start_server(config: JobConfig) -> str:
     application = build_app(config)
     ensure_ray()
     check_gpus(config)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(application, name=APPLICATION_NAME, route_prefix="/", blocking=False)
-    return f"http://{config.serve.host}:{config.serve.port}"
+    address = f"{config.serve.host}:{config.serve.port}"
+    try:
+        serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+        serve.run(application, name=APPLICATION_NAME, route_prefix="/", blocking=False)
+    except RayTaskError as error:
+        if "Failed to bind to address" not in str(error):
+            raise
+        serve.shutdown()  # or Serve's controller keeps starting proxies that fail the same way
+        raise ConfigError(
+            f"{address} is in use: Ray Serve's HTTP proxy could not bind it; stop what listens there or choose "
+            "another port (--port, or serve.port)"
+        ) from None
+    return f"http://{address}"

@@ -68,7 +68,7 @@ class QuestionTemplate(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Alias of the question; a column name in tables.")
     text: str = Field(min_length=1, description="Question, may use {file_name}, {page_number}, {num_pages}.")
     pages: str | int | list[str | int] = Field("all", description='all, first, last, or ranges such as "1-3,-1".')
-    max_new_tokens: int = Field(64, ge=1, le=8192)
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Most tokens of one answer.")
     type: Literal["text", "number", "money", "date", "boolean", "choice"] = Field(
         "text",
         description="What the answer is: text (as generated), number, money (amount and ISO 4217 currency), "
@@ -174,8 +174,10 @@ class ModelConfig(_Strict):
     """The checkpoint and how to load and prompt it; `docqa models` lists the supported families."""
 
     id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local checkpoint directory.")
-    revision: str | None = None
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.id.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights' dtype; auto: bfloat16 on a CUDA GPU, float32 on CPU."
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="auto: flash_attention_2 on a CUDA GPU in bf16/fp16 when flash-attn is installed, else sdpa.",
@@ -187,7 +189,7 @@ class ModelConfig(_Strict):
     )
     stop_at_newline: bool | None = Field(None, description="End answers at the first newline; null: on for raw.")
     adapter: str | None = Field(None, description="PEFT (LoRA/QLoRA) adapter, Hub id or directory, applied on id.")
-    adapter_revision: str | None = None
+    adapter_revision: str | None = Field(None, description="Hub revision of model.adapter.")
     quantization: Literal["none", "bnb-4bit", "awq"] = Field(
         "none", description="bnb-4bit: nf4 + double quantization, fp16 compute; awq: an AWQ checkpoint. GPU only."
     )
@@ -222,7 +224,9 @@ class ModelConfig(_Strict):
 
 
 class RenderConfig(_Strict):
-    backend: Literal["pymupdf", "pdf2image"] = "pymupdf"
+    backend: Literal["pymupdf", "pdf2image"] = Field(
+        "pymupdf", description="Rasterizer: PyMuPDF, or poppler through pdf2image (the text layer is PyMuPDF's)."
+    )
     image_splitting: bool | None = Field(None, description="4 crops + the whole page; null keeps the checkpoint's.")
     passwords: list[SecretStr] = Field(
         default_factory=list, description="Tried in turn on encrypted PDFs; never logged or written out."
@@ -245,9 +249,11 @@ class RenderConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_pages_per_document: int = Field(2000, ge=1)
-    max_pixels_per_page: int = Field(16_000_000, ge=1)
-    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_pages_per_document: int = Field(
+        2000, ge=1, description="A document with more pages is too_many_pages (unless its questions name pages)."
+    )
+    max_pixels_per_page: int = Field(16_000_000, ge=1, description="A page that would render larger is page_too_large.")
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1, description="A larger file is file_too_large, never read.")
     max_aspect_ratio: float = Field(20.0, ge=1, description="Longest over shortest page side.")
     document_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit to open and render a document.")
     render_memory_mb: int = Field(2048, ge=256, description="Address-space cap of the rendering process.")
@@ -305,10 +311,22 @@ class TextLayerConfig(_Strict):
 
 
 class ActorPoolConfig(_Strict):
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    num_cpus_per_actor: float = Field(1.0, gt=0)
+    """The model actor pool (Ray Data's autoscaling actor pool in a run, a Serve deployment in `docqa serve`)."""
+
+    min_actors: int = Field(
+        1,
+        ge=1,
+        description="Actors a run starts with (in `docqa serve`: the fewest replicas). A run's pool may shrink "
+        "below it, down to one: Ray Data's autoscaler lets an idle actor go, which is also how the pool gives "
+        "CPUs back to the read/render tasks when a lost node leaves too few for both.",
+    )
+    max_actors: int = Field(
+        1, ge=1, description="Most actors; Ray Data adds actors up to this while pages queue for the model."
+    )
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (0 on CPU clusters).")
+    num_cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs each actor reserves; the pool at its largest must leave one for rendering."
+    )
     batch_size: int = Field(4, ge=1, description="Pages per actor call; all their questions are answered together.")
 
     @model_validator(mode="after")
@@ -322,11 +340,11 @@ class StorageConfig(_Strict):
     chain (environment, profile, instance role), never from this file."""
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL or AWS.")
-    region: str | None = None
+    region: str | None = Field(None, description="S3 region; default AWS_REGION or AWS_DEFAULT_REGION.")
     max_attempts: int = Field(10, ge=1, le=50, description="Per request, standard retry mode (throttling, 5xx).")
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
-    max_pool_connections: int = Field(32, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0, description="Per connection attempt to object storage.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Per read from object storage.")
+    max_pool_connections: int = Field(32, ge=1, description="Open connections to object storage per process.")
 
 
 class BudgetConfig(_Strict):
@@ -363,8 +381,8 @@ class ServeConfig(_Strict):
     """The online endpoint (`docqa serve`). The model replicas use `model`, `render` and `limits` as the
     batch pipeline does; `actors.batch_size` is the most pages one model call takes."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the endpoint listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="Port the endpoint listens on.")
     token: SecretStr | None = Field(None, description="Bearer token; DOCQA_SERVE_TOKEN in the environment wins.")
     min_replicas: int = Field(1, ge=1, description="Model replicas kept running.")
     max_replicas: int = Field(1, ge=1, description="Model replicas Serve may scale up to under load.")
@@ -404,16 +422,16 @@ class JobConfig(_Strict):
         description="Take documents again that a plain run skips: `failed` (any row not ok) or `all`. Default: "
         "only new or changed documents, retryable failures, and failures decided by a setting changed since.",
     )
-    questions: QuestionList
-    model: ModelConfig = ModelConfig()
-    render: RenderConfig = RenderConfig()
-    limits: LimitsConfig = LimitsConfig()
-    actors: ActorPoolConfig = ActorPoolConfig()
-    storage: StorageConfig = StorageConfig()
-    budget: BudgetConfig = BudgetConfig()
-    serve: ServeConfig = ServeConfig()
-    values: ValuesConfig = ValuesConfig()
-    text_layer: TextLayerConfig = TextLayerConfig()
+    questions: QuestionList = Field(description="The question templates, asked of every page they apply to.")
+    model: ModelConfig = Field(ModelConfig(), description="The checkpoint and how it is loaded.")
+    render: RenderConfig = Field(RenderConfig(), description="Rasterizing and splitting pages.")
+    limits: LimitsConfig = Field(LimitsConfig(), description="What a document or a run may cost before it is refused.")
+    actors: ActorPoolConfig = Field(ActorPoolConfig(), description="The model actor pool.")
+    storage: StorageConfig = Field(StorageConfig(), description="Object storage client settings.")
+    budget: BudgetConfig = Field(BudgetConfig(), description="Caps on what one run takes on.")
+    serve: ServeConfig = Field(ServeConfig(), description="The online endpoint (`docqa serve`).")
+    values: ValuesConfig = Field(ValuesConfig(), description="Reading typed values (numbers, amounts, dates).")
+    text_layer: TextLayerConfig = Field(TextLayerConfig(), description="When a page's text layer answers.")
 
     @field_validator("input", "output")
     @classmethod

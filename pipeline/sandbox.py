@@ -187,6 +187,7 @@ class RenderSandbox:
         self._requests = Connection(parent_writes, readable=False)
         self._connection = Connection(parent_reads, writable=False)
         self.isolation = self._receive("start", time.monotonic() + START_TIMEOUT_S)
+        self.started_at = time.monotonic()
         if not self.isolation["network"].startswith("closed"):
             _log_reduced_isolation(self.isolation["network"])
 
@@ -241,11 +242,16 @@ class RenderSandbox:
             raise DocumentError(Status.MEMORY_LIMIT, f"{operation} needed more than the memory limit: {value}")
         raise value
 
+    def ensure_running(self) -> None:
+        """Start the helper again if it died between calls (killed from outside, or its replacement never
+        started): not the next call's fault, so a fresh helper takes it."""
+        if self._process.poll() is not None:
+            self._replace()
+
     def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
         """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
         status of a helper that missed the deadline (timeout), ran out of memory or died."""
-        if self._process.poll() is not None:  # died between calls (or its replacement never started): not this
-            self._replace()  # call's fault, so a fresh helper takes it
+        self.ensure_running()
         try:
             self._requests.send((operation, arguments))
         except (BrokenPipeError, OSError):
@@ -276,9 +282,11 @@ _SANDBOXES: dict[int, RenderSandbox] = {}
 
 
 def sandbox(memory_mb: int) -> RenderSandbox:
-    """This process's sandbox for a memory limit, started on first use and reused afterwards."""
+    """This process's sandbox for a memory limit, started on first use and reused afterwards; its helper
+    running when it is returned."""
     if memory_mb not in _SANDBOXES:
         _SANDBOXES[memory_mb] = RenderSandbox(memory_mb)
+    _SANDBOXES[memory_mb].ensure_running()
     return _SANDBOXES[memory_mb]
 
 
@@ -286,7 +294,7 @@ class SandboxedDocument:
     """A PdfDocument whose every call runs in the sandbox under one deadline for the whole document."""
 
     def __init__(self, data: bytes, backend: str, passwords: tuple[str, ...], memory_mb: int, timeout_s: float):
-        self.sandbox = sandbox(memory_mb)  # started first: the helper's start-up is not the document's time
+        self.sandbox = sandbox(memory_mb)  # running first: the helper's start-up is not the document's time
         self.deadline = time.monotonic() + timeout_s
         self.num_pages, self.repaired = self.sandbox.call("open", (data, backend, passwords), self.deadline)
 

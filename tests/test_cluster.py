@@ -139,8 +139,14 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     changed = inputs / "invoice-002.pdf"
     changed.write_bytes(invoice_pdf(102, 1, (612, 792)))
     monkeypatch.chdir(tmp_path)  # a relative input is resolved before submitting: the job reads the same folder
+    # The night's first attempt fails (its input folder is not there); the scheduler fires again.
+    assert main([*submit, "--date", "2026-11-21", "--input", "not-mounted", "--wait"]) == 1
+    failed = capsys.readouterr().out.splitlines()
+    assert (failed[0], failed[-1]) == ("docqa-nightly-2026-11-21", "FAILED")
+    assert f"input {tmp_path / 'not-mounted'} does not exist" in "\n".join(failed)
     assert main([*submit, "--date", "2026-11-21", "--input", "pdfs", "--wait"]) == 0
-    assert capsys.readouterr().out.split()[-1] == "SUCCEEDED"
+    again = capsys.readouterr().out.splitlines()
+    assert (again[0], again[-1]) == ("docqa-nightly-2026-11-21-attempt-2", "SUCCEEDED")
     second = read_answers(str(tmp_path / "out"), "nightly-2026-11-21")
     assert sorted(set(second.column("document").to_pylist())) == sorted([str(inputs / "new.pdf"), str(changed)])
     [record] = [r for r in committed_runs(str(tmp_path / "out")) if r["run_id"] == "nightly-2026-11-21"]

@@ -132,3 +132,20 @@ def test_readme_documents_every_config_field_and_status() -> None:
     missing += [f"status {status}" for status in Status if f"`{status.value}`" not in readme]
     missing += [f"column {name}" for name in OUTPUT_SCHEMA.names if f"`{name}`" not in readme]
     assert not missing
+
+
+def test_every_config_field_says_what_it_is() -> None:
+    import inspect
+
+    from pipeline import config
+
+    models = [
+        model
+        for _, model in inspect.getmembers(config, inspect.isclass)
+        if issubclass(model, BaseModel) and model.__module__ == config.__name__
+    ]
+    assert JobConfig in models and len(models) > 10
+    missing = [
+        f"{model.__name__}.{name}" for model in models for name, f in model.model_fields.items() if not f.description
+    ]
+    assert missing == []

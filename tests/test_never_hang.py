@@ -97,29 +97,45 @@ def broken_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_a_run_whose_model_fails_on_every_page_is_degraded_and_exits_3(
     ray_session, broken_model: Path, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
 ) -> None:
-    job = _job(tmp_path, sample_pdfs, broken_model)
+    # The input lists the samples and a path that cannot be read (a folder: listed with a version, and
+    # read_error when it is read), so that only its status can make the next run take it again.
+    later = tmp_path / "unreadable.pdf"
+    later.mkdir()
+    listing = tmp_path / "documents.txt"
+    listing.write_text("\n".join([*map(str, sorted(sample_pdfs.iterdir())), str(later)]) + "\n")
+    job = _job(tmp_path, listing, broken_model)
     assert main(["run", "--config", str(job), "--run-id", "broken"]) == 3
     out = capsys.readouterr().out
     rows = read_answers(str(tmp_path / "out")).to_pylist()
     pages = {(row["document"], row["page_number"]) for row in rows if row["page_number"] is not None}
     assert {row["status"] for row in rows if row["page_number"] is not None} == {Status.MODEL_ERROR}
-    bad_input = {row["status"] for row in rows if row["page_number"] is None}
-    assert bad_input == {Status.EMPTY, Status.NOT_PDF}  # counted neither for nor against the run
-    assert f"run broken committed DEGRADED: {len(pages)} of {len(pages)} pages failed" in out
+    whole = {Path(row["document"]).name: row["status"] for row in rows if row["page_number"] is None}
+    # empty.pdf and not-a-pdf.pdf are bad input, counted neither for nor against the run; the unreadable
+    # file counts as one failed page.
+    assert whole == {"empty.pdf": Status.EMPTY, "not-a-pdf.pdf": Status.NOT_PDF, later.name: Status.READ_ERROR}
+    failed = len(pages) + 1
+    assert f"run broken committed DEGRADED: {failed} of {failed} pages failed" in out
     [record] = committed_runs(str(tmp_path / "out"))
-    assert record["degraded"] == {"retryable_pages": len(pages), "pages": len(pages), "share": 1.0, "limit": 0.1}
+    assert record["degraded"] == {"retryable_pages": failed, "pages": failed, "share": 1.0, "limit": 0.1}
     [run] = query.runs(str(tmp_path / "out")).to_pylist()
     assert (run["state"], run["degraded"]) == ("committed", True)
 
-    # Retryable statuses are taken again by the next run (here still failing), final ones are not.
+    # Retryable statuses (model_error, read_error) are taken again by the next run (here still failing),
+    # final ones are not.
     assert main(["run", "--config", str(job), "--run-id", "broken-again"]) == 3
     again = {row["document"] for row in read_answers(str(tmp_path / "out"), "broken-again").to_pylist()}
-    assert again == {document for document, _ in pages}  # not empty.pdf, not not-a-pdf.pdf
+    assert again == {document for document, _ in pages} | {str(later)}  # not empty.pdf, not not-a-pdf.pdf
     assert "skipped (unchanged since a committed run): 2" in capsys.readouterr().out
 
-    # The model fixed: the pages are taken again, a healthy run, exit 0.
+    # The model fixed and the file readable: both are taken again, a healthy run, exit 0.
+    later.rmdir()
+    shutil.copy(sample_pdfs / "invoice-001.pdf", later)
     assert main(["run", "--config", str(job), "--model", str(tiny_model), "--run-id", "fixed"]) == 0
     assert "DEGRADED" not in capsys.readouterr().out
+    fixed = [row for row in read_answers(str(tmp_path / "out"), "fixed").to_pylist() if row["document"] in again]
+    assert {row["document"] for row in fixed} == again  # (another model: the bad input is read again too)
+    assert {row["status"] for row in fixed} == {Status.OK}
+    assert {row["page_number"] for row in fixed if row["document"] == str(later)} == {1, 2}
     assert {run["run_id"]: run["degraded"] for run in query.runs(str(tmp_path / "out")).to_pylist()} == {
         "broken": True,
         "broken-again": True,

@@ -18,7 +18,7 @@ from pipeline.documents import document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import DocumentError, Status
-from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox
+from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox, SandboxedDocument
 from pipeline.tables import committed_runs, read_answers
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
 
@@ -73,6 +73,19 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
     sandbox._process.wait(timeout=30)
     assert sandbox.call("open", (invoice_pdf(4, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30) == (1, False)
     assert sandbox.process_id != died
+
+
+def test_the_helpers_start_is_not_counted_in_the_documents_time_limit() -> None:
+    """A document's time limit starts once a running helper is there: after the first start, and after
+    the start of a replacement for a helper that died between documents."""
+    first = SandboxedDocument(invoice_pdf(1, 1, (612, 792)), "pymupdf", (), 1024, timeout_s=30)
+    assert first.deadline - 30 >= first.sandbox.started_at
+    died = first.sandbox.process_id
+    os.kill(died, signal.SIGKILL)
+    first.sandbox._process.wait(timeout=30)
+    second = SandboxedDocument(invoice_pdf(2, 1, (612, 792)), "pymupdf", (), 1024, timeout_s=30)
+    assert second.sandbox.process_id != died
+    assert second.deadline - 30 >= second.sandbox.started_at
 
 
 SECRETS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from jobs.cli import main
 from jobs.run import run_job
 from jobs.samples import invoice_pdf, write_job
 from jobs.serve import TOKEN_ENV
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.rows import OUTPUT_SCHEMA
 
 TOKEN = "serve-test-token-7c1e"
@@ -43,6 +44,20 @@ def batch_answers(ray_session, tiny_model, sample_pdfs, tmp_path_factory) -> dic
     }
 
 
+def test_a_port_in_use_is_a_clear_error(ray_session, tiny_model, tmp_path, capsys):
+    """First in this module: it starts (and shuts down) Serve, which must not run the endpoint yet."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job = write_job(tmp_path, tmp_path, tiny_model, QUESTIONS, serve={"port": port, "token": TOKEN})
+        assert main(["serve", "--config", str(job), "--set", "actors.num_cpus_per_actor=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"docqa: 127.0.0.1:{port} is in use: Ray Serve's HTTP proxy could not bind it; stop what listens there "
+        "or choose another port (--port, or serve.port)"
+    )
+
+
 @pytest.fixture(scope="module")
 def endpoint(batch_answers, tiny_model, tmp_path_factory):
     from ray import serve
@@ -51,7 +66,6 @@ def endpoint(batch_answers, tiny_model, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("serve")
     serve_settings = {
-        "port": free_port(),
         "token": CONFIG_TOKEN,  # DOCQA_SERVE_TOKEN (TOKEN) wins over it
         "batch_wait_timeout_s": 0.2,
         "max_upload_bytes": 200_000,
@@ -59,19 +73,25 @@ def endpoint(batch_answers, tiny_model, tmp_path_factory):
         "max_questions": 3,
         "question_sets": {"numbers": [QUESTIONS[0]]},
     }
-    config = load_config(
-        write_job(
-            directory,
-            directory,
-            tiny_model,
-            QUESTIONS,
-            serve=serve_settings,
-            actors={"batch_size": 8, "num_cpus_per_actor": 0.5},
-        )
-    )
     os.environ[TOKEN_ENV] = TOKEN
     try:
-        url = start_server(config)
+        for attempt in range(3):  # a free port can be taken before Serve binds it: then another
+            config = load_config(
+                write_job(
+                    directory,
+                    directory,
+                    tiny_model,
+                    QUESTIONS,
+                    serve={**serve_settings, "port": free_port()},
+                    actors={"batch_size": 8, "num_cpus_per_actor": 0.5},
+                )
+            )
+            try:
+                url = start_server(config)
+                break
+            except ConfigError as error:
+                if "is in use" not in str(error) or attempt == 2:
+                    raise
     finally:
         del os.environ[TOKEN_ENV]
     yield url
