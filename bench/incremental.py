@@ -1,16 +1,18 @@
 """Incremental at scale: a nightly run over an output whose `current` table already holds a million committed
-documents, with a listing in which a thousand documents are new.
+documents, with a listing in which a thousand documents are new or changed.
 
 `prepare` (its own process, so that building the synthetic tables does not count against the driver):
 1,000,000 empty files in 1,000 folders, and `answers`/`current` tables holding 3 committed rows for each of
 them (3 questions, 1 page) under the benchmark config's fingerprint and each file's real version, as a
-year of nightly runs would leave them; then 1,000 new documents (sample invoices) whose names sort last,
-so the listing must get through every unchanged file before it reaches them (the worst case).
-`run` (a fresh process): `docqa nightly` with the tiny model, taking 50 of the new documents
-(budget.max_documents) so that the run is short; reports the time from the start of the run to its first
-result row, the skip decision's share, and the peak memory of the driver and of the whole process tree.
+year of nightly runs would leave them; then ``--changed`` of those files get new contents (a sample
+invoice: a new size and time, so a new version), spread evenly over the folders, and ``--new`` new
+documents (sample invoices) go into a folder whose name sorts last, so the listing must get through every
+unchanged file before it reaches them (the worst case).
+`run` (a fresh process): `docqa nightly`'s run with the tiny model, taking every new and changed document
+(``--max-documents`` to take fewer); reports the time from the start of the run to its first result row,
+the skip decision's share, what was taken, and the peak memory of the driver and of the whole process tree.
 
-    python -m bench.incremental [--documents 1000000] [--new 1000] [--workdir DIR]
+    python -m bench.incremental [--documents 1000000] [--new 500] [--changed 500] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -30,7 +33,7 @@ QUESTIONS = [{"id": f"q{n}", "text": f"Question {n}?", "pages": "first", "max_ne
 FOLDER_SIZE = 1000
 
 
-def _config(workdir: Path, model: str | None = None):
+def _config(workdir: Path, model: str | None = None, max_documents: int | None = None):
     from pipeline.config import load_config
 
     return load_config(
@@ -41,12 +44,12 @@ def _config(workdir: Path, model: str | None = None):
             "model": {"id": model or str(workdir / "tiny")},
             "questions": QUESTIONS,
             "render": {"image_splitting": False},
-            "budget": {"max_documents": 50},
+            "budget": {"max_documents": max_documents},
         },
     )
 
 
-def prepare(workdir: Path, documents: int, new: int) -> None:
+def prepare(workdir: Path, documents: int, new: int, changed: int) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
 
@@ -92,13 +95,16 @@ def prepare(workdir: Path, documents: int, new: int) -> None:
     write_deltalake(tables.uri(ANSWERS), table, mode="append", partition_by=["run_date"])
     write_deltalake(tables.uri(CURRENT), table, mode="append")
     print(f"prepare: {rows} committed rows ({documents} documents) written", flush=True)
+    for number in range(0, documents, max(documents // changed, 1))[:changed] if changed else []:
+        folder = workdir / "docs" / f"f{number // FOLDER_SIZE:04d}"
+        (folder / f"doc-{number:07d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
     for number in range(new):
         folder = workdir / "docs" / "zz-new"
         folder.mkdir(exist_ok=True)
         (folder / f"new-{number:05d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
 
 
-def run(workdir: Path) -> None:
+def run(workdir: Path, max_documents: int | None) -> None:
     import psutil
     import ray
 
@@ -123,7 +129,7 @@ def run(workdir: Path) -> None:
             time.sleep(0.05)
 
     run_id = f"bench-{int(time.time())}"
-    config = _config(workdir).model_copy(update={"run_id": run_id})
+    config = _config(workdir, max_documents=max_documents).model_copy(update={"run_id": run_id})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -133,12 +139,15 @@ def run(workdir: Path) -> None:
     summary = run_job(config, progress_interval_s=30)
     done.set()
     taken = read_answers(config.output, run_id, columns=["document"]).column("document").to_pylist()
-    print("# bench.incremental  nightly over 1,000,000 committed documents + new ones")
+    new = sum("/zz-new/" in uri for uri in set(taken))
+    print("# bench.incremental  nightly over 1,000,000 committed documents + new and changed ones")
     print(f"committed documents known to the skip decision: {len(decision)}")
-    print(f"skip decision alone (read current's 4 columns, group in Arrow, hash): {decision_s:.1f} s")
+    print(f"skip decision alone (read current's 5 columns, group in Arrow, hash): {decision_s:.1f} s")
     print(f"time from run start to its first result row: {summary.first_row_s:.1f} s")
     print(f"run wall time: {summary.wall_s:.1f} s; skipped unchanged {summary.ledger['unchanged_documents']}")
-    print(f"documents taken {len(set(taken))} (all new: {all('/zz-new/' in uri for uri in taken)})")
+    print(f"documents taken {len(set(taken))}: {new} new, {len(set(taken)) - new} changed")
+    statuses = read_answers(config.output, run_id, columns=["status"]).column("status").to_pylist()
+    print(f"statuses: {dict(Counter(statuses))}")
     print(f"peak RSS: driver {peak['driver'] / 2**30:.2f} GiB; whole process tree {peak['tree'] / 2**30:.2f} GiB")
 
 
@@ -146,19 +155,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", nargs="?", choices=["prepare", "run"], help="one step only (default: both)")
     parser.add_argument("--documents", type=int, default=1_000_000)
-    parser.add_argument("--new", type=int, default=1000)
+    parser.add_argument("--new", type=int, default=500, help="new documents in the listing")
+    parser.add_argument("--changed", type=int, default=500, help="committed documents given new contents")
+    parser.add_argument("--max-documents", type=int, help="budget.max_documents of the run (default: no limit)")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     if args.step == "prepare":
-        prepare(args.workdir, args.documents, args.new)
+        prepare(args.workdir, args.documents, args.new, args.changed)
         return
     if args.step == "run":
-        run(args.workdir)
+        run(args.workdir, args.max_documents)
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="docqa-incremental-"))
     try:
         for step in ("prepare", "run"):
-            extra = ["--documents", str(args.documents), "--new", str(args.new)] if step == "prepare" else []
+            if step == "prepare":
+                extra = ["--documents", str(args.documents), "--new", str(args.new), "--changed", str(args.changed)]
+            else:
+                extra = ["--max-documents", str(args.max_documents)] if args.max_documents else []
             command = [sys.executable, "-m", "bench.incremental", step, "--workdir", str(workdir), *extra]
             subprocess.run(command, check=True)
     finally:

@@ -2,21 +2,21 @@
 head and a worker raylet on this machine, token authentication as configured), `docqa run` as a separate
 driver, and ``kill -9`` of the worker's raylet while the run is under way.
 
-Two topologies:
+Two topologies; in both a tenant actor holds the head's CPUs at the start, so that a model actor starts
+on the worker, and is let go once that actor is up:
 
-- ``survives``: head 3 CPUs, worker 2 CPUs, one model actor. A tenant actor holds the head's CPUs for the
-  start, so the model actor and the first render tasks start on the worker; the tenant is released once
-  the actor is up, then the worker's raylet is killed. Expected: Ray restarts the actor on the head, the run completes,
-  every document exactly once.
-- ``starved``: head 2 CPUs, worker 2 CPUs, two model actors (the CPU check passes: 4 CPUs, 2 for actors).
-  After the worker is lost, both actors restart on the head and hold its 2 CPUs, so no render task can run
-  until the pool shrinks: its floor is one actor (jobs/run.py), and Ray Data's autoscaler lets the idle
-  one go. Expected: the run completes, every document exactly once. Had the pool not shrunk, the stall
-  watchdog would end the run with exit code 1 and what is pending (then the same run id is run again on a
-  healthy cluster, and must complete).
+- ``survives``: head 3 CPUs, worker 2 CPUs, one model actor. Expected: Ray restarts the actor on the head
+  and re-runs the lost render task, the run completes, every document exactly once.
+- ``starved``: head 2 CPUs, worker 2 CPUs, ``actors.min_actors`` = ``max_actors`` = 2 (the CPU check
+  passes: 4 CPUs, 2 for actors). Were both actors restarted on the head, they would hold its 2 CPUs and no
+  render task could run. The pool's floor is one actor (jobs/run.py) and Ray Data's resource allocator
+  and autoscaler let an actor go that the live cluster cannot afford, so the run is expected to complete,
+  every document exactly once. Had the pool not shrunk, the stall watchdog would end the run with exit
+  code 1 and what is pending; then the same run id is run again on a healthy cluster, and must complete.
 
-The raylet is killed once the run has committed its first documents (``--kill-after-documents``), so
-most of the work is still to do, on the node that is left.
+The raylet is killed once the run has committed its first documents (``--kill-after-documents``) and a
+model actor runs on the worker, and in ``survives`` while a render task runs there too, so most of the
+work is still to do on the node that is left.
 
     python -m bench.node_loss [--documents 60] [--kill-after-documents 1] [--stall-timeout-s 45]
 """
@@ -60,18 +60,17 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
     worker = cluster.add_node(num_cpus=worker_cpus)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    tenant = None
-    if name == "survives":  # hold the head's CPUs so that the first placements go to the worker
-        tenant = (
-            ray.remote(num_cpus=head_cpus)(_Tenant)
-            .options(
-                scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-                    ray.get_runtime_context().get_node_id(), soft=False
-                )
+    # The head's CPUs are held at the start, so that the first placements (a model actor) go to the worker.
+    tenant = (
+        ray.remote(num_cpus=head_cpus)(_Tenant)
+        .options(
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
             )
-            .remote()
         )
-        ray.get(tenant.ready.remote())
+        .remote()
+    )
+    ray.get(tenant.ready.remote())
     run_dir = workdir / name
     run_dir.mkdir()
     job = write_job(
@@ -91,26 +90,26 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
     driver = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     worker_id = worker.node_id
     placement = {}
-    if tenant is not None:  # until the model actor is up (on the worker: the only CPUs free), then let go
-        deadline = time.monotonic() + 120
-        while not _node_of_actors("PagePredictor") and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        ray.kill(tenant)
-    output = str(run_dir / "out")
-    deadline = time.monotonic() + 300
-    while (
-        _committed_documents(output, name) < args.kill_after_documents
-        and time.monotonic() < deadline
-        and driver.poll() is None
-    ):
-        time.sleep(0.2)
-    placement["model actors on the worker at the kill"] = _node_of_actors("PagePredictor").count(worker_id)
-    placement["documents committed at the kill"] = _committed_documents(output, name)
-    raylet = worker.all_processes["raylet"][0].process
-    os.kill(raylet.pid, signal.SIGKILL)  # kill -9 of the worker's raylet
-    killed_at = time.monotonic() - started
     pool_sizes = _PoolSizes(driver)
     pool_sizes.start()
+    deadline = time.monotonic() + 120  # until a model actor is up (on the worker: the only CPUs free), then let go
+    while not _node_of_actors("PagePredictor") and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    ray.kill(tenant)
+    output = str(run_dir / "out")
+    raylet = worker.all_processes["raylet"][0].process
+    deadline = time.monotonic() + 300
+    while not _ready_to_kill(name, output, raylet.pid, worker_id, args) and time.monotonic() < deadline:
+        if driver.poll() is not None:
+            break
+        time.sleep(0.2)
+    placement["model actors on the worker at the kill"] = _node_of_actors("PagePredictor").count(worker_id)
+    placement["model actors alive at the kill"] = len(_node_of_actors("PagePredictor"))
+    placement["render tasks on the worker at the kill"] = _render_tasks_under(raylet.pid)
+    placement["documents committed at the kill"] = _committed_documents(output, name)
+    os.kill(raylet.pid, signal.SIGKILL)  # kill -9 of the worker's raylet
+    killed_at = time.monotonic() - started
+    pool_sizes.mark_kill()
     try:
         out, err = driver.communicate(timeout=args.stall_timeout_s * 4 + 300)
     except subprocess.TimeoutExpired:
@@ -119,7 +118,8 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
         err += "\n(bench: the driver had to be killed: a HANG)"
     wall = time.monotonic() - started
     pool_sizes.join()
-    placement["model actors alive after the kill (sampled)"] = pool_sizes.distinct()
+    placement["model actors alive before the kill (sampled)"] = pool_sizes.distinct(before_kill=True)
+    placement["model actors alive after the kill (sampled)"] = pool_sizes.distinct(before_kill=False)
     result = {
         "topology": f"head {head_cpus} CPUs + worker {worker_cpus} CPUs, {actors} model actor(s)",
         **placement,
@@ -161,6 +161,34 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
     return result
 
 
+def _ready_to_kill(name: str, output: str, raylet_pid: int, worker_id: str, args: argparse.Namespace) -> bool:
+    """Whether the moment to kill has come: the run has committed its first documents, a model actor runs
+    on the worker, and in ``survives`` a render task too (a task is lost with the node, not only an actor)."""
+    if _committed_documents(output, name) < args.kill_after_documents:
+        return False
+    if worker_id not in _node_of_actors("PagePredictor"):
+        return False
+    return name != "survives" or _render_tasks_under(raylet_pid) > 0
+
+
+def _render_tasks_under(raylet_pid: int) -> int:
+    """Ray workers of the node whose raylet this is that run a render task now (Ray sets a busy worker's
+    process title to ``ray::`` and its task's name)."""
+    import psutil
+
+    try:
+        workers = psutil.Process(raylet_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    running = 0
+    for worker in workers:
+        try:
+            running += "UnitPages" in " ".join(worker.cmdline())
+        except psutil.Error:
+            continue
+    return running
+
+
 def _committed_documents(output: str, run_id: str) -> int:
     from pipeline.tables import read_answers
 
@@ -177,21 +205,26 @@ def _message(code: int, out: str, err: str) -> str:
 
 class _PoolSizes(threading.Thread):
     """The number of live model actors, sampled every half second while the driver runs: shows whether
-    the pool shrank after the node loss."""
+    the pool shrank, before and after the node loss."""
 
     def __init__(self, driver: subprocess.Popen) -> None:
         super().__init__(daemon=True)
         self.driver = driver
         self.sizes: list[int] = []
+        self.killed_at_sample: int | None = None
 
     def run(self) -> None:
         while self.driver.poll() is None:
             self.sizes.append(len(_node_of_actors("PagePredictor")))
             time.sleep(0.5)
 
-    def distinct(self) -> list[int]:
-        """The sizes in the order they were first seen after the kill."""
-        return list(dict.fromkeys(self.sizes))
+    def mark_kill(self) -> None:
+        self.killed_at_sample = len(self.sizes)
+
+    def distinct(self, before_kill: bool) -> list[int]:
+        """The sizes in the order they were first seen, before or after the kill."""
+        sizes = self.sizes[: self.killed_at_sample] if before_kill else self.sizes[self.killed_at_sample :]
+        return list(dict.fromkeys(sizes))
 
 
 class _Tenant:

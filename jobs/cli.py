@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument(
         "--retain-hours",
         type=int,
-        default=168.0,
+        default=168,
         help="keep files that versions of the last H hours need (time travel that far back); default 168 (a week)",
     )
 

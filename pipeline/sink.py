@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
-from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.rows import OUTPUT_SCHEMA, Status, rows_to_table
 from pipeline.tables import ANSWERS, CURRENT, RUN_SCHEMA, RUNS, OutputTables, sql_string
 
 log = logging.getLogger("docqa")
@@ -57,6 +57,26 @@ def split_version(version: int | None) -> tuple[int, int]:
     """(attempt, part) of a part commit's transaction version."""
     version = version or 0
     return version >> PART_BITS, version & ((1 << PART_BITS) - 1)
+
+
+def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
+    """One row per document of ``waiting`` (rows of documents that never arrived whole): the document's
+    identity and run fields from its first row, no page or answer, status ``model_error`` (retryable) and
+    how many of its rows arrived."""
+    per_page = {"page_number", "question_id", "question", "answer", "confidence", "generated_tokens", "render_ms"}
+    per_page |= {"model_ms", "answer_source", "evidence", "evidence_text", "evidence_bbox", "text_layer_chars"}
+    per_page |= {name for name in OUTPUT_SCHEMA.names if name.startswith("value_")}
+    documents = waiting.column("document").to_pylist()
+    arrived = Counter(documents)
+    rows = []
+    for row in waiting.take([documents.index(document) for document in arrived]).to_pylist():
+        expected = row["document_rows"]
+        reason = f"incomplete: {arrived[row['document']]} of its {expected} rows arrived; the next run takes it again"
+        rows.append(
+            {**{name: None if name in per_page else value for name, value in row.items()}, "document_rows": 1}
+            | {"status": Status.MODEL_ERROR.value, "error": reason}
+        )
+    return rows_to_table(rows)
 
 
 def _without(rows: pa.Table, documents: Iterable[str]) -> pa.Table:
@@ -299,13 +319,16 @@ class RunWriter:
     def commit(self, record: dict[str, Any]) -> str:
         """Commit what is buffered, then mark the run ``committed`` with its record. Returns the output."""
         if self._waiting is not None:
-            # Should not happen; if it does, keep the rows (the next run does not count them as complete).
-            incomplete = sorted(set(self._waiting.column("document").to_pylist()))
+            # Should not happen. If it does, no reader may see a document in part: each incomplete document
+            # is committed as one retryable row that says so, and the next run takes it again.
+            incomplete = incomplete_document_rows(self._waiting)
             log.warning(
-                "%d document(s) arrived incomplete and will be retried next run: %s", len(incomplete), incomplete[:5]
+                "%d document(s) arrived incomplete and will be taken again by the next run: %s",
+                incomplete.num_rows,
+                incomplete.column("document").to_pylist()[:5],
             )
-            self._pending.append(self._waiting)
-            self._pending_rows += self._waiting.num_rows
+            self._pending.append(incomplete)
+            self._pending_rows += incomplete.num_rows
             self._waiting = None
         self._commit_part()
         self._finish("committed", record)

@@ -142,6 +142,50 @@ def check_bucket(uri: str, storage: StorageConfig) -> None:
         raise StorageError(describe_client_error(error, f"bucket {bucket!r} ({uri})")) from None
 
 
+def check_writable_output(uri: str, storage: StorageConfig) -> None:
+    """Fail fast, before any work, where the output's S3 store cannot take Delta commits safely.
+
+    delta-rs commits a table version by writing its log entry with ``If-None-Match: *`` (put if absent): of
+    two writers committing the same version, one gets 412 and retries on the new version. A store that
+    ignores the header (some S3-compatible servers and proxies) lets the second writer overwrite the first
+    one's commit without an error, silently losing its rows. So a probe object is written twice with the
+    header: the second write must be refused. A store that refuses the header outright (501) is named too.
+    """
+    from uuid import uuid4
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    check_bucket(uri, storage)
+    bucket, key = split_s3(uri)
+    probe = f"{key.rstrip('/')}/_docqa_probe/{uuid4().hex}".lstrip("/")
+    client = s3_client(storage)
+    needs = (
+        "docqa's Delta commits need conditional writes (PUT with If-None-Match: *), as AWS S3, MinIO, "
+        "Cloudflare R2 and moto do them; without them two writers could overwrite each other's commits"
+    )
+    try:
+        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return  # refused: the store honours put-if-absent
+            raise
+        raise StorageError(
+            f"output {uri}: the store at {endpoint_of(storage) or 'AWS S3'} ignores conditional writes: a second "
+            f"PUT with If-None-Match: * of one key was accepted. {needs}"
+        )
+    except (BotoCoreError, ClientError) as error:
+        status = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        reason = describe_client_error(error, f"output {uri}: a conditional write")
+        raise StorageError(f"{reason}. {needs}" if status == 501 else reason) from None
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=probe)
+        except (BotoCoreError, ClientError):
+            pass  # best effort: an empty probe object left behind harms no reader of the tables
+
+
 def _list_s3(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
     from botocore.exceptions import BotoCoreError, ClientError
 

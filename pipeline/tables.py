@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import check_bucket, endpoint_of, is_s3
+from pipeline.storage import check_writable_output, endpoint_of, is_s3
 
 ANSWERS = "answers"
 CURRENT = "current"
@@ -257,7 +257,7 @@ def optimize_output(output: str, storage: StorageConfig | None, retain_hours: in
 
     tables = OutputTables(output, storage or StorageConfig())
     if is_s3(output):
-        check_bucket(output, tables.storage)
+        check_writable_output(output, tables.storage)
     report = {}
     for name in TABLES:
         table = tables.open(name)

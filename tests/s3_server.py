@@ -30,12 +30,17 @@ def start_moto() -> tuple[ThreadedMotoServer, str]:
 
 class FaultProxy:
     """Forwards every request to ``upstream``, except every ``every``-th one, answered with an S3 error
-    (503 SlowDown and 500 InternalError in turn), or every one with ``deny_all`` (403 AccessDenied)."""
+    (503 SlowDown and 500 InternalError in turn), or every one with ``deny_all`` (403 AccessDenied).
+    ``drop_headers`` (lower case) are removed from the requests it forwards: with ``if-none-match`` it is
+    a store that ignores conditional writes."""
 
-    def __init__(self, upstream: str, every: int = 5, deny_all: bool = False) -> None:
+    def __init__(
+        self, upstream: str, every: int = 5, deny_all: bool = False, drop_headers: frozenset[str] = frozenset()
+    ) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.every = every
         self.deny_all = deny_all
+        self.drop_headers = drop_headers
         self.requests = 0
         self.injected: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -70,7 +75,7 @@ class FaultProxy:
                     self.wfile.write(payload if self.command != "HEAD" else b"")
                     return
                 connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | proxy.drop_headers}
                 headers["Content-Length"] = str(len(body))
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()

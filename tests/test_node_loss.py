@@ -24,10 +24,14 @@ def test_a_lost_node_shrinks_the_pool_and_the_run_completes_each_document_once(r
     for result in (survives, starved):
         assert result["model actors on the worker at the kill"] == 1, result  # an actor was on the node that died
         assert result["documents committed at the kill"] < result["documents listed"] / 2, result  # work left
-        assert (result["exit code"], result["duplicates"], result["missing documents"]) == (0, 0, 0), result
+        assert (result["duplicates"], result["missing documents"]) == (0, 0), result
         assert set(result["statuses"]) == {"ok"} and result["runs committed"] == [result["name"]]
-    # Three CPUs left on the head: Ray restarts the lost actor there, beside a render task.
-    # Two CPUs left on the head: both actors restart there and hold them; the pool (floor: one actor)
-    # shrinks, so the render tasks get a CPU back and the run completes instead of stalling.
-    assert starved["model actors alive after the kill (sampled)"][:2] == [2, 1], starved
+    # Three CPUs left on the head: Ray restarts the lost actor there and re-runs the lost render task.
+    assert survives["render tasks on the worker at the kill"] >= 1, survives  # a task was lost too, not only an actor
+    assert survives["exit code"] == 0, survives
+    # Two CPUs left on the head, and a pool of two actors asked for: the pool never holds every CPU (its floor
+    # is one actor, and Ray Data lets an actor go that the cluster cannot afford), so the run completes rather
+    # than waiting for the stall watchdog (with the floor at min_actors it stalls: exit 1, BENCHMARKS.md).
+    assert starved["exit code"] == 0, starved
+    assert max(starved["model actors alive after the kill (sampled)"]) <= 1, starved
     assert starved["statuses"] == survives["statuses"]  # the same pages

@@ -80,7 +80,9 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
     driver.wait()
     assert committed_runs(out) == []  # its runs row still says running
     before = read_answers(out)
-    assert _keys(before) == _keys(read_current(out))  # every committed part is in both tables
+    # Every part in `current` is in `answers`; `answers` may hold one part more (the kill can land between a
+    # part's two commits), which the next attempt puts into `current` before it goes on.
+    assert _keys(read_current(out)).keys() <= _keys(before).keys() and read_current(out).num_rows > 0
 
     capsys.readouterr()
     assert main(nightly) == 0

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf
+from jobs.samples import invoice_pdf, write_samples
 from pipeline.config import StorageConfig
 from pipeline.rows import Status
 from pipeline.tables import committed_runs, read_answers, read_current
@@ -229,6 +229,29 @@ def test_storage_problems_fail_fast_with_a_clear_message(
         assert proxy.requests == 1  # refused at the first request (the bucket check): nothing retried or started
     assert code == 1 and message in err and "Traceback" not in err
     _assert_no_credentials(err)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
+    tiny_model: Path, s3_endpoint: str, tmp_path: Path, capsys
+) -> None:
+    """A store that drops If-None-Match (here a proxy in front of the real endpoint) would let two writers
+    overwrite each other's Delta commits: `docqa run` and `docqa optimize` refuse it and write nothing."""
+    _client(s3_endpoint).create_bucket(Bucket="lax")
+    write_samples(tmp_path / "in", count=1, with_bad_files=False)
+    proxy = FaultProxy(s3_endpoint, every=10**9, drop_headers=frozenset({"if-none-match"}))
+    try:
+        job = _job(tmp_path, proxy.url)
+        output = ["--output", "s3://lax/out/"]
+        ran = main(["run", "--config", str(job), "--input", str(tmp_path / "in"), *output, "--model", str(tiny_model)])
+        ran_err = capsys.readouterr().err
+        optimized = main(["optimize", "--config", str(job), *output])
+        optimized_err = capsys.readouterr().err
+    finally:
+        proxy.stop()
+    for code, err in ((ran, ran_err), (optimized, optimized_err)):
+        assert code == 1 and "Traceback" not in err, err
+        assert "ignores conditional writes: a second PUT with If-None-Match: * of one key was accepted" in err, err
+    assert _client(s3_endpoint).list_objects_v2(Bucket="lax").get("KeyCount") == 0  # no table, no probe left
 
 
 def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
