@@ -12,7 +12,7 @@ LATEST := .venv-latest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test test-latest lock demo bench bench-gpu bench-s3 bench-corpus lint clean
+.PHONY: setup poppler test test-slow test-latest lock demo bench bench-gpu bench-s3 bench-corpus lint clean
 
 # Exactly the lock (hash-checked, no resolution), then docqa itself without its dependencies.
 $(INSTALLED): $(LOCK) pyproject.toml
@@ -46,7 +46,11 @@ setup: $(INSTALLED) poppler
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# The minutes-long end-to-end tests (`@pytest.mark.slow`); CI runs them after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 $(DEMO)/tiny-idefics2/config.json: | $(INSTALLED)
 	$(BIN)/docqa model tiny $(DEMO)/tiny-idefics2

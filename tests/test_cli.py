@@ -131,6 +131,7 @@ def test_a_dashboard_url_where_a_gcs_address_is_needed_is_explained(tiny_model: 
     assert "docqa submit --address http://127.0.0.1:8265" in done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_committed_in_a_local_instance_of_its_own(tiny_model: Path, tmp_path: Path) -> None:
     """Without RAY_ADDRESS `docqa run` starts its own Ray instance; Ctrl-C after a commit ends it with 130,
     no traceback, and a message saying what is kept; the run is `failed` in `runs`."""

@@ -111,6 +111,7 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
         _assert_no_credentials(client.get_object(Bucket="bulk", Key=key)["Body"].read())
 
 
+@pytest.mark.slow
 def test_throttling_and_server_errors_are_retried_with_nothing_lost_or_duplicated(
     ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
 ) -> None:
@@ -142,6 +143,7 @@ def test_throttling_and_server_errors_are_retried_with_nothing_lost_or_duplicate
     assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_first_commit_resumes_with_nothing_lost_or_duplicated(
     ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
 ) -> None:

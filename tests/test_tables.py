@@ -149,6 +149,7 @@ def _sorted_any(table: pa.Table) -> list[dict]:
     return sorted(table.to_pylist(), key=repr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_two_runs_at_once_into_one_output_both_commit_with_nothing_lost_or_duplicated(
     store: str, ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path
@@ -240,7 +241,7 @@ def _writer_process(output: str, endpoint: str | None, run_id: str, documents: r
     writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_concurrent_writers_and_a_retried_commit_lose_and_duplicate_nothing(
     store: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
