@@ -109,6 +109,7 @@ def _nightly(address: str, model: Path, sample_pdfs: Path, tmp_path: Path) -> tu
     return inputs, ["submit", "--address", address, "--config", str(job), "--nightly"]
 
 
+@pytest.mark.slow
 def test_submit_nightly_then_only_new_and_changed_documents(
     ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
