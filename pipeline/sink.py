@@ -68,8 +68,9 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     per_page |= {name for name in OUTPUT_SCHEMA.names if name.startswith("value_")}
     documents = waiting.column("document").to_pylist()
     arrived = Counter(documents)
+    first = {document: index for index, document in reversed(list(enumerate(documents)))}  # first row of each
     rows = []
-    for row in waiting.take([documents.index(document) for document in arrived]).to_pylist():
+    for row in waiting.take(list(first.values())).to_pylist():
         expected = row["document_rows"]
         reason = f"incomplete: {arrived[row['document']]} of its {expected} rows arrived; the next run takes it again"
         rows.append(
