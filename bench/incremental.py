@@ -143,6 +143,7 @@ def run(workdir: Path, max_documents: int | None) -> None:
     print("# bench.incremental  nightly over 1,000,000 committed documents + new and changed ones")
     print(f"committed documents known to the skip decision: {len(decision)}")
     print(f"skip decision alone (read current's 5 columns, group in Arrow, hash): {decision_s:.1f} s")
+    print(f"time from run start to the start of rendering: {summary.first_render_s:.1f} s")
     print(f"time from run start to its first result row: {summary.first_row_s:.1f} s")
     print(f"run wall time: {summary.wall_s:.1f} s; skipped unchanged {summary.ledger['unchanged_documents']}")
     print(f"documents taken {len(set(taken))}: {new} new, {len(set(taken)) - new} changed")

@@ -47,6 +47,7 @@ class RunStats:
     """Counts kept as result batches arrive: drives the progress line and the final summary."""
 
     started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)  # the same instant, comparable across processes
     first_row_s: float | None = None  # seconds from the start to the first result batch
     document_status: dict[str, str] = field(default_factory=dict)  # worst status seen per document
     page_status: Counter[str] = field(default_factory=Counter)
@@ -110,6 +111,7 @@ class RunSummary:
     ledger: dict[str, int]
     stage_stats: str = ""  # Ray Data's per-operator statistics of the run
     degraded: dict[str, Any] | None = None  # see RunStats.degraded
+    first_render_s: float | None = None  # seconds from the start until a render task took its first unit
 
     @property
     def exit_code(self) -> int:
@@ -236,23 +238,32 @@ def build_page_dataset(
     ledger=None,
     resumed: KnownVersions | None = None,
 ):
-    """The CPU part of the plan: list; read and plan each document (one task per document); render and split
-    each work unit (one task per unit, its pages handed on in blocks within ``render.block_mb``)."""
+    """The CPU part of the plan: list (one task per listing shard); read and plan the documents each listing
+    task took (one task per shard); render and split each work unit (one task per unit, its pages handed on
+    in blocks within ``render.block_mb``)."""
     import ray.data
 
     ray.data.DataContext.get_current().target_max_block_size = block_threshold(config, geometry)
+    memory = config.render.task_memory_mb * 1024 * 1024
     # Bounds the concurrent renders per node, and keeps Ray from fusing these tasks into the actor, where they
     # would hold up the GPU.
-    task = {"num_cpus": RENDER_TASK_CPUS, "memory": config.render.task_memory_mb * 1024 * 1024}
+    render = {"num_cpus": RENDER_TASK_CPUS, "memory": memory}
+    # Planning a document (open it, count its pages) takes milliseconds: holding a CPU, it took the one left
+    # beside the model actor on a 2-CPU node and, ranked before rendering by Ray Data (the stage holding less
+    # of the object store goes first), planned every listed document before the first page was rendered
+    # (bench/incremental.py). Without one, a few at a time per CPU, it runs beside the render tasks.
+    planners = ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    plan = {"num_cpus": 0, "memory": memory, "compute": planners}
     listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
     return (
         # The listing waits on directory and object-store pages, not on a CPU: holding one (Ray's default for a
         # read task) beside the model actor took the only CPU left on a 2-CPU node, so no document was opened
         # before the whole listing was done (bench/incremental.py: first row 47 s -> 31 s over 200,000 files).
-        ray.data.read_datasource(listing, num_cpus=0)
-        .map_batches(DocumentUnits(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **task)
-        .repartition(target_num_rows_per_block=1)  # each unit its own task, a long document's ranges in parallel
-        .map_batches(UnitPages(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **task)
+        ray.data.read_datasource(listing, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=listing.tasks_at_once))
+        # One planning task per listing block (a shard's documents taken: a few in a nightly run).
+        .map_batches(DocumentUnits(config, geometry, ledger), batch_format="pyarrow", batch_size=1, **plan)
+        .repartition(target_num_rows_per_block=1)  # each unit its own render task, a long document's in parallel
+        .map_batches(UnitPages(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **render)
     )
 
 
@@ -384,7 +395,7 @@ def _stream(
         log.info("resuming run %s: %d rows of an earlier attempt kept", writer.run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
     completed = completed_documents(config, writer.tables)
-    ledger = start_ledger(config.budget.max_pages)
+    ledger = start_ledger(config.budget.max_pages, config.budget.max_documents)
     done_at_start = writer.documents_complete  # committed by an earlier attempt of this run
     dataset = build_dataset(config, geometry, writer.run_id, completed, ledger, resumed_documents(writer.recovered))
     watchdog = StallWatchdog(config.limits.stall_timeout_s)
@@ -420,6 +431,7 @@ def _stream(
         raise
     ledger_report = ray.get(ledger.report.remote())
     render_isolation = ledger_report.pop("render_isolation")
+    first_render_at = ledger_report.pop("first_render_at")
     ray.kill(ledger)
 
     finished_at = datetime.now(UTC)
@@ -442,6 +454,7 @@ def _stream(
         ledger_report,
         dataset.stats(),
         record["degraded"],
+        None if first_render_at is None else round(first_render_at - stats.started_wall, 3),
     )
 
 

@@ -6,16 +6,28 @@ from typing import Any
 
 
 class RunLedger:
-    """Pages left in this run's budget, what the listing skipped or left for the next run, and the isolation
-    of the render helpers."""
+    """Documents and pages left in this run's budget, what the listing skipped or left for the next run, the
+    link targets already listed, when rendering began, and the isolation of the render helpers."""
 
-    def __init__(self, max_pages: int | None) -> None:
+    def __init__(self, max_pages: int | None, max_documents: int | None = None) -> None:
         self.max_pages = max_pages
+        self.max_documents = max_documents
+        self.documents_taken = 0
         self.pages_taken = 0
         self.documents_deferred = 0
-        self.listing: dict[str, int] = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
-        self.listing_complete = False
+        self.listing_counts: dict[int, dict[str, int]] = {}  # per listing task
+        self.listing_tasks_done: set[int] = set()
+        self.listing_tasks: int | None = None
+        self.link_targets: set[str] = set()
+        self.first_render_at: float | None = None  # wall-clock time the first unit's rendering began
         self.render_isolation: set[str] = set()
+
+    def take_document(self) -> bool:
+        """Reserve one document of ``max_documents`` for a listing task; False once they are all taken."""
+        if self.max_documents is not None and self.documents_taken >= self.max_documents:
+            return False
+        self.documents_taken += 1
+        return True
 
     def take_pages(self, pages: int) -> bool:
         """Reserve a whole document's pages; False once the budget cannot hold them (the document waits)."""
@@ -25,32 +37,53 @@ class RunLedger:
         self.pages_taken += pages
         return True
 
-    def record_listing(self, counts: dict[str, int], complete: bool) -> None:
-        """The listing's counts so far: documents taken by this run, resumed (committed by an earlier attempt
-        of it), unchanged since a committed run, and left for the next run by the budget."""
-        self.listing = dict(counts)
-        self.listing_complete = complete
+    def record_listing(self, task: int, tasks: int, counts: dict[str, int], complete: bool) -> None:
+        """A listing task's counts so far (task ``task`` of ``tasks``): documents taken by this run, resumed
+        (committed by an earlier attempt of it), unchanged since a committed run, and left for the next run
+        by the budget."""
+        self.listing_counts[task] = dict(counts)
+        self.listing_tasks = tasks
+        if complete:
+            self.listing_tasks_done.add(task)
 
     def listing_progress(self) -> tuple[dict[str, int], bool]:
-        return self.listing, self.listing_complete
+        """The whole listing's counts so far, and whether every listing task is done."""
+        totals = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
+        for counts in self.listing_counts.values():
+            for name, count in counts.items():
+                totals[name] += count
+        return totals, self.listing_tasks is not None and len(self.listing_tasks_done) == self.listing_tasks
+
+    def claim_link_target(self, target: str) -> bool:
+        """True for the first listing task to reach ``target`` through a link (it lists it), False after."""
+        if target in self.link_targets:
+            return False
+        self.link_targets.add(target)
+        return True
+
+    def record_render_start(self, at: float) -> None:
+        """A render task began rendering a unit at ``at`` (``time.time()``); the earliest is kept."""
+        self.first_render_at = at if self.first_render_at is None else min(self.first_render_at, at)
 
     def record_isolation(self, network: str) -> None:
         """How a render helper's network was closed (or why not), as it reported on starting."""
         self.render_isolation.add(network)
 
     def report(self) -> dict[str, Any]:
+        listing, _ = self.listing_progress()
         return {
-            "listed_documents": self.listing["taken"],
-            "resumed_documents": self.listing["resumed"],
-            "unchanged_documents": self.listing["unchanged"],
-            "left_documents": self.listing["left"],
+            "listed_documents": listing["taken"],
+            "resumed_documents": listing["resumed"],
+            "unchanged_documents": listing["unchanged"],
+            "left_documents": listing["left"],
             "deferred_documents": self.documents_deferred,
             "pages_taken": self.pages_taken,
             "render_isolation": sorted(self.render_isolation),
+            "first_render_at": self.first_render_at,
         }
 
 
-def start_ledger(max_pages: int | None):
+def start_ledger(max_pages: int | None, max_documents: int | None = None):
     """The ledger as a Ray actor (no CPU reserved: it only counts), pinned to the driver's node: a ledger on
     a worker node would die with that node and take the run's counts with it (measured: bench/node_loss.py),
     while the driver's node going down ends the run anyway."""
@@ -58,4 +91,4 @@ def start_ledger(max_pages: int | None):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=driver_node).remote(max_pages)
+    return ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=driver_node).remote(max_pages, max_documents)

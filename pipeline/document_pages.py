@@ -1,4 +1,4 @@
-"""The CPU stages as Ray runs them: ``DocumentUnits`` (one task per listed document) reads a document and
+"""The CPU stages as Ray runs them: ``DocumentUnits`` (one task per listing block) reads each document and
 plans its work units; ``UnitPages`` (one task per unit) renders and splits a unit's pages and hands them on
 one at a time, so that Ray closes a block at the run's byte budget (``render.block_mb``) and a task's
 memory does not grow with the document.
@@ -14,6 +14,7 @@ estimate their size. Each stage stays a plain callable with its own tests; this 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,8 +93,13 @@ class UnitPages:
         read = ReadDocument(config.limits, config.storage)
         self.rasterize = RasterizeDocument(config, geometry, ledger, reread=lambda unit: read(_ref_of(unit)))
         self.split = SplitPage(geometry)
+        self.ledger = ledger
+        self.start_reported = False
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        if self.ledger is not None and not self.start_reported:  # the run's "time to start rendering"
+            self.ledger.record_render_start.remote(time.time())
+            self.start_reported = True
         for unit in units.to_pylist():
             for page in self.rasterize.render(unit):
                 yield page_table([self.split(page)])

@@ -4,9 +4,12 @@ input documents as it goes, and ``ReadDocument``, which reads each one's bytes i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import LimitsConfig, StorageConfig
 from pipeline.rows import Status, document_row, failed
-from pipeline.storage import describe_client_error, iter_documents, read_object
+from pipeline.storage import ListingShard, describe_client_error, first_time, iter_shard, listing_shards, read_object
 
 REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("version", pa.string())])
 
@@ -47,14 +50,91 @@ class KnownVersions:
         return index < len(self.hashes) and self.hashes[index] == value
 
 
+# Listing tasks that run at once: a shard's task waits on directory or object-store pages, and holds no CPU
+# (jobs/run.py), so a few of them overlap those waits without taking much from the render tasks.
+LISTING_TASKS_AT_ONCE = 4
+# More shards than this are walked a few to a task (a bucket of 100,000 prefixes is not 100,000 Ray tasks).
+MAX_LISTING_TASKS = 2000
+
+
+@dataclass(frozen=True)
+class ListingTask:
+    """What one listing task needs: its shards and the run's settings; the known versions travel through
+    the object store once (``known``), not in every task."""
+
+    number: int
+    tasks: int
+    shards: list[ListingShard]
+    storage: StorageConfig
+    known: Any  # ObjectRef of (completed, resumed) KnownVersions
+    max_documents: int | None
+    ledger: Any
+
+    def __call__(self) -> Iterator[pa.Table]:
+        import ray
+
+        completed, resumed = ray.get(self.known)
+        counts = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
+        claim, take = self._claim(), self._take()
+        reported = time.monotonic()
+        for ref in (ref for shard in self.shards for ref in iter_shard(shard, self.storage, claim)):
+            if ref.version is not None and (ref.uri, ref.version) in resumed:
+                counts["resumed"] += 1
+            elif ref.version is not None and (ref.uri, ref.version) in completed:
+                counts["unchanged"] += 1
+            elif not take():
+                counts["left"] += 1
+            else:
+                counts["taken"] += 1
+                yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+            if self.ledger is not None and time.monotonic() - reported >= 1.0:
+                self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=False)
+                reported = time.monotonic()
+        if self.ledger is not None:
+            ray.get(self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=True))
+
+    def _take(self) -> Callable[[], bool]:
+        """Whether the run's ``max_documents`` has room for one more document: the ledger counts for every
+        listing task of the run (once it says no, this task stops asking)."""
+        if self.max_documents is None:
+            return lambda: True
+        if self.ledger is None:
+            taken = iter(range(self.max_documents))
+            return lambda: next(taken, None) is not None
+        import ray
+
+        room = [True]
+
+        def take() -> bool:
+            room[0] = room[0] and ray.get(self.ledger.take_document.remote())
+            return room[0]
+
+        return take
+
+    def _claim(self) -> Callable[[Path], bool]:
+        """A link target outside the input is listed by the first task to reach it (the run's ledger keeps
+        the claims); without a ledger, there is one task."""
+        if self.ledger is None:
+            return first_time(set())
+        import ray
+
+        seen = first_time(set())
+        return lambda target: seen(target) and ray.get(self.ledger.claim_link_target.remote(str(target)))
+
+
 class DocumentListing(Datasource):
-    """The input listing as a Ray Data source: one read task pages through the listing and emits one block
-    per document as it goes, so the driver never holds the listing and work starts on the first page.
+    """The input listing as a Ray Data source, cut into shards (``listing_shards``: a folder's subfolders,
+    a prefix's subprefixes), one read task each, a few at a time, each yielding the documents it takes. Ray
+    Data packs what a read task yields into blocks of ``target_max_block_size`` and so hands it on only
+    when the task ends: one task for the whole listing held every document back until the last file was
+    listed (bench/incremental.py). The driver never holds the listing.
 
     Documents whose (URI, version) already has committed results are skipped (``completed``: a committed
     run's; ``resumed``: an earlier attempt of this run's, which count as done by this run); past
-    ``max_documents`` the rest are only counted. The counts go to the run's ledger as the listing grows (at
-    most once a second) and once more when it is complete: the driver's progress line shows them."""
+    ``max_documents`` (counted by the ledger) the rest are only counted: then the tasks run one at a time,
+    in listing order, so the documents taken are the first ones listed. The counts go to the run's ledger
+    as the listing grows (at most once a second per task) and once more when a task is done: the driver's
+    progress line shows them. Without a ledger the listing is one task."""
 
     def __init__(
         self,
@@ -68,38 +148,39 @@ class DocumentListing(Datasource):
         super().__init__()
         self.input_uri = input_uri
         self.storage = storage
-        self.completed = completed or KnownVersions()
-        self.resumed = resumed or KnownVersions()
+        self.known = (completed or KnownVersions(), resumed or KnownVersions())
         self.max_documents = max_documents
         self.ledger = ledger
+
+    @property
+    def tasks_at_once(self) -> int:
+        return 1 if self.max_documents is not None else LISTING_TASKS_AT_ONCE
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def _blocks(self) -> Iterator[pa.Table]:
-        counts = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
-        reported = time.monotonic()
-        for ref in iter_documents(self.input_uri, self.storage):
-            if ref.version is not None and (ref.uri, ref.version) in self.resumed:
-                counts["resumed"] += 1
-            elif ref.version is not None and (ref.uri, ref.version) in self.completed:
-                counts["unchanged"] += 1
-            elif self.max_documents is not None and counts["taken"] >= self.max_documents:
-                counts["left"] += 1
-            else:
-                counts["taken"] += 1
-                yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
-            if self.ledger is not None and time.monotonic() - reported >= 1.0:
-                self.ledger.record_listing.remote(counts, complete=False)
-                reported = time.monotonic()
-        if self.ledger is not None:
-            import ray
+    @functools.cached_property
+    def _tasks(self) -> list[ListingTask]:
+        """Made once: Ray Data asks for the read tasks several times while planning."""
+        import ray
 
-            ray.get(self.ledger.record_listing.remote(counts, complete=True))
+        if self.ledger is None:
+            shards = [ListingShard(self.input_uri, whole=True)]
+        else:
+            shards = listing_shards(self.input_uri, self.storage)
+        per_task = -(-len(shards) // MAX_LISTING_TASKS)
+        groups = [shards[start : start + per_task] for start in range(0, len(shards), per_task)]
+        known = ray.put(self.known)
+        return [
+            ListingTask(number, len(groups), group, self.storage, known, self.max_documents, self.ledger)
+            for number, group in enumerate(groups)
+        ]
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(self._blocks, metadata, schema=REF_SCHEMA, per_task_row_limit=per_task_row_limit)]
+        return [
+            ReadTask(task, metadata, schema=REF_SCHEMA, per_task_row_limit=per_task_row_limit) for task in self._tasks
+        ]
 
 
 def document_of_bytes(uri: str, data: bytes) -> dict[str, Any]:

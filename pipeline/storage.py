@@ -11,7 +11,7 @@ import fnmatch
 import functools
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -186,22 +186,102 @@ def check_writable_output(uri: str, storage: StorageConfig) -> None:
             pass  # best effort: an empty probe object left behind harms no reader of the tables
 
 
-def _list_s3(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
+@dataclass(frozen=True)
+class ListingShard:
+    """One part of an input's listing, walked by one task, so that a listing's documents go on to be read
+    while the rest is still being listed: the input itself (``whole``), a folder or key prefix with all that
+    lies below it, or only the files directly in one (``recursive=False``, their subfolders being shards of
+    their own). ``location`` is a path, the input's URI, or in ``bucket`` a key prefix; ``root`` is the input
+    folder, ``pattern`` the glob an S3 key must match."""
+
+    location: str
+    whole: bool = False
+    recursive: bool = True
+    root: str = ""
+    bucket: str = ""
+    pattern: str | None = None
+
+
+def listing_shards(input_uri: str, storage: StorageConfig, max_pages: int = 10) -> list[ListingShard]:
+    """An input's listing in shards, in listing order: a folder or prefix is cut at its first level (one
+    shard for its own files, one per subfolder; a level of one subfolder only is stepped through). A list
+    file, a local glob or a file is one shard, as is a prefix whose first level takes more than
+    ``max_pages`` listing requests (a flat bucket: finding its subfolders would mean listing it all)."""
+    whole = [ListingShard(input_uri, whole=True)]
+    if input_uri.endswith(URI_LIST_SUFFIX) and not any(char in input_uri for char in GLOB_CHARS):
+        return whole
+    if is_s3(input_uri):
+        return _s3_shards(input_uri, storage, max_pages) or whole
+    if any(char in input_uri for char in GLOB_CHARS) or not Path(input_uri).expanduser().is_dir():
+        return whole
+    root = Path(input_uri).expanduser().resolve()
+    folder = root
+    while True:
+        try:
+            with os.scandir(folder) as entries:
+                files, subfolders = False, []
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subfolders.append(entry.name)
+                    else:
+                        files = True
+        except OSError:
+            return whole
+        if len(subfolders) == 1 and not files:
+            folder = folder / subfolders[0]
+            continue
+        own = [ListingShard(str(folder), recursive=False, root=str(root))] if files else []
+        return own + [ListingShard(str(folder / name), root=str(root)) for name in sorted(subfolders)]
+
+
+def _s3_pattern(key: str) -> tuple[str, str | None]:
+    """An S3 input's key prefix to list, and its glob (None for a plain prefix)."""
+    if not any(char in key for char in GLOB_CHARS):
+        return key, None
+    return key[: min(key.index(char) for char in GLOB_CHARS if char in key)], key
+
+
+def _s3_shards(uri: str, storage: StorageConfig, max_pages: int) -> list[ListingShard]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
-    pattern = key if any(char in key for char in GLOB_CHARS) else None
-    prefix = key[: min(key.index(char) for char in GLOB_CHARS if char in key)] if pattern else key
+    prefix, pattern = _s3_pattern(key)
     paginator = s3_client(storage).get_paginator("list_objects_v2")
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
+        while True:
+            keys, subprefixes = False, []
+            for number, page in enumerate(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")):
+                if number == max_pages:
+                    return []
+                keys = keys or bool(page.get("Contents"))
+                subprefixes += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+            if len(subprefixes) == 1 and not keys:
+                prefix = subprefixes[0]
+                continue
+            own = [ListingShard(prefix, recursive=False, bucket=bucket, pattern=pattern)] if keys else []
+            return own + [ListingShard(sub, bucket=bucket, pattern=pattern) for sub in subprefixes]
+    except (BotoCoreError, ClientError) as error:
+        raise StorageError(describe_client_error(error, f"listing {uri}")) from None
+
+
+def _list_s3(
+    bucket: str, prefix: str, storage: StorageConfig, pattern: str | None = None, recursive: bool = True
+) -> Iterator[DocumentRef]:
+    """The objects under ``prefix`` (``recursive=False``: only those not below a further "/") that match
+    ``pattern``, a page of 1000 keys a request, yielded as they arrive."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    paginator = s3_client(storage).get_paginator("list_objects_v2")
+    folders = {} if recursive else {"Delimiter": "/"}
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}, **folders):
             for item in page.get("Contents", []):
                 if item["Key"].endswith("/") or (pattern and not fnmatch.fnmatchcase(item["Key"], pattern)):
                     continue
                 etag = item["ETag"].strip('"')
                 yield DocumentRef(f"s3://{bucket}/{item['Key']}", int(item["Size"]), etag, etag)
     except (BotoCoreError, ClientError) as error:
-        raise StorageError(describe_client_error(error, f"listing {uri}")) from None
+        raise StorageError(describe_client_error(error, f"listing s3://{bucket}/{prefix}")) from None
 
 
 def _list_local(uri: str) -> Iterator[DocumentRef]:
@@ -216,28 +296,42 @@ def _list_local(uri: str) -> Iterator[DocumentRef]:
     if not root.is_dir():
         yield _local_ref(root.resolve())
         return
-    yield from _walk(root.resolve(), set())
+    yield from _walk(root.resolve(), root.resolve(), first_time(set()))
 
 
-def _walk(folder: Path, seen: set[Path]) -> Iterator[DocumentRef]:
-    """The files below ``folder``, depth first in name order, yielded as they are found: a folder of a
-    million files starts yielding at once (globbing and sorting it first took 35 s). Only symbolic links
-    are resolved (to their target's path), the rest keep the folder's resolved path; a folder reached
-    twice through links is walked once."""
-    if folder in seen:
-        return
-    seen.add(folder)
+def first_time(seen: set[str]) -> Callable[[Path], bool]:
+    """A claim on a link's target that holds within one process: True the first time a target is named."""
+
+    def claim(target: Path) -> bool:
+        if str(target) in seen:
+            return False
+        seen.add(str(target))
+        return True
+
+    return claim
+
+
+def _walk(folder: Path, root: Path, claim: Callable[[Path], bool], recursive: bool = True) -> Iterator[DocumentRef]:
+    """The files below ``folder`` (``recursive=False``: only those directly in it), depth first in name
+    order, yielded as they are found: a folder of a million files starts yielding at once (globbing and
+    sorting it first took 35 s). A symbolic link whose target lies inside the input ``root`` is left to the
+    walk that reaches the target where it is; one to a target outside is followed (listed under the
+    target's path) if ``claim`` grants it: a target reached through two links, in any shard, is listed
+    once. The rest keep the folder's resolved path."""
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), seen)
+            if recursive:
+                yield from _walk(Path(entry.path), root, claim)
         elif entry.is_symlink():
             target = Path(entry.path).resolve()
+            if target.is_relative_to(root) or not claim(target):
+                continue
             if target.is_dir():
-                yield from _walk(target, seen)
+                yield from _walk(target, root, claim)
             elif target.is_file():
                 yield _local_ref(target)
         elif entry.is_file(follow_symlinks=False):
@@ -267,6 +361,16 @@ def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
             yield DocumentRef(line, -1) if is_s3(line) else _local_ref(Path(line).expanduser().resolve())
 
 
+def iter_shard(shard: ListingShard, storage: StorageConfig, claim: Callable[[Path], bool]) -> Iterator[DocumentRef]:
+    """The documents of one shard of a listing (``claim``: see ``_walk``)."""
+    if shard.whole:
+        yield from iter_documents(shard.location, storage)
+    elif shard.bucket:
+        yield from _list_s3(shard.bucket, shard.location, storage, shard.pattern, shard.recursive)
+    else:
+        yield from _walk(Path(shard.location), Path(shard.root), claim, shard.recursive)
+
+
 def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
     """Stream the documents of an input: folder (recursive), file, glob, s3:// prefix or glob, or a .txt list.
 
@@ -274,7 +378,9 @@ def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentR
     if input_uri.endswith(URI_LIST_SUFFIX) and not any(char in input_uri for char in GLOB_CHARS):
         yield from _list_uri_file(input_uri, storage)
     elif is_s3(input_uri):
-        yield from _list_s3(input_uri, storage)
+        bucket, key = split_s3(input_uri)
+        prefix, pattern = _s3_pattern(key)
+        yield from _list_s3(bucket, prefix, storage, pattern)
     else:
         yield from _list_local(input_uri)
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from actors.checkpoint import resolve_image_geometry
 from bench.naive import chat_prompt, reference_answer
 from jobs.cli import main
+from jobs.samples import write_samples
 from pipeline.config import ModelConfig, RenderConfig, load_config
 from pipeline.pdf import open_pdf
 from pipeline.rows import Status
@@ -160,6 +161,36 @@ def test_committed_runs_are_never_overwritten_and_files_outside_the_log_are_invi
     assert read_answers(str(output)).num_rows == before.num_rows
     assert main(["query", "--output", str(output), "--format", "json", "SELECT count(*) AS n FROM answers"]) == 0
     assert capsys.readouterr().out.strip() == f'{{"n": {before.num_rows}}}'
+
+
+def test_a_tree_of_folders_and_links_is_listed_in_shards_with_each_document_once(
+    ray_session, tiny_model: Path, job_file: Path, tmp_path: Path
+) -> None:
+    """The listing's tasks (one per subfolder, one for the files beside them) meet links: to a folder and a
+    file inside the input (each listed where it is), and from two subfolders to one folder outside it
+    (listed by the first task to reach it; the run's ledger keeps the claims)."""
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    documents = [
+        *write_samples(root / "a", count=2, with_bad_files=False),
+        *write_samples(root / "a" / "deeper", count=1, with_bad_files=False),
+        *write_samples(root / "b", count=1, with_bad_files=False),
+        *write_samples(outside, count=2, with_bad_files=False),
+    ]
+    (root / "top.pdf").write_bytes(documents[0].read_bytes())
+    (root / "c").mkdir()
+    (root / "to-a").symlink_to(root / "a")
+    (root / "c" / "to-top.pdf").symlink_to(root / "top.pdf")
+    (root / "b" / "to-outside").symlink_to(outside)
+    (root / "c" / "to-outside").symlink_to(outside)
+    expected = {str(path) for path in [*documents, root / "top.pdf"]}
+    output = tmp_path / "out"
+    assert _run(job_file, root, output, tiny_model, "--run-id", "tree") == 0
+    rows = read_answers(str(output)).to_pylist()
+    assert {row["document"] for row in rows} == expected and {row["status"] for row in rows} == {"ok"}
+    keys = [(row["document"], row["page_number"], row["question_id"]) for row in rows]
+    assert len(keys) == len(set(keys))  # no document listed twice
+    [record] = committed_runs(str(output))
+    assert record["incremental"]["listed_documents"] == len(expected)
 
 
 def test_bad_config_and_unloadable_model_fail_before_any_work(

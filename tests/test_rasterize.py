@@ -12,7 +12,7 @@ from pipeline.documents import ReadDocument, document_of_bytes
 from pipeline.images import ImageGeometry
 from pipeline.rasterize import RasterizeDocument
 from pipeline.rows import Status
-from pipeline.storage import InputError, check_input, iter_documents
+from pipeline.storage import InputError, check_input, first_time, iter_documents, iter_shard, listing_shards
 
 GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
 
@@ -114,6 +114,50 @@ def test_read_stage_hashes_and_enforces_the_size_limit(tmp_path: Path) -> None:
     assert row["status"] == Status.FILE_TOO_LARGE and row["data"] == b""
     path.unlink()
     assert ReadDocument(_config().limits, StorageConfig())(ref.as_row())["status"] == Status.READ_ERROR
+
+
+def _tree_with_links(tmp_path: Path) -> tuple[Path, set[str]]:
+    """An input folder of subfolders, files beside them, and links: to a folder and a file inside the input
+    (listed where they are), and two links in different subfolders to one folder outside it (listed once);
+    with the paths each file must be listed under."""
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    for folder in (root / "a" / "deeper", root / "b", root / "c", outside):
+        folder.mkdir(parents=True)
+    for path in (root / "top.pdf", root / "a" / "x.pdf", root / "a" / "deeper" / "y.pdf", root / "b" / "z.pdf"):
+        path.write_bytes(b"x")
+    (outside / "o.pdf").write_bytes(b"x")
+    (root / "to-a").symlink_to(root / "a")
+    (root / "c" / "to-x.pdf").symlink_to(root / "a" / "x.pdf")
+    (root / "b" / "to-outside").symlink_to(outside)
+    (root / "c" / "to-outside").symlink_to(outside)
+    expected = {"a/x.pdf", "a/deeper/y.pdf", "b/z.pdf", "top.pdf"}
+    return root, {str(root / name) for name in expected} | {str(outside / "o.pdf")}
+
+
+def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path) -> None:
+    root, expected = _tree_with_links(tmp_path)
+    storage = StorageConfig()
+    shards = listing_shards(str(root), storage)
+    assert [(Path(shard.location).name, shard.recursive) for shard in shards] == [
+        ("in", False),  # the files (and links) directly in the input
+        ("a", True),
+        ("b", True),
+        ("c", True),
+    ]
+    claim = first_time(set())  # what the run's ledger does across listing tasks
+    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, claim)]
+    assert sorted(sharded) == sorted(expected)  # every file, none twice
+    assert sorted(ref.uri for ref in iter_documents(str(root), storage)) == sorted(expected)
+
+    wrapped = tmp_path / "wrapped"
+    (wrapped / "only").mkdir(parents=True)
+    (wrapped / "only" / "sub").mkdir()
+    (wrapped / "only" / "f.pdf").write_bytes(b"x")
+    # A level of one folder is stepped through: its contents are the shards.
+    assert [Path(shard.location).name for shard in listing_shards(str(wrapped), storage)] == ["only", "sub"]
+    for single in (str(root / "top.pdf"), f"{root}/*.pdf", str(tmp_path / "list.txt")):
+        [shard] = listing_shards(single, storage)
+        assert shard.whole and shard.location == single
 
 
 def test_listing(tmp_path: Path) -> None:

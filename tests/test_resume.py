@@ -122,8 +122,11 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
 
 def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_model: Path, tmp_path: Path) -> None:
     inputs = tmp_path / "pdfs"
-    write_samples(inputs, count=6, with_bad_files=False)
-    documents = sorted(str(path) for path in inputs.iterdir())
+    # Two invoices a folder: the listing's shards, taken one after another in listing order under a budget.
+    for number, path in enumerate(write_samples(inputs, count=6, with_bad_files=False)):
+        (inputs / "abc"[number // 2]).mkdir(exist_ok=True)
+        path.rename(inputs / "abc"[number // 2] / path.name)
+    documents = sorted(str(path) for path in inputs.rglob("*.pdf"))
     job = _job(tmp_path, inputs, tiny_model, budget={"max_documents": 4})
     out = str(tmp_path / "out")
 
@@ -134,7 +137,7 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
         return set(rows.column("document").to_pylist())
 
     first = run_of("2026-11-01")
-    assert len(first) == 4
+    assert first == set(documents[:4])  # the first four listed: folders a and b
     [record] = committed_runs(out)
     assert record["incremental"]["left_documents"] == 2
     assert run_of("2026-11-02") == set(documents) - first  # the two left over, nothing else
@@ -163,7 +166,7 @@ def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_mode
     pages = {doc: len(set(pages)) for doc, pages in _pages_by_document(fourth).items()}
     # Left after the third night: invoice-005 (3 pages) and invoice-006 (1 page); 3 pages fit one of them,
     # whichever reserved its pages first, and the other waits.
-    left = {str(inputs / "invoice-005.pdf"): 3, str(inputs / "invoice-006.pdf"): 1}
+    left = {str(inputs / "c" / "invoice-005.pdf"): 3, str(inputs / "c" / "invoice-006.pdf"): 1}
     assert set(run_of_documents(out, "nightly-2026-11-03")) == set(documents) - set(left)
     assert len(pages) == 1 and pages == {doc: left[doc] for doc in pages}  # exactly one of them, whole
     [record] = [r for r in committed_runs(out) if r["run_id"] == "nightly-2026-11-04"]

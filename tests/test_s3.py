@@ -259,7 +259,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
 def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.storage import iter_documents, read_object
+    from pipeline.storage import first_time, iter_documents, iter_shard, listing_shards, read_object
 
     client = _client(s3_endpoint)
     client.create_bucket(Bucket="listing")
@@ -271,6 +271,24 @@ def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
     assert sorted(listed) == sorted(f"s3://listing/{key}" for key in keys)
     globbed = {ref.uri for ref in iter_documents("s3://listing/deep/1/*.pdf", storage)}
     assert globbed == {f"s3://listing/{key}" for key in keys if key.startswith("deep/1/") and key.endswith(".pdf")}
+
+    # In shards, as a run's listing tasks take them: the keys directly under the prefix, then one shard per
+    # subprefix; a level of one prefix only (the bucket's root here) is stepped through.
+    client.put_object(Bucket="listing", Key="deep/top.pdf", Body=b"%PDF-1.4")
+    shards = listing_shards("s3://listing/", storage)
+    assert [(shard.bucket, shard.location, shard.recursive) for shard in shards] == [
+        ("listing", "deep/", False),
+        *(("listing", f"deep/{n}/", True) for n in range(3)),
+    ]
+    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, first_time(set()))]
+    assert sorted(sharded) == sorted(f"s3://listing/{key}" for key in [*keys, "deep/top.pdf"])
+    [shard] = listing_shards("s3://listing/deep/1/*.pdf", storage)
+    assert {ref.uri for ref in iter_shard(shard, storage, first_time(set()))} == globbed
+    client.create_bucket(Bucket="flat")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: client.put_object(Bucket="flat", Key=f"k{n:04d}", Body=b""), range(1001)))
+    [whole] = listing_shards("s3://flat/", storage, max_pages=1)  # its first level takes 2 requests
+    assert whole.whole and len(list(iter_shard(whole, storage, first_time(set())))) == 1001
 
     client.put_object(
         Bucket="listing",
