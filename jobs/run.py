@@ -238,9 +238,9 @@ def build_page_dataset(
     ledger=None,
     resumed: KnownVersions | None = None,
 ):
-    """The CPU part of the plan: list (one task per listing shard); read and plan the documents each listing
-    task took (one task per shard); render and split each work unit (one task per unit, its pages handed on
-    in blocks within ``render.block_mb``)."""
+    """The CPU part of the plan: list (one task per listing shard, or per group of them); read and plan the
+    documents of each listing block (one task per block); render and split each work unit (one task per
+    unit, its pages handed on in blocks within ``render.block_mb``)."""
     import ray.data
 
     ray.data.DataContext.get_current().target_max_block_size = block_threshold(config, geometry)

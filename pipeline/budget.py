@@ -12,21 +12,24 @@ class RunLedger:
     def __init__(self, max_pages: int | None, max_documents: int | None = None) -> None:
         self.max_pages = max_pages
         self.max_documents = max_documents
-        self.documents_taken = 0
+        self.documents_taken: dict[str, int] = {}  # URI -> the listing task that took it
         self.pages_taken = 0
         self.documents_deferred = 0
         self.listing_counts: dict[int, dict[str, int]] = {}  # per listing task
         self.listing_tasks_done: set[int] = set()
         self.listing_tasks: int | None = None
-        self.link_targets: set[str] = set()
+        self.outside_claims: dict[str, int] = {}  # path -> the listing task that lists it
         self.first_render_at: float | None = None  # wall-clock time the first unit's rendering began
         self.render_isolation: set[str] = set()
 
-    def take_document(self) -> bool:
-        """Reserve one document of ``max_documents`` for a listing task; False once they are all taken."""
-        if self.max_documents is not None and self.documents_taken >= self.max_documents:
+    def take_document(self, task: int, uri: str) -> bool:
+        """Reserve one of ``max_documents`` for listing task ``task``; False once they are all taken. The
+        same answer again for a task that Ray runs again (a retry, or lost output rebuilt)."""
+        if uri in self.documents_taken:
+            return self.documents_taken[uri] == task
+        if self.max_documents is not None and len(self.documents_taken) >= self.max_documents:
             return False
-        self.documents_taken += 1
+        self.documents_taken[uri] = task
         return True
 
     def take_pages(self, pages: int) -> bool:
@@ -54,12 +57,10 @@ class RunLedger:
                 totals[name] += count
         return totals, self.listing_tasks is not None and len(self.listing_tasks_done) == self.listing_tasks
 
-    def claim_link_target(self, target: str) -> bool:
-        """True for the first listing task to reach ``target`` through a link (it lists it), False after."""
-        if target in self.link_targets:
-            return False
-        self.link_targets.add(target)
-        return True
+    def claim_outside(self, path: str, task: int) -> bool:
+        """True for the listing task that first reaches ``path`` (outside the input, through a link), and for
+        that task again when Ray runs it again; False for any other."""
+        return self.outside_claims.setdefault(path, task) == task
 
     def record_render_start(self, at: float) -> None:
         """A render task began rendering a unit at ``at`` (``time.time()``); the earliest is kept."""

@@ -82,7 +82,7 @@ class ListingTask:
                 counts["resumed"] += 1
             elif ref.version is not None and (ref.uri, ref.version) in completed:
                 counts["unchanged"] += 1
-            elif not take():
+            elif not take(ref.uri):
                 counts["left"] += 1
             else:
                 counts["taken"] += 1
@@ -93,41 +93,42 @@ class ListingTask:
         if self.ledger is not None:
             ray.get(self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=True))
 
-    def _take(self) -> Callable[[], bool]:
-        """Whether the run's ``max_documents`` has room for one more document: the ledger counts for every
-        listing task of the run (once it says no, this task stops asking)."""
+    def _take(self) -> Callable[[str], bool]:
+        """Whether the run's ``max_documents`` has room for a document: the ledger counts for every listing
+        task of the run (once it says no, this task stops asking)."""
         if self.max_documents is None:
-            return lambda: True
+            return lambda uri: True
         if self.ledger is None:
             taken = iter(range(self.max_documents))
-            return lambda: next(taken, None) is not None
+            return lambda uri: next(taken, None) is not None
         import ray
 
         room = [True]
 
-        def take() -> bool:
-            room[0] = room[0] and ray.get(self.ledger.take_document.remote())
+        def take(uri: str) -> bool:
+            room[0] = room[0] and ray.get(self.ledger.take_document.remote(self.number, uri))
             return room[0]
 
         return take
 
     def _claim(self) -> Callable[[Path], bool]:
-        """A link target outside the input is listed by the first task to reach it (the run's ledger keeps
-        the claims); without a ledger, there is one task."""
+        """A link target (and each folder below it) outside the input is listed by the first task to reach
+        it: the run's ledger keeps the claims. Without a ledger, there is one task."""
+        seen = first_time(set())
         if self.ledger is None:
-            return first_time(set())
+            return seen
         import ray
 
-        seen = first_time(set())
-        return lambda target: seen(target) and ray.get(self.ledger.claim_link_target.remote(str(target)))
+        return lambda path: seen(path) and ray.get(self.ledger.claim_outside.remote(str(path), self.number))
 
 
 class DocumentListing(Datasource):
     """The input listing as a Ray Data source, cut into shards (``listing_shards``: a folder's subfolders,
     a prefix's subprefixes), one read task each, a few at a time, each yielding the documents it takes. Ray
-    Data packs what a read task yields into blocks of ``target_max_block_size`` and so hands it on only
-    when the task ends: one task for the whole listing held every document back until the last file was
-    listed (bench/incremental.py). The driver never holds the listing.
+    Data packs what a read task yields into blocks of ``target_max_block_size`` and hands a block on once
+    it is full or the task ends: a listing's references, ~100 bytes each, fill none, so one task for the
+    whole listing held every document back until the last file was listed (bench/incremental.py). The
+    driver never holds the listing.
 
     Documents whose (URI, version) already has committed results are skipped (``completed``: a committed
     run's; ``resumed``: an earlier attempt of this run's, which count as done by this run); past

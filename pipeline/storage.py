@@ -231,7 +231,7 @@ def listing_shards(input_uri: str, storage: StorageConfig, max_pages: int = 10) 
             folder = folder / subfolders[0]
             continue
         own = [ListingShard(str(folder), recursive=False, root=str(root))] if files else []
-        return own + [ListingShard(str(folder / name), root=str(root)) for name in sorted(subfolders)]
+        return own + [ListingShard(str(folder / name), root=str(root)) for name in sorted(subfolders)] or whole
 
 
 def _s3_pattern(key: str) -> tuple[str, str | None]:
@@ -314,18 +314,21 @@ def first_time(seen: set[str]) -> Callable[[Path], bool]:
 def _walk(folder: Path, root: Path, claim: Callable[[Path], bool], recursive: bool = True) -> Iterator[DocumentRef]:
     """The files below ``folder`` (``recursive=False``: only those directly in it), depth first in name
     order, yielded as they are found: a folder of a million files starts yielding at once (globbing and
-    sorting it first took 35 s). A symbolic link whose target lies inside the input ``root`` is left to the
-    walk that reaches the target where it is; one to a target outside is followed (listed under the
-    target's path) if ``claim`` grants it: a target reached through two links, in any shard, is listed
-    once. The rest keep the folder's resolved path."""
+    sorting it first took 35 s). Inside the input ``root`` files keep their folder's resolved path, and a
+    symbolic link to a file or folder inside it is left to the walk that reaches the target where it is.
+    Outside it (a link's target and what lies below), each file linked to and each folder is taken only if
+    ``claim`` grants it, so that a target reached twice (two links, nested targets, a loop, a link to a
+    folder above the input), in any shard, is listed once; the input itself is never entered from there."""
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:
         return
+    inside = folder.is_relative_to(root)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if recursive:
-                yield from _walk(Path(entry.path), root, claim)
+            subfolder = Path(entry.path)
+            if recursive and (inside or (not subfolder.is_relative_to(root) and claim(subfolder))):
+                yield from _walk(subfolder, root, claim)
         elif entry.is_symlink():
             target = Path(entry.path).resolve()
             if target.is_relative_to(root) or not claim(target):

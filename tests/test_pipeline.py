@@ -167,9 +167,10 @@ def test_a_tree_of_folders_and_links_is_listed_in_shards_with_each_document_once
     ray_session, tiny_model: Path, job_file: Path, tmp_path: Path
 ) -> None:
     """The listing's tasks (one per subfolder, one for the files beside them) meet links: to a folder and a
-    file inside the input (each listed where it is), and from two subfolders to one folder outside it
-    (listed by the first task to reach it; the run's ledger keeps the claims)."""
-    root, outside = tmp_path / "in", tmp_path / "outside"
+    file inside the input (each listed where it is), from two subfolders to one folder outside it, from a
+    third to a folder below that one (with a loop in it), and to the folder above the input: whatever lies
+    outside is listed by the first task to reach it (the run's ledger keeps the claims)."""
+    root, outside = tmp_path / "tree" / "in", tmp_path / "tree" / "outside"
     documents = [
         *write_samples(root / "a", count=2, with_bad_files=False),
         *write_samples(root / "a" / "deeper", count=1, with_bad_files=False),
@@ -182,6 +183,10 @@ def test_a_tree_of_folders_and_links_is_listed_in_shards_with_each_document_once
     (root / "c" / "to-top.pdf").symlink_to(root / "top.pdf")
     (root / "b" / "to-outside").symlink_to(outside)
     (root / "c" / "to-outside").symlink_to(outside)
+    documents += write_samples(outside / "sub", count=1, with_bad_files=False)
+    (root / "a" / "to-sub").symlink_to(outside / "sub")  # a folder below the other link's target
+    (outside / "sub" / "loop").symlink_to(outside / "sub")
+    (root / "c" / "up").symlink_to(tmp_path / "tree")  # the folder above the input: not listed again
     expected = {str(path) for path in [*documents, root / "top.pdf"]}
     output = tmp_path / "out"
     assert _run(job_file, root, output, tiny_model, "--run-id", "tree") == 0

@@ -7,6 +7,7 @@ import pymupdf
 import pytest
 
 from jobs.samples import invoice_pdf
+from pipeline.budget import RunLedger
 from pipeline.config import StorageConfig, load_config
 from pipeline.documents import ReadDocument, document_of_bytes
 from pipeline.images import ImageGeometry
@@ -118,20 +119,25 @@ def test_read_stage_hashes_and_enforces_the_size_limit(tmp_path: Path) -> None:
 
 def _tree_with_links(tmp_path: Path) -> tuple[Path, set[str]]:
     """An input folder of subfolders, files beside them, and links: to a folder and a file inside the input
-    (listed where they are), and two links in different subfolders to one folder outside it (listed once);
-    with the paths each file must be listed under."""
+    (listed where they are); from two subfolders to one folder outside it, from a third to a folder below
+    that one, with a loop inside it, and to the folder above the input (each listed once, the input not
+    again); with the paths each file must be listed under."""
     root, outside = tmp_path / "in", tmp_path / "outside"
-    for folder in (root / "a" / "deeper", root / "b", root / "c", outside):
+    for folder in (root / "a" / "deeper", root / "b", root / "c", outside / "sub"):
         folder.mkdir(parents=True)
     for path in (root / "top.pdf", root / "a" / "x.pdf", root / "a" / "deeper" / "y.pdf", root / "b" / "z.pdf"):
         path.write_bytes(b"x")
     (outside / "o.pdf").write_bytes(b"x")
+    (outside / "sub" / "p.pdf").write_bytes(b"x")
     (root / "to-a").symlink_to(root / "a")
     (root / "c" / "to-x.pdf").symlink_to(root / "a" / "x.pdf")
+    (root / "a" / "to-sub").symlink_to(outside / "sub")
     (root / "b" / "to-outside").symlink_to(outside)
     (root / "c" / "to-outside").symlink_to(outside)
+    (outside / "sub" / "loop").symlink_to(outside / "sub")
+    (root / "c" / "up").symlink_to(tmp_path)
     expected = {"a/x.pdf", "a/deeper/y.pdf", "b/z.pdf", "top.pdf"}
-    return root, {str(root / name) for name in expected} | {str(outside / "o.pdf")}
+    return root, {str(root / name) for name in expected} | {str(outside / "o.pdf"), str(outside / "sub" / "p.pdf")}
 
 
 def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path) -> None:
@@ -155,9 +161,20 @@ def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path)
     (wrapped / "only" / "f.pdf").write_bytes(b"x")
     # A level of one folder is stepped through: its contents are the shards.
     assert [Path(shard.location).name for shard in listing_shards(str(wrapped), storage)] == ["only", "sub"]
-    for single in (str(root / "top.pdf"), f"{root}/*.pdf", str(tmp_path / "list.txt")):
+    (tmp_path / "empty" / "only").mkdir(parents=True)
+    for single in (str(root / "top.pdf"), f"{root}/*.pdf", str(tmp_path / "list.txt"), str(tmp_path / "empty")):
         [shard] = listing_shards(single, storage)
         assert shard.whole and shard.location == single
+
+
+def test_the_ledger_answers_a_listing_task_run_again_as_the_first_time() -> None:
+    """Ray runs a task again after a failure or to rebuild lost output: its budget and its claims on folders
+    outside the input must come out the same, or documents would go missing."""
+    ledger = RunLedger(max_pages=None, max_documents=2)
+    assert [ledger.take_document(0, uri) for uri in ("a", "b", "c")] == [True, True, False]
+    assert [ledger.take_document(0, uri) for uri in ("a", "b", "c")] == [True, True, False]  # task 0 again
+    assert not ledger.take_document(1, "a")  # another task never gets the same document
+    assert ledger.claim_outside("/out", 3) and ledger.claim_outside("/out", 3) and not ledger.claim_outside("/out", 4)
 
 
 def test_listing(tmp_path: Path) -> None:
