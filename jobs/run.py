@@ -9,6 +9,7 @@ import platform
 import secrets
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -253,6 +254,9 @@ def build_page_dataset(
     # of the object store goes first), planned every listed document before the first page was rendered
     # (bench/incremental.py). Without one, a few at a time per CPU, it runs beside the render tasks.
     planners = ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    # A limit on planning tasks, not a wish for as many blocks: Ray Data's warning that a run of fewer listing
+    # blocks cannot use it all would only puzzle the user.
+    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(DocumentUnits")
     plan = {"num_cpus": 0, "memory": memory, "compute": planners}
     listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
     return (

@@ -155,7 +155,8 @@ class DocumentListing(Datasource):
 
     @property
     def tasks_at_once(self) -> int:
-        return 1 if self.max_documents is not None else LISTING_TASKS_AT_ONCE
+        """How many listing tasks run at once (no more than there are: Ray Data warns of a limit it cannot use)."""
+        return 1 if self.max_documents is not None else min(LISTING_TASKS_AT_ONCE, len(self._tasks))
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
