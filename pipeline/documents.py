@@ -114,7 +114,7 @@ class ListingTask:
     def _claim(self) -> Callable[[Path], bool]:
         """A link target (and each folder below it) outside the input is listed by the first task to reach
         it: the run's ledger keeps the claims. Without a ledger, there is one task."""
-        seen = first_time(set())
+        seen = first_time()
         if self.ledger is None:
             return seen
         import ray

@@ -296,11 +296,12 @@ def _list_local(uri: str) -> Iterator[DocumentRef]:
     if not root.is_dir():
         yield _local_ref(root.resolve())
         return
-    yield from _walk(root.resolve(), root.resolve(), first_time(set()))
+    yield from _walk(root.resolve(), root.resolve(), first_time())
 
 
-def first_time(seen: set[str]) -> Callable[[Path], bool]:
-    """A claim on a link's target that holds within one process: True the first time a target is named."""
+def first_time() -> Callable[[Path], bool]:
+    """A claim on a path outside the input that holds within one process: True the first time it is named."""
+    seen: set[str] = set()
 
     def claim(target: Path) -> bool:
         if str(target) in seen:

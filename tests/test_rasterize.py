@@ -150,7 +150,7 @@ def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path)
         ("b", True),
         ("c", True),
     ]
-    claim = first_time(set())  # what the run's ledger does across listing tasks
+    claim = first_time()  # what the run's ledger does across listing tasks
     sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, claim)]
     assert sorted(sharded) == sorted(expected)  # every file, none twice
     assert sorted(ref.uri for ref in iter_documents(str(root), storage)) == sorted(expected)

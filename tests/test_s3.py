@@ -280,15 +280,15 @@ def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
         ("listing", "deep/", False),
         *(("listing", f"deep/{n}/", True) for n in range(3)),
     ]
-    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, first_time(set()))]
+    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, first_time())]
     assert sorted(sharded) == sorted(f"s3://listing/{key}" for key in [*keys, "deep/top.pdf"])
     [shard] = listing_shards("s3://listing/deep/1/*.pdf", storage)
-    assert {ref.uri for ref in iter_shard(shard, storage, first_time(set()))} == globbed
+    assert {ref.uri for ref in iter_shard(shard, storage, first_time())} == globbed
     client.create_bucket(Bucket="flat")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda n: client.put_object(Bucket="flat", Key=f"k{n:04d}", Body=b""), range(1001)))
     [whole] = listing_shards("s3://flat/", storage, max_pages=1)  # its first level takes 2 requests
-    assert whole.whole and len(list(iter_shard(whole, storage, first_time(set())))) == 1001
+    assert whole.whole and len(list(iter_shard(whole, storage, first_time()))) == 1001
 
     client.put_object(
         Bucket="listing",
