@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
-from pipeline.rows import OUTPUT_SCHEMA, Status, rows_to_table
+from pipeline.rows import DOCUMENT_FIELDS, OUTPUT_SCHEMA, Status, rows_to_table
 from pipeline.tables import ANSWERS, CURRENT, RUN_SCHEMA, RUNS, OutputTables, sql_string
 
 log = logging.getLogger("docqa")
@@ -63,9 +63,8 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     """One row per document of ``waiting`` (rows of documents that never arrived whole): the document's
     identity and run fields from its first row, no page or answer, status ``model_error`` (retryable) and
     how many of its rows arrived."""
-    per_page = {"page_number", "question_id", "question", "answer", "confidence", "generated_tokens", "render_ms"}
-    per_page |= {"model_ms", "answer_source", "evidence", "evidence_text", "evidence_bbox", "text_layer_chars"}
-    per_page |= {name for name in OUTPUT_SCHEMA.names if name.startswith("value_")}
+    kept = {"run_id", "document", *DOCUMENT_FIELDS, "config_fingerprint", "model_id", "model_revision"}
+    kept |= {"num_pages", "repaired"}  # the rest (page, question, answer and its values, timings) are nulls
     documents = waiting.column("document").to_pylist()
     arrived = Counter(documents)
     first = {document: index for index, document in reversed(list(enumerate(documents)))}  # first row of each
@@ -74,7 +73,7 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
         expected = row["document_rows"]
         reason = f"incomplete: {arrived[row['document']]} of its {expected} rows arrived; the next run takes it again"
         rows.append(
-            {**{name: None if name in per_page else value for name, value in row.items()}, "document_rows": 1}
+            {**{name: value if name in kept else None for name, value in row.items()}, "document_rows": 1}
             | {"status": Status.MODEL_ERROR.value, "error": reason}
         )
     return rows_to_table(rows)

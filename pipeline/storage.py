@@ -211,27 +211,50 @@ def listing_shards(input_uri: str, storage: StorageConfig, max_pages: int = 10) 
     if input_uri.endswith(URI_LIST_SUFFIX) and not any(char in input_uri for char in GLOB_CHARS):
         return whole
     if is_s3(input_uri):
-        return _s3_shards(input_uri, storage, max_pages) or whole
+        bucket, key = split_s3(input_uri)
+        prefix, pattern = _s3_pattern(key)
+        level = _first_level(prefix, lambda location: _s3_level(bucket, location, storage, max_pages, input_uri))
+        if level is None:
+            return whole
+        prefix, keys, subprefixes = level
+        own = [ListingShard(prefix, recursive=False, bucket=bucket, pattern=pattern)] if keys else []
+        return own + [ListingShard(sub, bucket=bucket, pattern=pattern) for sub in subprefixes] or whole
     if any(char in input_uri for char in GLOB_CHARS) or not Path(input_uri).expanduser().is_dir():
         return whole
-    root = Path(input_uri).expanduser().resolve()
-    folder = root
-    while True:
-        try:
-            with os.scandir(folder) as entries:
-                files, subfolders = False, []
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        subfolders.append(entry.name)
-                    else:
-                        files = True
-        except OSError:
-            return whole
-        if len(subfolders) == 1 and not files:
-            folder = folder / subfolders[0]
-            continue
-        own = [ListingShard(str(folder), recursive=False, root=str(root))] if files else []
-        return own + [ListingShard(str(folder / name), root=str(root)) for name in sorted(subfolders)] or whole
+    root = str(Path(input_uri).expanduser().resolve())
+    level = _first_level(root, _local_level)
+    if level is None:
+        return whole
+    folder, files, subfolders = level
+    own = [ListingShard(folder, recursive=False, root=root)] if files else []
+    return own + [ListingShard(sub, root=root) for sub in subfolders] or whole
+
+
+def _first_level(
+    location: str, level_of: Callable[[str], tuple[bool, list[str]] | None]
+) -> tuple[str, bool, list[str]] | None:
+    """The first level below ``location`` that holds files or more than one subfolder (``level_of``: whether
+    a location holds files, and its subfolders in name order; None when that cannot be told)."""
+    while (level := level_of(location)) is not None:
+        files, subfolders = level
+        if len(subfolders) != 1 or files:
+            return location, files, subfolders
+        location = subfolders[0]
+    return None
+
+
+def _local_level(folder: str) -> tuple[bool, list[str]] | None:
+    try:
+        with os.scandir(folder) as entries:
+            files, subfolders = False, []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.path)
+                else:
+                    files = True
+    except OSError:
+        return None
+    return files, sorted(subfolders)
 
 
 def _s3_pattern(key: str) -> tuple[str, str | None]:
@@ -241,27 +264,23 @@ def _s3_pattern(key: str) -> tuple[str, str | None]:
     return key[: min(key.index(char) for char in GLOB_CHARS if char in key)], key
 
 
-def _s3_shards(uri: str, storage: StorageConfig, max_pages: int) -> list[ListingShard]:
+def _s3_level(
+    bucket: str, prefix: str, storage: StorageConfig, max_pages: int, uri: str
+) -> tuple[bool, list[str]] | None:
+    """Whether keys lie directly under ``prefix``, and its subprefixes; None past ``max_pages`` requests."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = split_s3(uri)
-    prefix, pattern = _s3_pattern(key)
+    keys, subprefixes = False, []
     paginator = s3_client(storage).get_paginator("list_objects_v2")
     try:
-        while True:
-            keys, subprefixes = False, []
-            for number, page in enumerate(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")):
-                if number == max_pages:
-                    return []
-                keys = keys or bool(page.get("Contents"))
-                subprefixes += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
-            if len(subprefixes) == 1 and not keys:
-                prefix = subprefixes[0]
-                continue
-            own = [ListingShard(prefix, recursive=False, bucket=bucket, pattern=pattern)] if keys else []
-            return own + [ListingShard(sub, bucket=bucket, pattern=pattern) for sub in subprefixes]
+        for number, page in enumerate(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")):
+            if number == max_pages:
+                return None
+            keys = keys or bool(page.get("Contents"))
+            subprefixes += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
     except (BotoCoreError, ClientError) as error:
         raise StorageError(describe_client_error(error, f"listing {uri}")) from None
+    return keys, subprefixes
 
 
 def _list_s3(
