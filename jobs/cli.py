@@ -150,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--retain-hours",
         type=int,
         default=168,
-        help="keep files that versions of the last H hours need (time travel that far back); default 168 (a week)",
+        help="keep files that versions of the last H hours need (time travel that far back); default 168 (a week);"
+        " under 1 needs --force",
+    )
+    optimize.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --retain-hours under 1: only when no run can be writing to this output",
     )
 
     serve = commands.add_parser("serve", help="answer questions about uploaded PDFs over HTTP (Ray Serve)")
@@ -237,7 +243,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from pipeline.tables import optimize_output
 
     storage = load_config(args.config, {"output": args.output}).storage if args.config else None
-    for name, report in optimize_output(args.output, storage, args.retain_hours).items():
+    for name, report in optimize_output(args.output, storage, args.retain_hours, args.force).items():
         print(
             f"{name}: {report['files_before']} → {report['files_after']} files"
             f" ({report['files_removed']} compacted), {report['vacuumed']} unreferenced files deleted"

@@ -99,7 +99,7 @@ class AnswerStore:
                     )
                 current.load_as_version(as_of)
             datasets = {
-                CURRENT: current.to_pyarrow_dataset(schema=ANSWER_SCHEMA),
+                CURRENT: tables.files_of(current, CURRENT),
                 ANSWERS: tables.dataset(ANSWERS, as_of),
                 RUNS: tables.dataset(RUNS, as_of),
             }

@@ -45,7 +45,9 @@ def new_run_id(now: datetime) -> str:
 
 @dataclass
 class RunStats:
-    """Counts kept as result batches arrive: drives the progress line and the final summary."""
+    """Counts kept as result batches arrive: drives the progress line and the final summary. ``add`` takes
+    rows of complete documents (each (page, question) once, as the writer commits them), so the counts are
+    exact and their memory is one entry per document, never per page or row."""
 
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)  # the same instant, comparable across processes
@@ -55,21 +57,34 @@ class RunStats:
     answers: int = 0
     rows: int = 0
     unit_status: Counter[str] = field(default_factory=Counter)  # per page, or per document without pages
-    _pages_seen: set[tuple[str, int | None]] = field(default_factory=set)
+    pages_arrived: int = 0  # pages in result batches so far, complete documents or not: the progress line's
+
+    def arrived(self, table: pa.Table) -> None:
+        """A result batch as it arrives (its documents may not be complete yet)."""
+        pages = table.filter(pc.is_valid(table.column("page_number")))
+        self.pages_arrived += len(pages.group_by(["document", "page_number"]).aggregate([]))
 
     def add(self, table: pa.Table) -> None:
+        """Rows of complete documents."""
         self.rows += table.num_rows
-        columns = table.select(["document", "page_number", "question_id", "status"]).to_pydict()
-        for document, page, question, status in zip(*columns.values(), strict=True):
-            if status == Status.OK and question is not None:
-                self.answers += 1
-            if (document, page) not in self._pages_seen:
-                self._pages_seen.add((document, page))
-                self.unit_status[status] += 1
-                if page is not None:
-                    self.page_status[status] += 1
-            previous = self.document_status.get(document, Status.OK.value)
-            self.document_status[document] = status if previous == Status.OK else previous
+        self.answers += pc.sum(
+            pc.and_(pc.equal(table.column("status"), Status.OK.value), pc.is_valid(table.column("question_id")))
+        ).as_py() or 0
+        units = table.group_by(["document", "page_number"], use_threads=False).aggregate([("status", "first")])
+        for page, status in zip(
+            units.column("page_number").to_pylist(), units.column("status_first").to_pylist(), strict=True
+        ):
+            self.unit_status[status] += 1
+            if page is not None:
+                self.page_status[status] += 1
+        failed = table.filter(pc.not_equal(table.column("status"), Status.OK.value))
+        for document in pc.unique(table.column("document")).to_pylist():
+            self.document_status.setdefault(document, Status.OK.value)
+        for document, status in zip(
+            failed.column("document").to_pylist(), failed.column("status").to_pylist(), strict=True
+        ):
+            if self.document_status[document] == Status.OK:
+                self.document_status[document] = status
 
     @property
     def pages(self) -> int:
@@ -362,6 +377,7 @@ def run_job(
             record,
             config.commit_rows,
             config.commit_interval_s,
+            config.lease_s,
         )
     except (OSError, TableError) as error:
         raise StorageError(f"cannot write to output {config.output}: {error}") from None
@@ -411,7 +427,7 @@ def _stream(
                 documents_done=writer.documents_complete,
                 documents_listed=listing.get("taken", 0) + listing.get("resumed", 0),
                 listing_complete=complete,
-                pages=stats.pages,
+                pages=max(stats.pages, stats.pages_arrived),
                 answers=stats.answers,
                 elapsed_s=stats.elapsed,
                 documents_done_at_start=done_at_start,
@@ -426,9 +442,11 @@ def _stream(
                 watchdog.beat()
                 if stats.first_row_s is None:
                     stats.first_row_s = stats.elapsed
-                writer.write(batch)  # a commit can take seconds: the progress line does not wait for it
                 with counting:
-                    stats.add(batch)
+                    stats.arrived(batch)
+                done = writer.write(batch)  # a commit can take seconds: the progress line does not wait for it
+                with counting:
+                    stats.add(done)
     except KeyboardInterrupt:
         if watchdog.diagnosis:  # the watchdog's interrupt, wherever it landed in the loop or on leaving it
             raise watchdog.stalled() from None

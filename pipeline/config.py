@@ -412,6 +412,13 @@ class JobConfig(_Strict):
     commit_interval_s: float = Field(
         60.0, gt=0, description="...or once this long has passed since the last commit: what a crash can lose."
     )
+    lease_s: float = Field(
+        300.0,
+        ge=1,
+        description="While a run lives, its driver renews a lease on it in the `runs` table every lease_s / 5 "
+        "seconds. The next run on the output marks a `running` run whose lease has passed `abandoned` and brings "
+        "`current` up to date with what it committed; `docqa optimize` does not vacuum while a run holds its lease.",
+    )
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",

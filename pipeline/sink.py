@@ -1,32 +1,46 @@
 """The sink, on the driver: it iterates the plan's output batches (``iter_batches``) and commits a run's rows
 to the output's Delta tables (pipeline/tables.py) as its documents complete.
 
-The commit protocol:
+The commit protocol. Every commit a run makes to a table carries Delta's application transaction
+(``docqa-run:RUN_ID``, version ``attempt << 32 | part``). Delta refuses a commit whose snapshot is older than
+another commit carrying the same application id (``ConcurrentTransaction``): so for one run id, "read the
+table's transaction version, decide, commit" is atomic in every table, and each decision below is taken on
+the state it commits against.
 
-1. **Claim.** The run's row in ``runs`` is written with state ``running`` in a commit that carries the
-   application transaction (``docqa-run:RUN_ID``, attempt number). Two processes starting the same run id
-   at once write the same transaction id: Delta lets one commit and the other fails (it is told another
-   attempt started). A run id whose row says ``committed`` is refused.
-2. **Parts.** Rows are buffered until their documents are complete (``document_rows``), then, every
-   ``commit_rows`` rows or ``commit_interval_s`` seconds, one part: an append to ``answers`` and a replace
-   of those documents' rows in ``current`` (``overwrite`` with a ``document IN (...)`` predicate), each one
-   Delta commit carrying (``docqa-run:RUN_ID``, part number). Before each commit the table's transaction
-   version is read: a part already applied (a retried commit, a resumed run) is never applied twice.
-   Every visible row belongs to a document whose rows are all visible.
-3. **Resume.** A later attempt of the same run id (after kill -9, a lost driver) finds the parts the dead
-   attempt committed: their documents are not processed again, numbering continues after them, and if the
-   attempt died between a part's ``answers`` and ``current`` commits, ``current`` is brought up to date.
-4. **Record.** At the end the run's ``runs`` row becomes ``committed`` with its record (or ``failed``).
+1. **Claim.** The run's row in ``runs`` is written with state ``running``, a new attempt number and a lease
+   (``lease_expires_at``), in a commit carrying (RUN_ID, attempt). A run id whose row says ``committed`` is
+   refused; of two processes claiming the same attempt at once, one fails.
+2. **Fence.** An attempt after the first writes a commit carrying (attempt, p) into ``answers`` and then into
+   ``current``, where p is the last part an earlier attempt applied there: it adopts parts 1..p (their
+   documents are done, numbering goes on after them) and, if an earlier attempt died between a part's two
+   commits, the same commit brings those documents into ``current``. From then on an earlier attempt's
+   commits are refused, whatever the order: it reads a newer attempt and stops.
+3. **Parts.** Rows wait until their documents are complete: every (page, question) of the document present,
+   counted by key, not by rows (a duplicated row, a retried task's, is dropped and never hides a missing
+   one). Every ``commit_rows`` rows or ``commit_interval_s`` seconds, one part: an append to ``answers``,
+   then a replace of its documents' rows in ``current``. A part counts as applied in a table only where this
+   attempt applied it (a retried commit after a lost response is recognised); never because of another
+   attempt's commit.
+4. **Heartbeat.** While the run lives its driver moves its lease forward (every ``lease_s / 5``) in a commit
+   carrying (RUN_ID, attempt). The next run on the output (any run id) takes over a ``running`` run whose
+   lease has passed: it marks it ``abandoned`` under a new attempt number, which fences the dead attempt's
+   writer out if it was only frozen, and repairs ``current`` from the parts it committed (step 2).
+5. **Record.** At the end the run's row becomes ``committed`` with its record (or ``failed``).
+
+The invariant, which tests/test_tables.py checks over every interleaving of two attempts' commits: after
+the last attempt commits, every document of the run is in ``answers`` exactly once per (page, question),
+all from one attempt, and ``current`` holds, for each document, the rows of the latest run that processed
+it. Every visible row belongs to a document whose rows are all visible.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -35,17 +49,28 @@ import pyarrow.dataset as ds
 
 from pipeline.config import StorageConfig
 from pipeline.rows import DOCUMENT_FIELDS, OUTPUT_SCHEMA, Status, rows_to_table
-from pipeline.tables import ANSWERS, CURRENT, RUN_SCHEMA, RUNS, OutputTables, sql_string
+from pipeline.tables import (
+    ANSWERS,
+    CURRENT,
+    DEFAULT_LEASE_S,
+    RUN_SCHEMA,
+    RUNS,
+    OutputTables,
+    lease_expired,
+    sql_string,
+)
 
 log = logging.getLogger("docqa")
 # A part is also closed at this many documents: its `current` replace names them all in one predicate,
 # which delta-rs parses, matches and keeps in the commit's log entry (20,000 documents: 1.1 MB, 1.6 s).
 MAX_DOCUMENTS_PER_COMMIT = 2000
 PART_BITS = 32  # a commit's transaction version: attempt << PART_BITS | part
+HEARTBEATS_PER_LEASE = 5
+WHOLE_DOCUMENT = (None, None)  # the key of a row that speaks for its whole document
 
 
 class RunExistsError(RuntimeError):
-    """The run id is committed already (it is never overwritten), or another process is starting it."""
+    """The run id is committed already (it is never overwritten), or another attempt of it took over."""
 
 
 def app_id(run_id: str) -> str:
@@ -59,19 +84,41 @@ def split_version(version: int | None) -> tuple[int, int]:
     return version >> PART_BITS, version & ((1 << PART_BITS) - 1)
 
 
+def commit_properties(run_id: str, attempt: int, part: int):
+    """What every part and fence commit of (run, attempt) carries: the application transaction, and the
+    same facts as readable commit metadata (``DeltaTable.history()``)."""
+    from deltalake import CommitProperties, Transaction
+
+    return CommitProperties(
+        app_transactions=[Transaction(app_id(run_id), attempt << PART_BITS | part)],
+        custom_metadata={"docqa.run_id": run_id, "docqa.part": str(part), "docqa.attempt": str(attempt)},
+    )
+
+
+def taken_over(run_id: str, attempt: int, by: int) -> RunExistsError:
+    return RunExistsError(
+        f"attempt {by} of run {run_id!r} took over from this one (attempt {attempt}); this one stops, what it "
+        "committed is kept"
+    )
+
+
 def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     """One row per document of ``waiting`` (rows of documents that never arrived whole): the document's
     identity and run fields from its first row, no page or answer, status ``model_error`` (retryable) and
-    how many of its rows arrived."""
+    how many of its (page, question) keys arrived."""
     kept = {"run_id", "document", *DOCUMENT_FIELDS, "config_fingerprint", "model_id", "model_revision"}
     kept |= {"num_pages", "repaired"}  # the rest (page, question, answer and its values, timings) are nulls
-    documents = waiting.column("document").to_pylist()
-    arrived = Counter(documents)
-    first = {document: index for index, document in reversed(list(enumerate(documents)))}  # first row of each
+    columns = waiting.select(["document", "page_number", "question_id"]).to_pydict()
+    keys: dict[str, set[tuple[Any, Any]]] = {}
+    first: dict[str, int] = {}
+    for index, (document, page, question) in enumerate(zip(*columns.values(), strict=True)):
+        keys.setdefault(document, set()).add((page, question))
+        first.setdefault(document, index)
     rows = []
     for row in waiting.take(list(first.values())).to_pylist():
         expected = row["document_rows"]
-        reason = f"incomplete: {arrived[row['document']]} of its {expected} rows arrived; the next run takes it again"
+        arrived = len(keys[row["document"]])
+        reason = f"incomplete: {arrived} of its {expected} rows arrived; the next run takes it again"
         rows.append(
             {**{name: value if name in kept else None for name, value in row.items()}, "document_rows": 1}
             | {"status": Status.MODEL_ERROR.value, "error": reason}
@@ -79,15 +126,137 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     return rows_to_table(rows)
 
 
-def _without(rows: pa.Table, documents: Iterable[str]) -> pa.Table:
+def _without(rows: pa.Table, documents) -> pa.Table:
     """``rows`` less those of ``documents``."""
     unwanted = pa.array(sorted(documents), pa.string())
     return rows.filter(pc.invert(pc.is_in(rows.column("document"), value_set=unwanted)))
 
 
-def run_row(run_id: str, run_date: date, state: str, attempt: int, record: dict[str, Any]) -> dict[str, Any]:
+def _of(rows: pa.Table, documents) -> pa.Table:
+    """The rows of ``documents`` only."""
+    return rows.filter(pc.is_in(rows.column("document"), value_set=pa.array(list(documents), pa.string())))
+
+
+class DocumentBuffer:
+    """Rows of documents that are not complete yet, and the (page, question) keys each document has: a
+    document is complete once it holds ``document_rows`` distinct keys. A row whose key its document already
+    has (a task that Ray ran again, say) is dropped.
+
+    The cost of a batch is linear in the batch, whatever waits: a batch's rows of documents it completes
+    (most of them) go straight on; the rows of documents still incomplete are kept as one chunk, and each
+    document remembers its rows' places in the chunks, so that completing it takes just its rows. A chunk
+    whose rows are mostly gone is compacted, so memory stays linear in the rows waiting."""
+
+    COMPACT_MIN_ROWS = 256  # chunks smaller than this are left as they are until they empty
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[tuple[Any, Any]]] = {}  # each incomplete document's keys so far
+        self.places: dict[str, dict[int, list[int]]] = {}  # each incomplete document's rows: chunk -> row indices
+        self.chunks: dict[int, pa.Table] = {}
+        self.live: dict[int, int] = {}  # rows of a chunk still waiting
+        self.documents_in: dict[int, set[str]] = {}
+        self._next_chunk = 0
+        self.duplicates = 0  # rows dropped because their key had arrived already
+
+    @property
+    def rows(self) -> int:
+        """Rows waiting."""
+        return sum(self.live.values())
+
+    def drop(self, documents) -> None:
+        """Forget ``documents`` and their waiting rows (settled as a whole elsewhere)."""
+        self._gather([document for document in documents if document in self.keys])
+
+    def add(self, table: pa.Table, known: Callable[[str], set[tuple[Any, Any]] | None] = lambda _: None) -> pa.Table:
+        """Take ``table``'s rows; returns every row of the documents they complete (each key once).
+        ``known``: the keys a document already has elsewhere (rows committed by an earlier attempt)."""
+        columns = table.select(["document", "page_number", "question_id", "document_rows"]).to_pydict()
+        keep = []
+        expected: dict[str, int] = {}
+        for document, page, question, rows in zip(*columns.values(), strict=True):
+            keys = self.keys.get(document)
+            if keys is None:
+                keys = self.keys[document] = set(known(document) or ())
+            key = (page, question)
+            keep.append(key not in keys)
+            keys.add(key)
+            expected[document] = rows
+        if not all(keep):
+            self.duplicates += keep.count(False)
+            table = table.filter(pa.array(keep, pa.bool_()))
+        complete = [document for document, rows in expected.items() if len(self.keys[document]) >= rows]
+        for document in complete:
+            del self.keys[document]
+        finished = set(complete)
+        waiting = [document for document in expected if document not in finished]
+        if not complete:
+            self._keep(table)
+            return table.slice(0, 0)
+        done = [_of(table, complete) if waiting else table, *self._gather([d for d in complete if d in self.places])]
+        if waiting:
+            self._keep(_of(table, waiting))
+        return pa.concat_tables(done) if len(done) > 1 else done[0]
+
+    def _keep(self, table: pa.Table) -> None:
+        """Keep ``table`` (rows of incomplete documents) as a chunk, each row's place noted by its document."""
+        if not table.num_rows:
+            return
+        chunk = self._next_chunk
+        self._next_chunk += 1
+        self.chunks[chunk], self.live[chunk], self.documents_in[chunk] = table, table.num_rows, set()
+        for index, document in enumerate(table.column("document").to_pylist()):
+            self.places.setdefault(document, {}).setdefault(chunk, []).append(index)
+            self.documents_in[chunk].add(document)
+
+    def _gather(self, documents: list[str]) -> list[pa.Table]:
+        """The waiting rows of ``documents``, taken out of their chunks (one take per chunk)."""
+        by_chunk: dict[int, list[int]] = {}
+        for document in documents:
+            self.keys.pop(document, None)
+            for chunk, indices in self.places.pop(document, {}).items():
+                by_chunk.setdefault(chunk, []).extend(indices)
+                self.documents_in[chunk].discard(document)
+        if not by_chunk:
+            return []
+        # One take over the touched chunks side by side (a zero-copy concatenation), not one per chunk.
+        offset, places = 0, []
+        for chunk, indices in by_chunk.items():
+            places += [offset + index for index in indices] if offset else indices
+            offset += self.chunks[chunk].num_rows
+        touched = pa.concat_tables([self.chunks[chunk] for chunk in by_chunk])
+        taken = touched.take(pa.array(places, pa.int64()))
+        for chunk, indices in by_chunk.items():
+            self.live[chunk] -= len(indices)
+            if not self.live[chunk]:
+                del self.chunks[chunk], self.live[chunk], self.documents_in[chunk]
+            elif (
+                self.chunks[chunk].num_rows >= self.COMPACT_MIN_ROWS
+                and 2 * self.live[chunk] < self.chunks[chunk].num_rows
+            ):
+                self._compact(chunk)
+        return [taken]
+
+    def _compact(self, chunk: int) -> None:
+        """Rewrite a chunk with only its waiting rows, and renumber their places."""
+        order: list[int] = []
+        for document in sorted(self.documents_in[chunk]):
+            indices = self.places[document][chunk]
+            self.places[document][chunk] = list(range(len(order), len(order) + len(indices)))
+            order += indices
+        self.chunks[chunk] = self.chunks[chunk].take(pa.array(order, pa.int64()))
+
+    def remaining(self) -> pa.Table | None:
+        """Every row still waiting (documents that never arrived whole), taken out; None when none waits."""
+        tables = self._gather(list(self.places))
+        self.keys.clear()
+        return pa.concat_tables(tables) if tables else None
+
+
+def run_row(
+    run_id: str, run_date: date, state: str, attempt: int, record: dict[str, Any], lease_s: float | None = None
+) -> dict[str, Any]:
     """The run's row in ``runs`` (RUN_SCHEMA) from its record (``RunWriter.commit``'s argument, or the
-    fields known at the start)."""
+    fields known at the start); ``lease_s``: the lease of a running run, from now."""
     counts = record.get("counts", {})
     documents, pages = counts.get("documents", {}), counts.get("pages", {})
     started = datetime.fromisoformat(record["started_at"])
@@ -114,13 +283,179 @@ def run_row(run_id: str, run_date: date, state: str, attempt: int, record: dict[
         "degraded": bool(record.get("degraded")),
         "error": record.get("error"),
         "record": json.dumps(record, sort_keys=True, default=str),
+        "lease_expires_at": None if lease_s is None else datetime.now(UTC) + timedelta(seconds=lease_s),
     }
+
+
+def merge_run(table, row: dict[str, Any], attempt: int | None = None) -> None:
+    """Insert or replace one run's row in ``runs``; with ``attempt``, the commit carries (RUN_ID, attempt)."""
+    from deltalake import CommitProperties, Transaction
+
+    transactions = [Transaction(app_id(row["run_id"]), attempt)] if attempt is not None else None
+    (
+        table.merge(
+            pa.Table.from_pylist([row], schema=RUN_SCHEMA),
+            predicate="target.run_id = source.run_id",
+            source_alias="source",
+            target_alias="target",
+            commit_properties=CommitProperties(app_transactions=transactions),
+        )
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
+
+
+def _run_rows(tables: OutputTables, table, run_id: str) -> list[dict[str, Any]]:
+    """Run ``run_id``'s row in this snapshot of ``runs`` (none or one)."""
+    return tables.files_of(table, RUNS).to_table(filter=ds.field("run_id") == run_id).to_pylist()
+
+
+class RunFence:
+    """One attempt's hold on a run id's commits in ``answers`` and ``current`` (steps 2 and 3 of the
+    protocol): what it adopts of earlier attempts, and whether a part of its own is applied already."""
+
+    def __init__(self, tables: OutputTables, run_id: str, run_date: date, attempt: int, started_at: str) -> None:
+        self.tables = tables
+        self.run_id = run_id
+        self.run_date = run_date
+        self.attempt = attempt
+        self.started_at = started_at
+        self.app_id = app_id(run_id)
+
+    def check(self, table) -> tuple[int, int]:
+        """(attempt, part) of the table's last commit of this run id; raises when a later attempt wrote it."""
+        attempt, part = split_version(table.transaction_version(self.app_id))
+        if attempt > self.attempt:
+            raise taken_over(self.run_id, self.attempt, attempt)
+        return attempt, part
+
+    def applied(self, table, part: int) -> bool:
+        """Whether this attempt applied ``part`` to ``table`` already (a retried commit)."""
+        attempt, applied = self.check(table)
+        return attempt == self.attempt and applied >= part
+
+    def properties(self, part: int):
+        return commit_properties(self.run_id, self.attempt, part)
+
+    def adopt(self) -> tuple[int, pa.Table]:
+        """Fence ``answers`` then ``current`` against earlier attempts; returns the last part they applied and
+        the rows they committed (the run date's partition), read from the snapshot the fence commits on."""
+        from deltalake import write_deltalake
+
+        this_run = (ds.field("run_date") == self.run_date) & (ds.field("run_id") == self.run_id)
+
+        def fence_answers(table) -> tuple[int, pa.Table]:
+            _, part = self.check(table)
+            rows = self.tables.files_of(table, ANSWERS).to_table(columns=OUTPUT_SCHEMA.names, filter=this_run)
+            empty = self.with_run_date(OUTPUT_SCHEMA.empty_table())
+            write_deltalake(table, empty, mode="append", commit_properties=self.properties(part))
+            return part, rows
+
+        part, rows = self.tables.retry_commit(ANSWERS, fence_answers)
+        self.replace_current(rows, part, repair=True)
+        return part, rows
+
+    def with_run_date(self, rows: pa.Table) -> pa.Table:
+        return rows.append_column("run_date", pa.array([self.run_date] * rows.num_rows, pa.date32()))
+
+    def replace_current(self, rows: pa.Table, part: int, repair: bool = False) -> None:
+        """Put ``rows``' documents into ``current`` as part ``part``; with ``repair``, only those whose
+        ``current`` rows are neither this run's nor a later run's (a part whose ``current`` commit is missing),
+        and a commit either way (the fence)."""
+        from deltalake import write_deltalake
+
+        def replace(table) -> None:
+            if self.applied(table, part) and not repair:
+                return
+            wanted = self._missing(table, rows) if repair else rows
+            if wanted.num_rows:
+                documents = pc.unique(wanted.column("document")).to_pylist()
+                predicate = f"document IN ({', '.join(sql_string(document) for document in documents)})"
+                log.info(
+                    "run %s: %d row(s) of %d document(s) into current", self.run_id, wanted.num_rows, len(documents)
+                )
+                options = {"mode": "overwrite", "predicate": predicate}
+            else:
+                options = {"mode": "append"}
+            data = wanted if "run_date" in wanted.schema.names else self.with_run_date(wanted)
+            write_deltalake(table, data, commit_properties=self.properties(part), **options)
+
+        self.tables.retry_commit(CURRENT, replace)
+
+    def _missing(self, table, rows: pa.Table) -> pa.Table:
+        """Of ``rows`` (this run's committed rows), those of documents whose rows in this snapshot of ``current``
+        are another, earlier run's, or absent."""
+        if not rows.num_rows:
+            return rows
+        documents = pc.unique(rows.column("document"))
+        there = self.tables.files_of(table, CURRENT).to_table(
+            columns=["document", "run_id"], filter=ds.field("document").isin(documents)
+        )
+        runs = self.tables.read(RUNS, columns=["run_id", "started_at"]).to_pylist()
+        ours = datetime.fromisoformat(self.started_at)
+        newer = {run["run_id"] for run in runs if run["run_id"] != self.run_id and run["started_at"] > ours}
+        # Keep this run's rows, and those of runs started after it (they processed the document later).
+        keep = pc.or_(
+            pc.equal(there.column("run_id"), self.run_id),
+            pc.is_in(there.column("run_id"), pa.array(sorted(newer), pa.string())),
+        )
+        return _without(rows, pc.unique(there.filter(keep).column("document")).to_pylist())
+
+
+def take_over_abandoned(tables: OutputTables, but: str | None = None, now: datetime | None = None) -> list[str]:
+    """Mark ``abandoned`` each ``running`` run (but ``but``) whose lease has passed, under a new attempt
+    number, and bring ``current`` up to date with what it committed. Returns the run ids taken over."""
+    now = now or datetime.now(UTC)
+    rows = tables.read(RUNS, filter=ds.field("state") == "running").to_pylist()
+    taken = []
+    for row in rows:
+        if row["run_id"] == but or not lease_expired(row, now):
+            continue
+        attempt = _abandon(tables, row["run_id"], now)
+        if attempt is None:
+            continue  # it came back to life, or another run took it over first
+        fence = RunFence(tables, row["run_id"], row["run_date"], attempt, row["started_at"].isoformat())
+        try:
+            fence.adopt()
+        except RunExistsError:
+            continue  # a later attempt of it (a rerun of its id) has started meanwhile: it repairs
+        log.warning(
+            "run %s was abandoned (its driver stopped renewing its lease at %s); current is repaired",
+            row["run_id"],
+            row.get("lease_expires_at"),
+        )
+        taken.append(row["run_id"])
+    return taken
+
+
+def _abandon(tables: OutputTables, run_id: str, now: datetime) -> int | None:
+    """Claim the dead run's next attempt number with state ``abandoned``; None if it is no longer a
+    ``running`` row past its lease in the snapshot the claim commits on."""
+
+    def claim(table) -> int | None:
+        earlier = _run_rows(tables, table, run_id)
+        if not earlier or earlier[0]["state"] != "running" or not lease_expired(earlier[0], now):
+            return None
+        row = earlier[0]
+        attempt = max((table.transaction_version(app_id(run_id)) or 0), row["attempt"]) + 1
+        seen = row.get("lease_expires_at") or row["started_at"]
+        error = (
+            f"abandoned: its driver stopped without a word (lease ran out at {seen.isoformat()}); current holds "
+            f"the documents it committed. Run it again with --run-id {run_id} to finish it"
+        )
+        merge_run(
+            table, {**row, "state": "abandoned", "attempt": attempt, "error": error, "lease_expires_at": None}, attempt
+        )
+        return attempt
+
+    return tables.retry_commit(RUNS, claim)
 
 
 class RunWriter:
     """Claims the run, buffers result batches until their documents are complete, commits them in parts,
-    then records the run (see the module's docstring). ``recovered``: the rows an earlier attempt of this
-    run id committed."""
+    keeps its lease, then records the run (see the module's docstring). ``recovered``: the rows earlier
+    attempts of this run id committed."""
 
     def __init__(
         self,
@@ -131,6 +466,7 @@ class RunWriter:
         start_record: dict[str, Any],
         commit_rows: int = 50_000,
         commit_interval_s: float = 60.0,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.tables = OutputTables(output, storage)
         self.tables.create()
@@ -138,120 +474,81 @@ class RunWriter:
         self.app_id = app_id(run_id)
         self.commit_rows = commit_rows
         self.commit_interval_s = commit_interval_s
+        self.lease_s = lease_s
         self.start_record = start_record
+        self._runs_lock = threading.Lock()  # the heartbeat's commits and the driver's, one at a time
         self.run_date, self.attempt, self.first_started_at = self._claim(date.fromisoformat(run_date))
+        self.fence = RunFence(self.tables, run_id, self.run_date, self.attempt, self.first_started_at)
         self.recovered = OUTPUT_SCHEMA.empty_table()
         self.part = 0
-        if self.attempt > 1:  # a resumed run: what its earlier attempts committed, from its run date's partition
-            this_run = (ds.field("run_date") == self.run_date) & (ds.field("run_id") == run_id)
-            self.recovered = self.tables.read(ANSWERS, columns=OUTPUT_SCHEMA.names, filter=this_run)
-            _, self.part = split_version(self.tables.open(ANSWERS).transaction_version(self.app_id))
-            self._repair_current()
+        if self.attempt > 1:  # a resumed run: what its earlier attempts committed is adopted, and they are fenced off
+            self.part, self.recovered = self.fence.adopt()
+        self.abandoned = take_over_abandoned(self.tables, but=run_id)
+        self._recovered_keys = self._keys_by_document(self.recovered)
         # Documents whose rows are all here (committed or buffered), those of earlier attempts included.
-        self.documents_complete = pc.count_distinct(self.recovered.column("document")).as_py()
-        self._waiting: pa.Table | None = None  # rows of documents that are not complete yet
+        self.documents_complete = len(self._recovered_keys)
+        self._buffer = DocumentBuffer()
         self._settled: set[str] = set()  # documents settled by a row for the whole document
         self._pending: list[pa.Table] = []  # rows of complete documents, not yet committed
         self._pending_rows = 0
         self._pending_documents = 0
         self._last_commit = time.monotonic()
+        self._heartbeat = threading.Event()
+        self._heartbeat_thread = threading.Thread(target=self._beat, name="docqa-run-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+    @staticmethod
+    def _keys_by_document(rows: pa.Table) -> dict[str, set[tuple[Any, Any]]]:
+        keys: dict[str, set[tuple[Any, Any]]] = {}
+        columns = rows.select(["document", "page_number", "question_id"]).to_pydict()
+        for document, page, question in zip(*columns.values(), strict=True):
+            keys.setdefault(document, set()).add((page, question))
+        return keys
 
     def _claim(self, run_date: date) -> tuple[date, int, str]:
         """Write the run's ``running`` row under a new attempt number; a resumed run keeps its run date and
-        its first start. An attempt still alive is fenced off by the new one: its next commit fails."""
+        its first start."""
         seen = self.tables.open(RUNS).transaction_version(self.app_id) or 0
 
-        def claim(table) -> tuple[date, int]:
+        def claim(table) -> tuple[date, int, str]:
             claimed = table.transaction_version(self.app_id) or 0
             if claimed != seen:
                 raise RunExistsError(f"another process started run {self.run_id!r} at the same moment")
-            earlier = table.to_pyarrow_dataset().to_table(filter=ds.field("run_id") == self.run_id).to_pylist()
+            earlier = _run_rows(self.tables, table, self.run_id)
             if earlier and earlier[0]["state"] == "committed":
                 raise RunExistsError(
                     f"run {self.run_id!r} is already committed in {self.tables.uri(RUNS)}; pick another id"
                 )
             day = earlier[0]["run_date"] if earlier else run_date
             first_started = earlier[0]["started_at"].isoformat() if earlier else self.start_record["started_at"]
-            attempt = claimed + 1
+            attempt = max(claimed, earlier[0]["attempt"] if earlier else 0) + 1
             record = {**self.start_record, "started_at": first_started}
-            self._merge_run(table, run_row(self.run_id, day, "running", attempt, record), attempt)
+            merge_run(table, run_row(self.run_id, day, "running", attempt, record, self.lease_s), attempt)
             return day, attempt, first_started
 
         return self.tables.retry_commit(RUNS, claim)
 
-    def _merge_run(self, table, row: dict[str, Any], attempt: int | None = None) -> None:
+    def _beat(self) -> None:
+        """Move the lease forward every ``lease_s / 5`` until the run ends or another attempt takes over."""
+        while not self._heartbeat.wait(self.lease_s / HEARTBEATS_PER_LEASE):
+            try:
+                with self._runs_lock:
+                    if self._heartbeat.is_set() or not self.tables.retry_commit(RUNS, self._renew):
+                        return
+            except Exception as error:  # noqa: BLE001 - a missed beat is retried; the lease has room for several
+                log.warning("run %s: could not renew its lease: %s", self.run_id, error)
+
+    def _renew(self, table) -> bool:
+        if (table.transaction_version(self.app_id) or 0) != self.attempt:
+            return False  # taken over: its next commit stops this attempt
         from deltalake import CommitProperties, Transaction
 
-        transactions = [Transaction(self.app_id, attempt)] if attempt is not None else None
-        (
-            table.merge(
-                pa.Table.from_pylist([row], schema=RUN_SCHEMA),
-                predicate="target.run_id = source.run_id",
-                source_alias="source",
-                target_alias="target",
-                commit_properties=CommitProperties(app_transactions=transactions),
-            )
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute()
+        table.update(
+            new_values={"lease_expires_at": datetime.now(UTC) + timedelta(seconds=self.lease_s)},
+            predicate=f"run_id = {sql_string(self.run_id)}",
+            commit_properties=CommitProperties(app_transactions=[Transaction(self.app_id, self.attempt)]),
         )
-
-    def _repair_current(self) -> None:
-        """If an earlier attempt died between a part's two commits, put that part's documents into
-        ``current``: those of this run's documents whose ``current`` rows are another run's."""
-        current = self.tables.open(CURRENT)
-        if split_version(current.transaction_version(self.app_id))[1] >= self.part:
-            return
-        documents = pc.unique(self.recovered.column("document"))
-        there = self.tables.read(CURRENT, columns=["document", "run_id"], filter=ds.field("document").isin(documents))
-        runs = self.tables.read(RUNS, columns=["run_id", "started_at"]).to_pylist()
-        ours = datetime.fromisoformat(self.first_started_at)
-        newer = {run["run_id"] for run in runs if run["run_id"] != self.run_id and run["started_at"] > ours}
-        # Keep this run's rows, and those of runs started after it (they processed the document later).
-        keep = pc.or_(
-            pc.equal(there.column("run_id"), self.run_id),
-            pc.is_in(there.column("run_id"), pa.array(sorted(newer), pa.string())),
-        )
-        done = pc.unique(there.filter(keep).column("document"))
-        missing = _without(self.recovered, done.to_pylist())
-        log.info("run %s: bringing %d row(s) of part %d into current", self.run_id, missing.num_rows, self.part)
-        self._replace_current(self._with_run_date(missing), self.part)
-
-    def _with_run_date(self, rows: pa.Table) -> pa.Table:
-        return rows.append_column("run_date", pa.array([self.run_date] * rows.num_rows, pa.date32()))
-
-    def _commit_properties(self, part: int):
-        from deltalake import CommitProperties, Transaction
-
-        return CommitProperties(
-            app_transactions=[Transaction(self.app_id, self.attempt << PART_BITS | part)],
-            custom_metadata={"docqa.run_id": self.run_id, "docqa.part": str(part), "docqa.attempt": str(self.attempt)},
-        )
-
-    def _applied(self, table, part: int) -> bool:
-        """Whether ``part`` is in ``table`` already (a retried commit); refuses to go on when a later attempt of
-        this run id has committed there (this attempt was taken over)."""
-        attempt, applied = split_version(table.transaction_version(self.app_id))
-        if attempt > self.attempt:
-            raise RunExistsError(
-                f"attempt {attempt} of run {self.run_id!r} took over from this one (attempt {self.attempt}); "
-                "this one stops, what it committed is kept"
-            )
-        return applied >= part
-
-    def _replace_current(self, rows: pa.Table, part: int) -> None:
-        from deltalake import write_deltalake
-
-        documents = pc.unique(rows.column("document")).to_pylist()
-        predicate = f"document IN ({', '.join(sql_string(document) for document in documents)})"
-
-        def replace(table) -> None:
-            if not self._applied(table, part):
-                write_deltalake(
-                    table, rows, mode="overwrite", predicate=predicate, commit_properties=self._commit_properties(part)
-                )
-
-        self.tables.retry_commit(CURRENT, replace)
+        return True
 
     def _settle(self, table: pa.Table) -> pa.Table:
         """A row without a page number speaks for its whole document (a long document's page range that
@@ -263,33 +560,33 @@ class RunWriter:
             if document not in self._settled:
                 verdicts.setdefault(document, index)
         self._settled.update(verdicts)
-        if self._waiting is not None and verdicts:
-            self._waiting = _without(self._waiting, verdicts)
+        self._buffer.drop(verdicts)
         settled_here = set(table.column("document").to_pylist()) & self._settled
         if not settled_here:
             return table
         return pa.concat_tables([_without(table, settled_here), whole.take(pa.array(verdicts.values(), pa.int64()))])
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table) -> pa.Table:
+        """Take a result batch; returns the rows of the documents it completed (each (page, question) once),
+        as they will be committed."""
         table = self._settle(table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
-        waiting = table if self._waiting is None else pa.concat_tables([self._waiting, table])
-        documents = waiting.column("document").to_pylist()
-        expected = dict(zip(documents, waiting.column("document_rows").to_pylist(), strict=True))
-        counts = Counter(documents)
-        complete = [document for document, rows in expected.items() if counts[document] >= rows]
-        if complete:
-            mask = pc.is_in(waiting.column("document"), value_set=pa.array(complete))
-            done = waiting.filter(mask)
+        done = self._buffer.add(table, self._recovered_keys.get)
+        if done.num_rows:
+            documents = pc.count_distinct(done.column("document")).as_py()
             self._pending.append(done)
             self._pending_rows += done.num_rows
-            waiting = waiting.filter(pc.invert(mask))
-        self._waiting = waiting if waiting.num_rows else None
-        self._pending_documents += len(complete)
-        self.documents_complete += len(complete)
+            self._pending_documents += documents
+            self.documents_complete += documents
         due = time.monotonic() - self._last_commit >= self.commit_interval_s
         full = self._pending_rows >= self.commit_rows or self._pending_documents >= MAX_DOCUMENTS_PER_COMMIT
         if full or (due and self._pending_rows):
             self._commit_part()
+        return done
+
+    @property
+    def duplicates(self) -> int:
+        """Rows dropped because their (document, page, question) had arrived already."""
+        return self._buffer.duplicates
 
     def _commit_part(self) -> None:
         """One part: its rows appended to ``answers``, then its documents replaced in ``current``."""
@@ -298,30 +595,27 @@ class RunWriter:
         if not self._pending_rows:
             return
         part = self.part + 1
-        rows = self._with_run_date(pa.concat_tables(self._pending))
+        rows = self.fence.with_run_date(pa.concat_tables(self._pending))
 
         def append(table) -> None:
-            if not self._applied(table, part):
+            if not self.fence.applied(table, part):
                 write_deltalake(
-                    table,
-                    rows,
-                    mode="append",
-                    partition_by=["run_date"],
-                    commit_properties=self._commit_properties(part),
+                    table, rows, mode="append", partition_by=["run_date"], commit_properties=self.fence.properties(part)
                 )
 
         self.tables.retry_commit(ANSWERS, append)
-        self._replace_current(rows, part)
+        self.fence.replace_current(rows, part)
         self.part = part
         self._pending, self._pending_rows, self._pending_documents = [], 0, 0
         self._last_commit = time.monotonic()
 
     def commit(self, record: dict[str, Any]) -> str:
         """Commit what is buffered, then mark the run ``committed`` with its record. Returns the output."""
-        if self._waiting is not None:
+        waiting = self._buffer.remaining()
+        if waiting is not None:
             # Should not happen. If it does, no reader may see a document in part: each incomplete document
             # is committed as one retryable row that says so, and the next run takes it again.
-            incomplete = incomplete_document_rows(self._waiting)
+            incomplete = incomplete_document_rows(waiting)
             log.warning(
                 "%d document(s) arrived incomplete and will be taken again by the next run: %s",
                 incomplete.num_rows,
@@ -329,7 +623,7 @@ class RunWriter:
             )
             self._pending.append(incomplete)
             self._pending_rows += incomplete.num_rows
-            self._waiting = None
+            self._buffer = DocumentBuffer()
         self._commit_part()
         self._finish("committed", record)
         return self.tables.output
@@ -342,12 +636,16 @@ class RunWriter:
         def finish(table) -> None:
             claimed = table.transaction_version(self.app_id) or 0
             if claimed > self.attempt:
-                raise RunExistsError(f"attempt {claimed} of run {self.run_id!r} took over from this one")
-            self._merge_run(table, row)
+                raise taken_over(self.run_id, self.attempt, claimed)
+            merge_run(table, row, self.attempt)
 
-        self.tables.retry_commit(RUNS, finish)
+        self._heartbeat.set()
+        with self._runs_lock:
+            self.tables.retry_commit(RUNS, finish)
 
     def fail(self, error: str) -> None:
         """Commit the complete documents buffered so far (a rerun skips them) and mark the run ``failed``."""
-        self._commit_part()
-        self._finish("failed", {**self.start_record, "finished_at": datetime.now(UTC).isoformat(), "error": error})
+        try:
+            self._commit_part()
+        finally:
+            self._finish("failed", {**self.start_record, "finished_at": datetime.now(UTC).isoformat(), "error": error})

@@ -19,17 +19,18 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+from pyarrow import fs as pafs
 
 from pipeline.config import StorageConfig
 from pipeline.rows import OUTPUT_SCHEMA
-from pipeline.storage import check_writable_output, endpoint_of, is_s3
+from pipeline.storage import check_writable_output, endpoint_of, filesystem_for, is_s3
 
 ANSWERS = "answers"
 CURRENT = "current"
@@ -40,7 +41,7 @@ RUN_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("run_date", pa.date32(), nullable=False),
-        pa.field("state", pa.string(), nullable=False),  # running, committed, failed
+        pa.field("state", pa.string(), nullable=False),  # running, committed, failed, abandoned
         pa.field("attempt", pa.int32(), nullable=False),  # 1, then 2... for each start of the same run id
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
@@ -58,17 +59,26 @@ RUN_SCHEMA = pa.schema(
         pa.field("degraded", pa.bool_()),  # committed, but over limits.max_failed_page_share (exit code 3)
         pa.field("error", pa.string()),  # why a failed run failed
         pa.field("record", pa.string()),  # the whole run record, JSON (config, versions, counts, isolation)
+        # While the run lives its driver moves this forward (pipeline/sink.py, the heartbeat); a `running` run
+        # past it is abandoned by the next run on the output.
+        pa.field("lease_expires_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 SCHEMAS = {ANSWERS: ANSWER_SCHEMA, CURRENT: ANSWER_SCHEMA, RUNS: RUN_SCHEMA}
 PARTITIONS = {ANSWERS: ["run_date"], CURRENT: None, RUNS: None}
 COMMIT_ATTEMPTS = 20
+DEFAULT_LEASE_S = 300.0  # a `running` row without a lease (written by an older docqa): this long after its start
+MIN_RETAIN_HOURS = 1  # vacuum keeps at least this much unless forced: a writer's new files wait minutes, not hours
 T = TypeVar("T")
 log = logging.getLogger("docqa")
 
 
 class TableError(RuntimeError):
     """The output tables cannot be read or written; the message says why and what to do."""
+
+
+class VacuumRefused(TableError):
+    """`docqa optimize` would put a running writer's files at risk; the message says why and what to do."""
 
 
 def table_uri(output: str, name: str) -> str:
@@ -181,7 +191,15 @@ class OutputTables:
             return ds.dataset(SCHEMAS[name].empty_table())
         if as_of is not None:
             table.load_as_version(as_of)
-        return table.to_pyarrow_dataset(schema=SCHEMAS[name])
+        return self.files_of(table, name)
+
+    def files_of(self, table, name: str) -> ds.Dataset:
+        """The files of ``table`` (a loaded version of table ``name``) as a pyarrow dataset, read through
+        pyarrow's own local or S3 filesystem. delta-rs's default is a Python file handler that Arrow's I/O
+        threads call into, which aborts the interpreter at exit about one time in three ("terminate called
+        without an active exception"; delta-rs #2184): never for a read of ours."""
+        filesystem, root = filesystem_for(self.uri(name), self.storage)
+        return table.to_pyarrow_dataset(schema=SCHEMAS[name], filesystem=pafs.SubTreeFileSystem(root, filesystem))
 
     def read(self, name: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """The latest version's rows of table ``name`` (only ``columns``, only rows matching ``filter``)."""
@@ -248,16 +266,51 @@ def read_current(output: str, storage: StorageConfig | None = None, columns: lis
     return OutputTables(output, storage or StorageConfig()).read(CURRENT, columns)
 
 
-def optimize_output(output: str, storage: StorageConfig | None, retain_hours: int) -> dict[str, dict[str, int]]:
+def lease_expired(row: dict[str, Any], now: datetime) -> bool:
+    """Whether a ``running`` row's driver is gone: its lease has passed (a row without a lease, written by an
+    older docqa, counts DEFAULT_LEASE_S from its start)."""
+    expires = row.get("lease_expires_at") or row["started_at"] + timedelta(seconds=DEFAULT_LEASE_S)
+    return expires < now
+
+
+def live_runs(tables: OutputTables, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The ``runs`` rows of runs whose driver holds a lease now (writing, or about to)."""
+    now = now or datetime.now(UTC)
+    rows = tables.read(RUNS, filter=ds.field("state") == "running").to_pylist()
+    return [row for row in rows if not lease_expired(row, now)]
+
+
+def optimize_output(
+    output: str, storage: StorageConfig | None, retain_hours: int, force: bool = False
+) -> dict[str, dict[str, int]]:
     """Compact each table's small files (``current`` is also clustered by document, Z-order, so that a
     commit's ``document IN (...)`` replace reads few files), then vacuum the files no version of the last
     ``retain_hours`` needs. Readers see the same rows before and after; time travel reaches back
-    ``retain_hours``."""
+    ``retain_hours``.
+
+    Vacuum deletes files no version in the window references, including files a writer has written and not
+    yet committed: so it refuses a window under MIN_RETAIN_HOURS (unless ``force``), and refuses to run at
+    all while a run holds a lease on the output (``runs``: ``running`` and its lease not passed)."""
     from deltalake.exceptions import DeltaError
 
+    if retain_hours < MIN_RETAIN_HOURS and not force:
+        raise VacuumRefused(
+            f"--retain-hours {retain_hours} is under {MIN_RETAIN_HOURS}: vacuum could delete the files a running "
+            "writer has written but not committed yet. Use --force only when no run can be writing to this output"
+        )
     tables = OutputTables(output, storage or StorageConfig())
     if is_s3(output):
         check_writable_output(output, tables.storage)
+    for name in TABLES:
+        if tables.open(name) is None:
+            raise TableError(f"no docqa output under {output} (no Delta table at {tables.uri(name)})")
+    writing = live_runs(tables)
+    if writing:
+        named = ", ".join(f"{row['run_id']} (lease until {row['lease_expires_at']:%H:%M:%S} UTC)" for row in writing)
+        raise VacuumRefused(
+            f"a run is writing to {output}: {named}. Vacuum could delete files it is about to commit; run "
+            "`docqa optimize` again once it has ended (`docqa runs` shows its state)"
+        )
     report = {}
     for name in TABLES:
         table = tables.open(name)

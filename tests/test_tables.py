@@ -133,7 +133,7 @@ def test_optimize_and_vacuum_leave_every_query_unchanged(two_runs, tmp_path: Pat
     answers_before = _sorted_any(query.answers(str(output), document))
     assert failures_before and answers_before  # both show something to compare
     files_before = len(DeltaTable(str(output / "answers")).file_uris())
-    assert main(["optimize", "--output", str(output), "--retain-hours", "0"]) == 0
+    assert main(["optimize", "--output", str(output), "--retain-hours", "0", "--force"]) == 0
     report = capsys.readouterr().out
     assert "answers:" in report and "current:" in report and "runs:" in report
     assert len(DeltaTable(str(output / "answers")).file_uris()) < files_before
