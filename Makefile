@@ -59,7 +59,8 @@ demo: setup $(DEMO)/tiny-idefics2/config.json
 	$(BIN)/python -m jobs.samples $(DEMO)/pdfs > /dev/null
 	$(BIN)/docqa run --config examples/invoice.yaml --input $(DEMO)/pdfs --output $(DEMO)/out \
 		--model $(DEMO)/tiny-idefics2
-	$(BIN)/python -m jobs.preview $(DEMO)/out
+	$(BIN)/docqa table --output $(DEMO)/out
+	$(BIN)/docqa runs --output $(DEMO)/out
 
 # CPU stages, model stage, end to end, online endpoint; writes their output into BENCHMARKS.md.
 bench: setup

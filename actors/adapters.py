@@ -134,6 +134,9 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
         raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
     dtype = torch.float16 if quantized else resolve_dtype(model.dtype, device)
     check_model_directory(model.id)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars of every actor, relayed to the driver
     try:
         processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
         loaded = model_class.from_pretrained(

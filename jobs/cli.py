@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import shutil
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
@@ -13,7 +13,8 @@ import yaml
 
 from actors.checkpoint import ModelLoadError
 from actors.tiny import TINY_FAMILIES
-from jobs.formats import FORMATS, write_result
+from jobs import console
+from jobs.formats import FORMATS, TableLayout, write_result
 from jobs.query import QueryError, parse_as_of
 from jobs.submit import SubmitError
 from jobs.watchdog import RunInterrupted, RunStalled
@@ -23,6 +24,7 @@ from pipeline.storage import InputError, StorageError
 from pipeline.tables import TableError
 
 QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
+RAY_COMMANDS = ("run", "nightly", "serve")  # the commands that start or join Ray in this process
 # Exit codes (README, "Exit codes"); 3 (committed but degraded) is RunSummary.exit_code.
 EXIT_FAILED = 1  # could not start, failed or stalled
 EXIT_INVALID = 2  # invalid config or arguments
@@ -96,6 +98,11 @@ def _add_query_arguments(parser: argparse.ArgumentParser, run: bool = True) -> N
         "--as-of", metavar="TIMESTAMP", help="time travel: read the tables as of an ISO 8601 time (UTC if no zone)"
     )
     parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json lines, parquet")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="table format: every cell whole and documents as full URIs (default: fit the terminal's width)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_arguments(failures)
     runs = commands.add_parser("runs", help="runs: id, state, date, documents, pages, failures, duration")
     _add_query_arguments(runs, run=False)
+    runs.add_argument("--all", action="store_true", help="every column of the runs table but the record")
     optimize = commands.add_parser("optimize", help="compact the output tables' small files, then vacuum old ones")
     optimize.add_argument("--output", required=True, help="a job's output: folder or s3:// prefix")
     optimize.add_argument("--config", help="job config to take the storage settings from")
@@ -219,12 +227,14 @@ def _query(args: argparse.Namespace) -> int:
 
     if args.output is None and args.config is None:
         raise ConfigError("name the output to read: --output URI, or --config JOB.yaml")
-    config = load_config(args.config, {"output": args.output} if args.output else None) if args.config else None
+    overrides = {"output": args.output} if args.output else None
+    config = load_config(args.config, overrides, require=("output",)) if args.config else None
     output = args.output or config.output
     if args.format == "parquet" and sys.stdout.isatty():
         raise ConfigError("--format parquet writes binary to stdout; redirect it to a file")
     as_of = parse_as_of(args.as_of) if args.as_of else None
     store = AnswerStore(output, getattr(args, "run", None), config.storage if config else None, args.version, as_of)
+    layout = _layout(args, store)  # before the result: the store's connection serves one statement at a time
     if args.command == "query":
         reader = store.reader(args.sql)
     elif args.command == "answers":
@@ -234,15 +244,32 @@ def _query(args: argparse.Namespace) -> int:
     elif args.command == "failures":
         reader = store.failures()
     else:
-        reader = store.runs()
-    write_result(reader, args.format, sys.stdout, sys.stdout.buffer)
+        reader = store.runs(args.all)
+    write_result(reader, args.format, sys.stdout, sys.stdout.buffer, layout)
     return 0
+
+
+def _layout(args: argparse.Namespace, store) -> TableLayout:
+    """The text table's layout: the terminal's width (stdout's, or COLUMNS) unless --wide; documents shown
+    relative to the input their run read, where that is shorter."""
+    if args.wide or args.format != "table":
+        return TableLayout(wide=True)
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() or "COLUMNS" in os.environ else None
+    roots = store.input_roots()
+
+    def relative(document: str) -> str:
+        if document in roots:  # the input was this one file
+            return document.rsplit("/", 1)[-1]
+        root = next((root for root in roots if document.startswith(root + "/")), None)
+        return document[len(root) + 1 :] if root else document
+
+    return TableLayout(width=width, shorten={"document": relative})
 
 
 def _optimize(args: argparse.Namespace) -> int:
     from pipeline.tables import optimize_output
 
-    storage = load_config(args.config, {"output": args.output}).storage if args.config else None
+    storage = load_config(args.config, {"output": args.output}, require=()).storage if args.config else None
     for name, report in optimize_output(args.output, storage, args.retain_hours, args.force).items():
         print(
             f"{name}: {report['files_before']} → {report['files_after']} files"
@@ -260,13 +287,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"model.id": args.model, "serve.host": args.host, "serve.port": args.port}
     given = {field: value for field, value in overrides.items() if value is not None}
-    config = load_config(args.config, {**dict(args.assignments), **given})
-    url = start_server(config)
-    print(f"docqa serving {config.model.id} at {url}/v1/answers (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
+    config = load_config(args.config, {**dict(args.assignments), **given}, require=())
     try:
+        url = start_server(config)
+        print(f"docqa serving {config.model.id} at {url}/v1/answers (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while starting or serving
         serve.shutdown()
     return 0
 
@@ -332,10 +359,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s docqa %(message)s", datefmt="%H:%M:%S", force=True)
+    console.configure_logging()
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        if args.command in RAY_COMMANDS:
+            console.shutdown_ray()
+        return code
     except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return EXIT_INVALID

@@ -1,6 +1,6 @@
 """Reading answers back: SQL over the output's Delta tables, and the four questions users ask most.
 
-DuckDB runs in-process over pyarrow datasets of the Delta tables (``DeltaTable(...).to_pyarrow_dataset()``),
+DuckDB runs in-process over pyarrow datasets of the Delta tables (``OutputTables.files_of``),
 so local folders and s3:// prefixes read the same way and only committed data is ever seen. Relations:
 
 - ``answers``: the ``current`` table: per document, the rows of the latest run that processed it. With a
@@ -40,6 +40,28 @@ from pipeline.tables import (
 
 STREAM_BATCH_ROWS = 10_000
 RUN_COLUMNS = [name for name in RUN_SCHEMA.names if name != "record"]
+# What `docqa runs` shows unless --all: id, state, date, documents, pages, failures, duration.
+RUN_SUMMARY_COLUMNS = ["run_id", "state", "run_date", "documents", "pages", "failed_documents", "duration_s"]
+# What `docqa answers` shows of each answer: the answer, its typed value and where it is on the page.
+ANSWER_COLUMNS = [
+    "page_number",
+    "question_id",
+    "question",
+    "answer",
+    "confidence",
+    "value_number",
+    "value_currency",
+    "value_date",
+    "value_boolean",
+    "value_status",
+    "answer_source",
+    "evidence",
+    "evidence_text",
+    "evidence_bbox",
+    "status",
+    "error",
+    "run_id",
+]
 QUERYABLE_COLUMNS = {
     "answers": ANSWER_SCHEMA.names,
     "current": ANSWER_SCHEMA.names,
@@ -83,14 +105,17 @@ class AnswerStore:
             current = tables.open(CURRENT)
             if current is None:
                 raise QueryError(f"no docqa output under {output} (no Delta table at {tables.uri(CURRENT)})")
+            asked = None
             if version is not None:  # `current` at that version, the other tables as of its commit
                 times = commit_times(current)
                 if version not in times:
                     raise QueryError(
                         f"{output} has no version {version} of `current`: its versions are 0 to {max(times)}"
                     )
-                as_of = times[version]
+                as_of, asked = times[version], f"version {version}"
                 current = tables.open(CURRENT, version)
+                tables.check_readable(CURRENT, current, asked)
+                asked = f"the version as of {as_of.isoformat()} (`current` version {version}'s commit)"
             elif as_of is not None:
                 first = min(commit_times(current).values())
                 if as_of < first:
@@ -98,10 +123,12 @@ class AnswerStore:
                         f"{output} has no version as of {as_of.isoformat()}: its first commit is {first.isoformat()}"
                     )
                 current.load_as_version(as_of)
+                asked = f"the version as of {as_of.isoformat()}"
+                tables.check_readable(CURRENT, current, asked)
             datasets = {
                 CURRENT: tables.files_of(current, CURRENT),
-                ANSWERS: tables.dataset(ANSWERS, as_of),
-                RUNS: tables.dataset(RUNS, as_of),
+                ANSWERS: tables.dataset(ANSWERS, as_of, asked),
+                RUNS: tables.dataset(RUNS, as_of, asked),
             }
         except TableError as error:
             raise QueryError(str(error)) from None
@@ -194,7 +221,7 @@ class AnswerStore:
             listed = "\n".join(f"  {uri}" for uri in documents[:20])
             raise QueryError(f"{len(documents)} documents match {document!r}; name one of them:\n{listed}")
         return self.reader(
-            "SELECT page_number, question_id, question, answer, confidence, status, error, run_id FROM answers"
+            f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers"
             " WHERE document = $1 ORDER BY page_number NULLS FIRST, question_id",
             documents,
         )
@@ -212,8 +239,23 @@ class AnswerStore:
             " GROUP BY document, page_number, status ORDER BY document, page_number NULLS FIRST"
         )
 
-    def runs(self) -> pa.RecordBatchReader:
-        return self.reader(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY started_at, run_id")
+    def runs(self, all_columns: bool = False) -> pa.RecordBatchReader:
+        """One row per run, oldest first: the summary columns (id, state, date, documents, pages, failures,
+        duration), or with ``all_columns`` every column but the record."""
+        columns = RUN_COLUMNS if all_columns else RUN_SUMMARY_COLUMNS
+        return self.reader(f"SELECT {', '.join(columns)} FROM runs ORDER BY started_at, run_id")
+
+    def input_roots(self) -> list[str]:
+        """The folders or prefixes the runs read (their ``input`` up to its first glob character; list files
+        left out), longest first: a document under one of them can be shown relative to it."""
+        inputs = self.reader("SELECT DISTINCT input FROM runs WHERE input IS NOT NULL").read_all().column(0)
+        roots = set()
+        for location in inputs.to_pylist():
+            if location.endswith(".txt"):
+                continue
+            cut = min((location.index(char) for char in "*?[" if char in location), default=len(location))
+            roots.add(location[:cut].rsplit("/", 1)[0] if cut < len(location) else location.rstrip("/"))
+        return sorted(roots, key=len, reverse=True)
 
 
 # The same operations as whole tables, for notebooks: ``query(...).to_pandas()`` for a DataFrame. Each takes
@@ -245,8 +287,8 @@ def failures(output: str, run: str | None = None, storage: StorageConfig | None 
     return AnswerStore(output, run, storage, **snapshot).failures().read_all()
 
 
-def runs(output: str, storage: StorageConfig | None = None, **snapshot) -> pa.Table:
-    return AnswerStore(output, None, storage, **snapshot).runs().read_all()
+def runs(output: str, storage: StorageConfig | None = None, all_columns: bool = True, **snapshot) -> pa.Table:
+    return AnswerStore(output, None, storage, **snapshot).runs(all_columns).read_all()
 
 
 # The typed-value column of each question type, and how a document's answers are reduced to one.

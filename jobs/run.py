@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from actors.checkpoint import resolve_image_geometry
+from jobs import console
 from jobs.progress import ProgressReporter, ProgressSnapshot
 from jobs.watchdog import RENDER_TASK_CPUS, RunInterrupted, StallWatchdog, check_cpus
 from pipeline.budget import start_ledger
@@ -324,7 +325,9 @@ def ensure_ray(address: str | None = None) -> None:
             "(--address HEAD:6379 or RAY_ADDRESS=HEAD:6379); to run on the cluster as a Ray Job, use "
             f"`docqa submit --address {address}`"
         )
+    console.before_ray_init()
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    console.after_ray_init()
 
 
 def run_job(

@@ -402,9 +402,17 @@ class ServeConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    input: str = Field(min_length=1, description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs.")
-    output: str = Field(
-        min_length=1, description="Folder or s3:// prefix holding the Delta tables answers, current and runs."
+    input: str | None = Field(
+        None,
+        min_length=1,
+        description="Folder, file, glob, s3:// prefix or glob, or a .txt list of URIs. Required by `docqa run`, "
+        "`nightly` and `submit`; `docqa serve` reads none.",
+    )
+    output: str | None = Field(
+        None,
+        min_length=1,
+        description="Folder or s3:// prefix holding the Delta tables answers, current and runs. Required by "
+        "`docqa run`, `nightly` and `submit`; `docqa serve` writes none.",
     )
     commit_rows: int = Field(
         50_000, ge=1, description="A Delta commit is made once this many rows of complete documents wait."
@@ -442,10 +450,10 @@ class JobConfig(_Strict):
 
     @field_validator("input", "output")
     @classmethod
-    def _absolute_local_path(cls, location: str) -> str:
+    def _absolute_local_path(cls, location: str | None) -> str | None:
         """A local path is made absolute against the working directory where the config is loaded: run
         records then say where the files were, and a submitted job reads the same folder on the cluster."""
-        if "://" in location:
+        if location is None or "://" in location:
             return location
         return os.path.abspath(os.path.expanduser(location))
 
@@ -545,8 +553,11 @@ def format_validation_error(
     return f"{heading}:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Load the YAML config at ``path`` and apply dotted overrides (``{"model.dtype": "float32"}``)."""
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, require: tuple[str, ...] = ("input", "output")
+) -> JobConfig:
+    """Load the YAML config at ``path`` and apply dotted overrides (``{"model.dtype": "float32"}``); the
+    fields in ``require`` must be set (a run needs its input and output, `docqa serve` neither)."""
     tree: dict[str, Any] = {}
     if path is not None:
         try:
@@ -564,6 +575,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except (IndexError, ValueError, TypeError, AttributeError):
             raise ConfigError(f"cannot override {dotted!r}: no such field in the config") from None
     try:
-        return JobConfig.model_validate(tree)
+        config = JobConfig.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+    missing = [name for name in require if getattr(config, name) is None]
+    if missing:
+        lines = [f"  {name}: required here ({JobConfig.model_fields[name].description})" for name in missing]
+        raise ConfigError("invalid job config:\n" + "\n".join(lines))
+    return config

@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import glob
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.config import StorageConfig
 
 GLOB_CHARS = "*?["
 URI_LIST_SUFFIX = ".txt"
+INLINE_COMMENT = re.compile(r"(^|[ \t])#.*$")  # in a list file: a comment, not part of a name
 
 
 class InputError(ValueError):
@@ -370,8 +372,9 @@ def _local_ref(path: Path) -> DocumentRef:
 
 
 def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
-    """A text file with one URI per line (blank lines and # comments skipped); an S3 URI's size and version
-    are learnt when it is read."""
+    """A text file with one URI per line: blank lines are skipped, and so is a comment, from a ``#`` at the
+    start of a line or after a space or tab to the end of the line (a ``#`` inside a name, as in
+    ``inv#1.pdf``, is part of it). An S3 URI's size and version are learnt when it is read."""
     filesystem, path = filesystem_for(uri, storage)
     try:
         with filesystem.open_input_stream(path) as stream:
@@ -379,8 +382,8 @@ def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
     except OSError as error:
         raise InputError(f"cannot read the list of documents {uri}: {error}") from None
     for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
+        line = INLINE_COMMENT.sub("", line).strip()
+        if line:
             yield DocumentRef(line, -1) if is_s3(line) else _local_ref(Path(line).expanduser().resolve())
 
 

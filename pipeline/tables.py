@@ -183,15 +183,54 @@ class OutputTables:
         if self.open(name) is not None:
             self.retry_commit(name, add)
 
-    def dataset(self, name: str, as_of: datetime | None = None) -> ds.Dataset:
+    def dataset(self, name: str, as_of: datetime | None = None, asked: str | None = None) -> ds.Dataset:
         """A pyarrow dataset of the table's committed files, at its latest version or as of ``as_of``;
-        empty when the table does not exist (yet, or at ``as_of``)."""
+        empty when the table does not exist (yet, or at ``as_of``). A version of the past whose files were
+        vacuumed raises TableError (``asked``: how the user named it)."""
         table = self.open(name)
         if table is None or (as_of is not None and as_of < min(commit_times(table).values())):
             return ds.dataset(SCHEMAS[name].empty_table())
         if as_of is not None:
             table.load_as_version(as_of)
+            self.check_readable(name, table, asked or f"the version as of {as_of.isoformat()}")
         return self.files_of(table, name)
+
+    def check_readable(self, name: str, table, asked: str) -> None:
+        """Raise TableError when files of this loaded version of table ``name`` are gone (vacuumed by
+        ``docqa optimize``), naming when that happened and the oldest version still whole. ``asked``: what
+        the user asked for (``version 3``, ``as of 2026-11-24T06:00:00+00:00``)."""
+        if self._all_present(name, table):
+            return
+        latest = self.open(name)
+        history = latest.history()
+        asked_at = max(commit_times(table).values()) if len(table.history(1)) else None
+        vacuums = sorted(
+            datetime.fromtimestamp(entry["timestamp"] / 1000, UTC)
+            for entry in history
+            if str(entry.get("operation", "")).startswith("VACUUM")
+        )
+        when = next((moment for moment in vacuums if asked_at is None or moment >= asked_at), None)
+        removed = f"on {when:%Y-%m-%d %H:%M} UTC" if when else "(no vacuum is recorded in its history)"
+        low, high = table.version() + 1, latest.version()  # the oldest version whose files are all present
+        while low < high:
+            middle = (low + high) // 2
+            if self._all_present(name, self.open(name, middle)):
+                high = middle
+            else:
+                low = middle + 1
+        oldest = f"{low} ({commit_times(latest)[low]:%Y-%m-%d %H:%M:%S} UTC)"
+        raise TableError(
+            f"{asked} of `{name}` was removed by `docqa optimize` {removed}: its files were vacuumed. "
+            f"The oldest readable version of `{name}` is {oldest}"
+        )
+
+    def _all_present(self, name: str, table) -> bool:
+        """Whether every file this version of the table references is still in storage (one listing)."""
+        filesystem, root = filesystem_for(self.uri(name), self.storage)
+        listed = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        present = {info.path[len(root) :].lstrip("/") for info in listed}
+        prefix = self.uri(name).rstrip("/") + "/"
+        return all(uri.removeprefix(prefix).removeprefix("file://" + prefix) in present for uri in table.file_uris())
 
     def files_of(self, table, name: str) -> ds.Dataset:
         """The files of ``table`` (a loaded version of table ``name``) as a pyarrow dataset, read through

@@ -4,7 +4,13 @@ is only the glue: which library reads which type, and how the locale's conventio
 
 Each answer of a typed question gets the value columns (VALUE_COLUMNS): its value in the column of its
 type and ``value_status`` ``parsed``, or ``unparsed`` with the reason (the answer is kept either way). Text
-questions get nulls."""
+questions get nulls.
+
+A value is ``parsed`` only when the answer reads as one: the amount (with its currency), number or date
+makes up the answer, with at most MAX_WORDS_AROUND words around it ("Total: $45.10", "45.10 EUR due",
+"dated 3 Nov 2025"). The libraries find a number in almost anything (price-parser reads 3 in
+"xR,x3VM_e;;;;", 2025 in "INV-2025-0042"): what is left around the value must be plain words, or a lone
+separator, never other digits or runs of symbols. That check is ours (the libraries have no such mode)."""
 
 from __future__ import annotations
 
@@ -16,6 +22,12 @@ from typing import Any
 from pipeline.config import BOOLEAN_ANSWERS, QuestionTemplate, ValuesConfig
 
 VALUE_COLUMNS = ("value_number", "value_currency", "value_date", "value_boolean", "value_status")
+MAX_WORDS_AROUND = 5
+# A word: letters, with apostrophes, dots or hyphens inside (o'clock, U.S, pre-tax); no digits.
+WORD = re.compile(r"[^\W\d_]+(?:['\u2019.\-][^\W\d_]+)*")
+OPENING, CLOSING = "([{\"'\u201c\u2018\u00ab", ")]}\"'\u201d\u2019\u00bb.,:;!?"
+# What may stand alone between words and a value: a separator, a sign, an accounting parenthesis.
+LONE_MARKS = set(":-\u2013\u2014\u2212=/|()")  # with en and em dashes and the minus sign
 PARSED, UNPARSED = "parsed", "unparsed"
 SEPARATOR = re.compile(r"[.,]")
 MINUS_SIGNS = ("-", "\u2212")
@@ -90,6 +102,27 @@ class ValueParser:
     def _number(self, question: QuestionTemplate, answer: str) -> dict[str, Any]:
         return {"value_number": self._amount(answer)[0]}
 
+    @staticmethod
+    def _check_surroundings(answer: str, found: list[str], kind: str, text: str | None = None) -> None:
+        """Raise unless ``answer`` (as ``text``, where given) less the ``found`` parts (the value's own text) is
+        at most a few words, none of them written against the value ("VRP5MTI" holds no amount)."""
+        rest = answer if text is None else text
+        for part in found:
+            start = rest.find(part)
+            before, after = rest[start - 1 : start], rest[start + len(part) : start + len(part) + 1]
+            if before.isalnum() or after.isalnum():
+                raise ValueError(f"the {kind} {part!r} is written against other letters or digits in {answer!r}")
+            rest = rest[:start] + " " + rest[start + len(part) :]
+        words = 0
+        for token in rest.split():
+            core = token.lstrip(OPENING).rstrip(CLOSING)
+            if core and WORD.fullmatch(core):
+                words += 1
+            elif len(token) > 2 or not set(token) <= LONE_MARKS | set(CLOSING):
+                raise ValueError(f"{token!r} around the {kind} in {answer!r} is not a word")
+        if words > MAX_WORDS_AROUND:
+            raise ValueError(f"{words} words around the {kind} in {answer!r}, more than {MAX_WORDS_AROUND}")
+
     def _money(self, question: QuestionTemplate, answer: str) -> dict[str, Any]:
         amount, currency = self._amount(answer)  # an amount without a currency: value_currency null
         return {"value_number": amount, "value_currency": currency}
@@ -107,6 +140,10 @@ class ValueParser:
         separators = SEPARATOR.findall(price.amount_text)
         if len(separators) == 1 and re.search(r"[.,]\d{3}$", price.amount_text):
             price = Price.fromstring(answer, decimal_separator=get_decimal_symbol(self.locale))
+        # A currency written against its amount ("45EUR", "$45") is the amount's own: spaced out for the check.
+        spaced = answer.replace(price.currency, f" {price.currency} ", 1) if price.currency else answer
+        own = [price.amount_text, *([price.currency] if price.currency else [])]
+        self._check_surroundings(answer, own, "amount", spaced)
         amount = float(price.amount)
         start = answer.find(price.amount_text)
         before, after = answer[:start], answer[start + len(price.amount_text) :]
@@ -130,7 +167,11 @@ class ValueParser:
         found: datetime.datetime | None = dateparser.parse(answer, languages=self.languages, settings=settings)
         if found is None:  # a date inside a sentence ("The invoice is dated 3 Nov 2025.")
             matches = search_dates(answer, languages=self.languages, settings=settings) or []
-            found = matches[0][1] if matches else None
+            if len(matches) > 1:
+                raise ValueError(f"{len(matches)} dates in {answer!r}")
+            if matches:
+                self._check_surroundings(answer, [matches[0][0]], "date")
+                found = matches[0][1]
         if found is None:
             raise ValueError(f"no date in {answer!r}")
         return {"value_date": found.date()}

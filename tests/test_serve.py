@@ -44,18 +44,46 @@ def batch_answers(ray_session, tiny_model, sample_pdfs, tmp_path_factory) -> dic
     }
 
 
+def _questions_only(path: Path, tiny_model: Path, **serve_settings) -> Path:
+    """A config for `docqa serve` alone: model and questions, no input or output."""
+    config = {"model": {"id": str(tiny_model)}, "questions": QUESTIONS, "serve": serve_settings}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_a_port_in_use_is_a_clear_error(ray_session, tiny_model, tmp_path, capsys):
-    """First in this module: it starts (and shuts down) Serve, which must not run the endpoint yet."""
+    """First in this module: it starts (and shuts down) Serve, which must not run the endpoint yet. Its config
+    names no input or output, which `docqa serve` does not use."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        job = write_job(tmp_path, tmp_path, tiny_model, QUESTIONS, serve={"port": port, "token": TOKEN})
+        job = _questions_only(tmp_path / "serve.yaml", tiny_model, port=port, token=TOKEN)
         assert main(["serve", "--config", str(job), "--set", "actors.num_cpus_per_actor=0.5"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"docqa: 127.0.0.1:{port} is in use: Ray Serve's HTTP proxy could not bind it; stop what listens there "
         "or choose another port (--port, or serve.port)"
     )
+
+
+def test_sigterm_shuts_the_endpoint_down_without_native_stack_frames(ray_session, tiny_model, tmp_path):
+    """SIGTERM (what Kubernetes and systemd send) is taken as Ctrl-C: Serve shuts down, exit 0, and Ray's
+    native handler does not print stack frames."""
+    import signal
+    import subprocess
+    import sys
+    port = free_port()
+    job = _questions_only(tmp_path / "serve.yaml", tiny_model, port=port)
+    environment = {**os.environ, TOKEN_ENV: TOKEN, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "jobs.cli", "serve", "--config", str(job)]
+    command += ["--set", "actors.num_cpus_per_actor=0.5"]
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "docqa serving" in server.stdout.readline()  # started and ready
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+    server.send_signal(signal.SIGTERM)
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-3000:]
+    assert "SIGTERM received" not in err and "absl::" not in err and "Traceback" not in err, err[-3000:]
 
 
 @pytest.fixture(scope="module")

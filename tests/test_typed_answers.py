@@ -43,8 +43,33 @@ REAL_WORLD = [
     ("date", "The invoice is dated 3 Nov 2025.", "en_US", None, {"value_date": datetime.date(2025, 11, 3)}),
     ("boolean", "yes", "en_US", None, {"value_boolean": True}),
     ("boolean", "No", "en_US", None, {"value_boolean": False}),
+    # Words around a value, as models and people write them.
+    ("money", "Total: $45.10", "en_US", None, {"value_number": 45.1, "value_currency": "USD"}),
+    ("money", "45.10 EUR due", "en_US", None, {"value_number": 45.1, "value_currency": "EUR"}),
+    ("money", "-$45.10", "en_US", None, {"value_number": -45.1, "value_currency": "USD"}),
+    ("money", "45.10EUR", "en_US", None, {"value_number": 45.1, "value_currency": "EUR"}),
+    ("money", "The total amount due is $45.10", "en_US", None, {"value_number": 45.1, "value_currency": "USD"}),
+    ("date", "dated 3 Nov 2025", "en_US", None, {"value_date": datetime.date(2025, 11, 3)}),
 ]
-UNREADABLE = [("money", "n/a"), ("number", "none"), ("date", "soon"), ("boolean", "maybe")]
+UNREADABLE = [
+    ("money", "n/a"),
+    ("number", "none"),
+    ("date", "soon"),
+    ("boolean", "maybe"),
+    # The tiny random model's noise: a digit inside it is no amount.
+    ("money", "xR,x3VM_e;;;;;;;"),
+    ("money", "xMXa:xRwM1)_IO$"),
+    ("number", "K;Q7vv9_x"),
+    ("money", "VRP5MTI"),
+    # Near misses: an identifier, a second number, a page count, two dates, symbols after the value.
+    ("money", "INV-2025-0042"),
+    ("number", "INV-2025-0042"),
+    ("money", "2 x $10.00"),
+    ("number", "Page 1 of 3"),
+    ("money", "$45.10;;;;"),
+    ("date", "3 Nov 2025 and 4 Nov 2025"),
+    ("money", "The amount that the customer still has to pay is $45.10"),
+]
 
 
 @pytest.mark.parametrize(("kind", "answer", "locale", "day_first", "expected"), REAL_WORLD)
