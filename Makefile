@@ -12,7 +12,7 @@ LATEST := .venv-latest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test test-slow test-latest lock demo bench bench-gpu bench-s3 bench-corpus lint clean
+.PHONY: setup poppler test test-slow test-latest lock demo docs bench bench-gpu bench-s3 bench-corpus lint clean
 
 # Exactly the lock (hash-checked, no resolution), then docqa itself without its dependencies.
 $(INSTALLED): $(LOCK) pyproject.toml
@@ -44,9 +44,14 @@ poppler:
 
 setup: $(INSTALLED) poppler
 
-test: setup
+test: setup docs
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
+
+# The docs site (docs/, mkdocs.yml) into build/site; --strict: a broken link or a page the build warns about
+# fails it. The config reference is generated from the config models at build time (docs/hooks.py).
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The minutes-long end-to-end tests (`@pytest.mark.slow`); CI runs them after `make test`.
 test-slow: setup
@@ -56,7 +61,7 @@ $(DEMO)/tiny-idefics2/config.json: | $(INSTALLED)
 	$(BIN)/docqa model tiny $(DEMO)/tiny-idefics2
 
 demo: setup $(DEMO)/tiny-idefics2/config.json
-	$(BIN)/python -m jobs.samples $(DEMO)/pdfs > /dev/null
+	$(BIN)/python -m jobs.devtools.samples $(DEMO)/pdfs > /dev/null
 	$(BIN)/docqa run --config examples/invoice.yaml --input $(DEMO)/pdfs --output $(DEMO)/out \
 		--model $(DEMO)/tiny-idefics2
 	$(BIN)/docqa table --output $(DEMO)/out
@@ -82,4 +87,4 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(DEMO) $(LATEST) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) $(LATEST) .pytest_cache .ruff_cache build/site

@@ -1,1 +1,3 @@
-"""Model actors of docqa: one adapter per model family (Idefics2, Idefics1), run in a Ray Data actor pool."""
+"""The model side of docqa: the answering stage (answering.py, run by the actor pool and by the Serve
+deployment, serving.py), and one adapter per model family (Idefics2, Idefics1) behind one interface
+(adapters.py, with the continuous-batching decoder and the grammars of typed answers)."""

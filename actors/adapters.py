@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from actors.checkpoint import ModelLoadError, check_model_directory, model_load_hint
+from actors.checkpoint import ModelLoadError, model_load_hint
 from actors.constraints import Constraint, Grammars
 from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
@@ -133,7 +133,6 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
     if quantized and device.type != "cuda":
         raise ModelLoadError(f"model.quantization={model.quantization} needs a CUDA GPU; this worker has none")
     dtype = torch.float16 if quantized else resolve_dtype(model.dtype, device)
-    check_model_directory(model.id)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of every actor, relayed to the driver

@@ -1,13 +1,26 @@
-"""What the driver learns from a checkpoint before any work starts: its image processor's geometry, or a
-clear error (``ModelLoadError``) saying how to fix the model setting."""
+"""What the driver learns from a checkpoint before any work starts (``CheckpointInfo``: its family, its
+commit and its image processor's geometry; actors/families.py ``inspect_checkpoint`` reads it once), or a
+clear error (``ModelLoadError``) saying how to fix the model setting. The actors get the result, and load
+the weights without inspecting the checkpoint again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the driver learnt of the checkpoint, handed to every actor."""
+
+    model_type: str  # config.json's model_type: the family whose adapter loads it
+    family: str  # the family's name, as `docqa models` shows it
+    commit: str | None  # the Hub commit the revision resolved to, when known
+    geometry: ImageGeometry
 
 
 class ModelLoadError(RuntimeError):
@@ -30,11 +43,10 @@ def check_model_directory(model_id: str) -> None:
         raise ModelLoadError(f"cannot load model {model_id!r}: no such directory: {model_id}")
 
 
-def resolve_image_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
-    """Read the checkpoint's image processor settings; fails fast (before any work) if it cannot be loaded."""
+def processor_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
+    """The geometry of the checkpoint's image processor (its directory checked by the caller)."""
     from transformers import AutoImageProcessor
 
-    check_model_directory(model.id)
     try:
         processor = AutoImageProcessor.from_pretrained(model.id, revision=model.revision)
     except Exception as error:

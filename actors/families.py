@@ -3,26 +3,19 @@ checkpoint to its adapter."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from actors.adapters import FamilyInfo, ModelAdapter
-from actors.checkpoint import ModelLoadError, check_model_directory, model_load_hint
+from actors.checkpoint import CheckpointInfo, ModelLoadError, check_model_directory, model_load_hint, processor_geometry
 from actors.idefics1 import IdeficsAdapter
 from actors.idefics2 import Idefics2Adapter
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.info.model_type: a for a in [Idefics2Adapter, IdeficsAdapter]}
 FAMILIES: list[FamilyInfo] = [adapter.info for adapter in ADAPTERS.values()]
-
-
-@dataclass(frozen=True)
-class CheckpointCheck:
-    family: str
-    commit: str | None  # the Hub commit the revision resolved to, when known
 
 
 def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
@@ -33,18 +26,20 @@ def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
 
 
 def checkpoint_config(model: ModelConfig) -> Any:
-    """The checkpoint's config.json (its model_type names the family)."""
+    """The checkpoint's config.json (its model_type names the family); its directory checked by the caller."""
     from transformers import AutoConfig
 
-    check_model_directory(model.id)
     try:
         return AutoConfig.from_pretrained(model.id, revision=model.revision)
     except Exception as error:
         raise ModelLoadError(model_load_hint(model.id, error)) from error
 
 
-def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
-    """Fail before any work if the checkpoint is of no supported family or asks for what its family cannot do."""
+def inspect_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointInfo:
+    """What the driver learns of the checkpoint before any work, once (its directory, its config.json, its
+    adapter and its image processor): fails if it is of no supported family or asks for what its family
+    cannot do."""
+    check_model_directory(model.id)
     checkpoint = checkpoint_config(model)
     info = adapter_class(checkpoint.model_type, model.id).info
     if model.quantization != "none" and model.quantization not in info.quantization:
@@ -63,7 +58,8 @@ def check_checkpoint(model: ModelConfig) -> CheckpointCheck:
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             raise ModelLoadError(f"cannot load model.adapter {model.adapter!r}: {reason}") from error
-    return CheckpointCheck(info.name, getattr(checkpoint, "_commit_hash", None))
+    commit = getattr(checkpoint, "_commit_hash", None)
+    return CheckpointInfo(info.model_type, info.name, commit, processor_geometry(model, render))
 
 
 def describe_families() -> str:
@@ -86,6 +82,6 @@ def describe_families() -> str:
     return "\n".join(lines).rstrip()
 
 
-def load_adapter(model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
-    """The adapter of the checkpoint's family, loaded on ``device``."""
-    return adapter_class(checkpoint_config(model).model_type, model.id).load(model, geometry, device)
+def load_adapter(model: ModelConfig, model_type: str, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
+    """The adapter of the checkpoint's family (``model_type``, as the driver found it), loaded on ``device``."""
+    return adapter_class(model_type, model.id).load(model, geometry, device)

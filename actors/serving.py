@@ -13,25 +13,27 @@ from typing import Any
 
 from ray import serve
 
-from actors.predictor import PageAnswerer
-from pipeline.config import JobConfig, QuestionTemplate
-from pipeline.images import ImageGeometry
+from actors.answering import PageAnswerer
+from actors.checkpoint import CheckpointInfo
+from pipeline.config import JobConfig
+from pipeline.questions import QuestionTemplate
+from pipeline.records import AnswerRow, Page
 
-# A split page row, the request's questions by id (the page row names the ones it gets), the request's id.
-PageRequest = tuple[dict[str, Any], dict[str, QuestionTemplate], str]
+# A page, the request's questions by id (the page names the ones it gets), the request's id.
+PageRequest = tuple[Page, dict[str, QuestionTemplate], str]
 
 
 @serve.deployment
 class AnswerModel:
-    def __init__(self, config: JobConfig, geometry: ImageGeometry) -> None:
-        self.answerer = PageAnswerer(config, geometry, run_id="serve")
+    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo) -> None:
+        self.answerer = PageAnswerer(config, checkpoint, run_id="serve")
         self.batch_sizes: Counter[int] = Counter()  # pages per model call, for monitoring
         self.mixed_calls = 0  # model calls that answered pages of more than one request
         self.answer_page.set_max_batch_size(config.actors.batch_size)
         self.answer_page.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
 
     @serve.batch
-    async def answer_page(self, requests: list[PageRequest]) -> list[list[dict[str, Any]]]:
+    async def answer_page(self, requests: list[PageRequest]) -> list[list[AnswerRow]]:
         """One page and its request's questions per request → that page's output rows. The model runs in a thread so
         the replica keeps accepting requests (the next batch fills while this one computes)."""
         pages = [page for page, _, _ in requests]

@@ -10,7 +10,7 @@ TINY_MODEL = Path(".cache/tiny-idefics2")
 
 def tiny_model() -> Path:
     """The tiny offline Idefics2, built under .cache/ on first use."""
-    from actors.tiny import build_tiny_idefics2
+    from jobs.devtools.tiny_models import build_tiny_idefics2
 
     if not (TINY_MODEL / "config.json").exists():
         build_tiny_idefics2(TINY_MODEL)

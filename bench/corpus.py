@@ -26,7 +26,7 @@ def main() -> None:
     import ray
 
     from jobs.run import run_job
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.tables import read_answers
 
     model = tiny_model()

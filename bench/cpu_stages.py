@@ -67,26 +67,24 @@ def raw_pymupdf_loop(paths: list[Path], pages_per_document: int, geometry, split
 def stage_functions(config, geometry) -> int:
     """Our stages in this process: the listing, then the tasks each listed document gets in Ray (read → plan
     its units; each unit: render → split → Arrow tables; the render sandbox is their helper process)."""
-    import pyarrow as pa
+    from pipeline.locations import iter_documents
+    from pipeline.planning import PlanDocuments
+    from pipeline.records import DocumentRef, Status, to_table
+    from pipeline.rendering import RenderPages
 
-    from pipeline.document_pages import DocumentUnits, UnitPages
-    from pipeline.documents import REF_SCHEMA
-    from pipeline.rows import Status
-    from pipeline.storage import iter_documents
-
-    document_units, unit_pages = DocumentUnits(config, geometry), UnitPages(config, geometry)
+    plan, render = PlanDocuments(config), RenderPages(config, geometry)
     pages = 0
     for ref in iter_documents(config.input, config.storage):
-        units = document_units(pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA))
+        units = plan(to_table([ref], DocumentRef))
         for unit in range(units.num_rows):
-            for table in unit_pages(units.slice(unit, 1)):
+            for table in render(units.slice(unit, 1)):
                 pages += table["status"].to_pylist().count(Status.OK.value)
     return pages
 
 
 def ray_plan(config, geometry) -> int:
-    from jobs.run import build_page_dataset
-    from pipeline.rows import Status
+    from jobs.plan import build_page_dataset
+    from pipeline.records import Status
 
     pages = 0
     for batch in build_page_dataset(config, geometry).iter_batches(batch_format="numpy", batch_size=None):
@@ -102,7 +100,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.images import ImageGeometry
 
     paths = sorted(path for path in args.corpus.rglob("*") if path.is_file())

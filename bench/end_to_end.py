@@ -43,9 +43,9 @@ def main() -> None:
 
     import ray
 
+    from jobs.devtools.samples import write_samples
     from jobs.run import run_job
-    from jobs.samples import write_samples
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     model = tiny_model()
     directory = Path(tempfile.mkdtemp(prefix="docqa-e2e-"))

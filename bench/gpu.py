@@ -46,9 +46,9 @@ import actors.adapters
 from actors.adapters import ModelAdapter, Prompt, resolve_attention
 from actors.checkpoint import image_geometry
 from actors.idefics2 import Idefics2Adapter
-from actors.tiny import build_random_idefics2
 from bench.model_stage import QUESTIONS, compare_prefix_cache, measure
 from bench.naive import chat_prompt
+from jobs.devtools.tiny_models import build_random_idefics2
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry, split_page
 
@@ -439,7 +439,7 @@ def section_quantization(bench: Bench, args: argparse.Namespace) -> dict[str, An
     bench.model = None
     free_memory()
     config = ModelConfig(id=str(checkpoint), quantization="bnb-4bit", prompt_format="chat")
-    engine, load_s = timed(lambda: load_adapter(config, bench.geometry(True), bench.device))
+    engine, load_s = timed(lambda: load_adapter(config, "idefics2", bench.geometry(True), bench.device))
     free_memory()
     weights = torch.cuda.memory_allocated(bench.device) / 2**30
     measure_engine(engine, "bnb-4bit", weights)

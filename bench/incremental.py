@@ -34,7 +34,7 @@ FOLDER_SIZE = 1000
 
 
 def _config(workdir: Path, model: str | None = None, max_documents: int | None = None):
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     return load_config(
         None,
@@ -53,9 +53,10 @@ def prepare(workdir: Path, documents: int, new: int, changed: int) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from actors.tiny import build_tiny_idefics2
-    from jobs.samples import invoice_pdf
-    from pipeline.storage import iter_documents
+    from jobs.devtools.samples import invoice_pdf
+    from jobs.devtools.tiny_models import build_tiny_idefics2
+    from pipeline.fingerprints import config_fingerprint
+    from pipeline.locations import iter_documents
     from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, OutputTables
 
     build_tiny_idefics2(workdir / "tiny")
@@ -74,9 +75,9 @@ def prepare(workdir: Path, documents: int, new: int, changed: int) -> None:
     rows = len(refs) * len(QUESTIONS)
     columns = {
         "run_id": pa.array(["seed"] * rows),
-        "document": pa.array([ref.uri for ref in refs for _ in QUESTIONS]),
-        "source_version": pa.array([ref.version for ref in refs for _ in QUESTIONS]),
-        "config_fingerprint": pa.array([config.fingerprint()] * rows),
+        "document": pa.array([ref.document for ref in refs for _ in QUESTIONS]),
+        "source_version": pa.array([ref.source_version for ref in refs for _ in QUESTIONS]),
+        "config_fingerprint": pa.array([config_fingerprint(config)] * rows),
         "document_rows": pa.array([len(QUESTIONS)] * rows, pa.int32()),
         "page_number": pa.array([1] * rows, pa.int32()),
         "num_pages": pa.array([1] * rows, pa.int32()),
@@ -108,7 +109,8 @@ def run(workdir: Path, max_documents: int | None) -> None:
     import psutil
     import ray
 
-    from jobs.run import completed_documents, run_job
+    from jobs.incremental import completed_documents
+    from jobs.run import run_job
     from pipeline.tables import OutputTables, read_answers
 
     peak = {"driver": 0, "tree": 0}

@@ -50,7 +50,7 @@ def real_geometry_model(directory: Path) -> Path:
 
 def write_inputs(directory: Path, pages: int, documents: int) -> Path:
     """``documents`` reports sharing ``pages`` pages between them."""
-    from jobs.samples import report_pdf
+    from jobs.devtools.samples import report_pdf
 
     directory.mkdir(parents=True)
     for number in range(documents):
@@ -101,7 +101,7 @@ class TreeMemory:
 
 
 def run_case(workdir: Path, name: str, inputs: Path, model: Path, render: dict, max_pages: int) -> dict:
-    from jobs.samples import write_job
+    from jobs.devtools.samples import write_job
     from pipeline.tables import read_answers
 
     case = workdir / f"run-{name}"

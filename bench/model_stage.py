@@ -22,11 +22,11 @@ import torch
 
 from actors.adapters import ModelAdapter, Prompt
 from actors.checkpoint import image_geometry
-from actors.families import load_adapter
+from actors.families import inspect_checkpoint, load_adapter
 from actors.idefics2 import Idefics2Adapter
-from actors.tiny import build_random_idefics2
 from bench import tiny_model
 from bench.naive import chat_prompt, reference_answer
+from jobs.devtools.tiny_models import build_random_idefics2
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry, split_page
 
@@ -77,7 +77,7 @@ class StageResult:
 
 def sample_pages(count: int, longest_edge: int) -> list[np.ndarray]:
     """``count`` rendered invoice pages of mixed sizes (letter, A4, A4 landscape)."""
-    from jobs.samples import PAGE_SIZES, invoice_pdf  # PyMuPDF: imported here, bench.gpu runs without it
+    from jobs.devtools.samples import PAGE_SIZES, invoice_pdf  # PyMuPDF: imported here, bench.gpu runs without it
     from pipeline.pdf import open_pdf
 
     sizes = list(PAGE_SIZES.values())
@@ -203,14 +203,13 @@ def main() -> None:
     parser.add_argument("--batch-pages", type=int, default=4, help="pages per engine call (actors.batch_size)")
     args = parser.parse_args()
 
-    from actors.checkpoint import resolve_image_geometry
     from pipeline.config import RenderConfig
 
     torch.manual_seed(0)
     model = tiny_model()
     model_config = ModelConfig(id=str(model), dtype="float32")
-    geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig()).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     pages = sample_pages(args.pages, geometry.render_longest_edge)
     measure(engine, pages[:1], geometry, 1, 2, 1)  # warm-up
     print(f"# bench.model_stage  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")

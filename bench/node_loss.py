@@ -52,7 +52,7 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.samples import write_job
+    from jobs.devtools.samples import write_job
     from pipeline.tables import committed_runs, read_answers, read_current
 
     head_cpus, worker_cpus, actors = (3, 2, 1) if name == "survives" else (2, 2, 2)
@@ -93,7 +93,7 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
     pool_sizes = _PoolSizes(driver)
     pool_sizes.start()
     deadline = time.monotonic() + 120  # until a model actor is up (on the worker: the only CPUs free), then let go
-    while not _node_of_actors("PagePredictor") and time.monotonic() < deadline and driver.poll() is None:
+    while not _node_of_actors("AnswerPages") and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.2)
     ray.kill(tenant)
     output = str(run_dir / "out")
@@ -103,8 +103,8 @@ def run_topology(name: str, workdir: Path, inputs: Path, model: Path, args: argp
         if driver.poll() is not None:
             break
         time.sleep(0.2)
-    placement["model actors on the worker at the kill"] = _node_of_actors("PagePredictor").count(worker_id)
-    placement["model actors alive at the kill"] = len(_node_of_actors("PagePredictor"))
+    placement["model actors on the worker at the kill"] = _node_of_actors("AnswerPages").count(worker_id)
+    placement["model actors alive at the kill"] = len(_node_of_actors("AnswerPages"))
     placement["render tasks on the worker at the kill"] = _render_tasks_under(raylet.pid)
     placement["documents committed at the kill"] = _committed_documents(output, name)
     os.kill(raylet.pid, signal.SIGKILL)  # kill -9 of the worker's raylet
@@ -166,7 +166,7 @@ def _ready_to_kill(name: str, output: str, raylet_pid: int, worker_id: str, args
     on the worker, and in ``survives`` a render task too (a task is lost with the node, not only an actor)."""
     if _committed_documents(output, name) < args.kill_after_documents:
         return False
-    if worker_id not in _node_of_actors("PagePredictor"):
+    if worker_id not in _node_of_actors("AnswerPages"):
         return False
     return name != "survives" or _render_tasks_under(raylet_pid) > 0
 
@@ -183,7 +183,7 @@ def _render_tasks_under(raylet_pid: int) -> int:
     running = 0
     for worker in workers:
         try:
-            running += "UnitPages" in " ".join(worker.cmdline())
+            running += "RenderPages" in " ".join(worker.cmdline())
         except psutil.Error:
             continue
     return running
@@ -215,7 +215,7 @@ class _PoolSizes(threading.Thread):
 
     def run(self) -> None:
         while self.driver.poll() is None:
-            self.sizes.append(len(_node_of_actors("PagePredictor")))
+            self.sizes.append(len(_node_of_actors("AnswerPages")))
             time.sleep(0.5)
 
     def mark_kill(self) -> None:
@@ -242,8 +242,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["survives", "starved"])
     args = parser.parse_args()
 
-    from actors.tiny import build_tiny_idefics2
-    from jobs.samples import write_samples
+    from jobs.devtools.samples import write_samples
+    from jobs.devtools.tiny_models import build_tiny_idefics2
 
     workdir = Path(tempfile.mkdtemp(prefix="docqa-node-loss-"))
     inputs = workdir / "pdfs"

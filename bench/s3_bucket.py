@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _config(input_uri: str, output_uri: str, endpoint: str, model: Path):
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     return load_config(
         None,
@@ -51,10 +51,10 @@ def main() -> None:
     import boto3
     import ray
 
+    from jobs.devtools.samples import invoice_pdf
     from jobs.run import run_job
-    from jobs.samples import invoice_pdf
     from pipeline.config import StorageConfig
-    from pipeline.storage import iter_documents
+    from pipeline.locations import iter_documents
     from tests.s3_server import start_moto
 
     model = tiny_model()

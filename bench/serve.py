@@ -37,9 +37,9 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from jobs.samples import invoice_pdf
+    from jobs.devtools.samples import invoice_pdf
     from jobs.serve import start_server
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     model = tiny_model()
     pdfs = [invoice_pdf(n, 1, (595, 842)) for n in range(8)]

@@ -27,7 +27,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "format-cor
 
 def write_inputs(directory: Path, invoices: int) -> Path:
     """The corpus's files and ``invoices`` generated invoices, a quarter of them scanned (no text layer)."""
-    from jobs.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
+    from jobs.devtools.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
 
     shutil.copytree(CORPUS, directory / "corpus")
     generated = directory / "invoices"
@@ -42,7 +42,7 @@ def main() -> None:
     import ray
 
     from jobs.run import run_job
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.tables import read_answers
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,15 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The measurement, run in a fresh interpreter against whichever tree is first on its path. It uses only what
 # both trees have: RunWriter(output, run_id, date, storage, record, commit_rows, commit_interval_s), write,
-# commit, and RunStats (``add`` on raw batches before; ``arrived`` on them and ``add`` on what write returns now).
+# commit, and RunStats (``add`` on raw batches before; ``arrived`` on them and ``add`` on what write returns now),
+# under either tree's module names.
 MEASURE = r"""
 import json, random, resource, sys, time
 from datetime import UTC, datetime
 import pyarrow as pa
 from jobs.run import RunStats
 from pipeline.config import StorageConfig
-from pipeline.rows import rows_to_table
-from pipeline.sink import RunWriter
+from pipeline.records import rows_to_table
+from pipeline.writing import RunWriter
 
 documents, questions, window, batch_rows = (int(value) for value in sys.argv[1:5])
 output = sys.argv[5]

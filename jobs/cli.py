@@ -12,15 +12,17 @@ from typing import Any
 import yaml
 
 from actors.checkpoint import ModelLoadError
-from actors.tiny import TINY_FAMILIES
 from jobs import console
+from jobs.devtools.tiny_models import TINY_FAMILIES
 from jobs.formats import FORMATS, TableLayout, write_result
 from jobs.query import QueryError, parse_as_of
 from jobs.submit import SubmitError
 from jobs.watchdog import RunInterrupted, RunStalled
-from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.sink import RunExistsError
-from pipeline.storage import InputError, StorageError
+from pipeline.commits import RunExistsError
+from pipeline.config import ConfigError, JobConfig
+from pipeline.config_loading import load_config
+from pipeline.locations import InputError
+from pipeline.storage import StorageError
 from pipeline.tables import TableError
 
 QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
@@ -324,7 +326,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(describe_families())
         return 0
     if args.command == "model" and args.model_command == "tiny-lora":
-        from actors.tiny import build_tiny_lora
+        from jobs.devtools.tiny_models import build_tiny_lora
 
         print(f"tiny LoRA adapter saved to {build_tiny_lora(args.base, args.path)}")
         return 0

@@ -1,12 +1,13 @@
 """`docqa serve`: ask questions about one uploaded PDF now, on Ray Serve.
 
-The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own stages on
-the upload (``split_pages``: RasterizeDocument in its sandbox, then SplitPage) and sends each
-page with its questions to the AnswerModel deployment, which batches pages across requests. Answers come
-back as rows with the fields of the Parquet output.
+The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own planning
+and rendering stages on the upload (``document_pages``: in the render helper) and sends each page with its
+questions to the AnswerModel deployment, which batches pages across requests. Answers come back as rows
+with the fields of the output tables.
 """
 
 import asyncio
+import dataclasses
 import datetime
 import hmac
 import os
@@ -21,13 +22,16 @@ from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError, create_
 from ray import serve
 from ray.exceptions import RayTaskError
 
-from actors.checkpoint import resolve_image_geometry
+from actors.checkpoint import CheckpointInfo
 from actors.serving import AnswerModel
-from pipeline.config import ConfigError, JobConfig, QuestionList, QuestionTemplate, format_validation_error
-from pipeline.document_pages import split_pages
-from pipeline.documents import document_of_bytes
+from pipeline.config import ConfigError, JobConfig
+from pipeline.config_loading import format_validation_error
+from pipeline.fingerprints import config_fingerprint
 from pipeline.images import ImageGeometry
-from pipeline.rows import BBOX, OUTPUT_SCHEMA, Status
+from pipeline.planning import document_of_bytes
+from pipeline.questions import QuestionList, QuestionTemplate
+from pipeline.records import BBOX, DOCUMENT, OUTPUT_SCHEMA, Page, Status
+from pipeline.rendering import document_pages
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
 APPLICATION_NAME = "docqa"
@@ -183,8 +187,8 @@ class AnswerAPI:
         file_name = os.path.basename(upload.filename or "upload.pdf") or "upload.pdf"
         async with self.render_lock:
             pages = await asyncio.to_thread(self._render, config, file_name, data)
-        if len(pages) == 1 and pages[0]["page_number"] is None:  # the document as a whole failed
-            status, error = pages[0]["status"], pages[0]["error"]
+        if pages[0].scope == DOCUMENT:  # the document as a whole failed
+            status, error = pages[0].status, pages[0].error or ""
             if status == Status.TOO_MANY_PAGES:
                 error += f" (uploads are capped at serve.max_pages={limits.max_pages})"
             raise RequestFailure(413 if status in TOO_LARGE else 422, status, error)
@@ -193,10 +197,14 @@ class AnswerAPI:
         page_rows = await asyncio.gather(
             *(self.model.answer_page.remote((page, templates, request_id)) for page in pages)
         )
-        fingerprint = config.fingerprint()
-        rows = [{**row, "run_id": request_id, "config_fingerprint": fingerprint} for rows in page_rows for row in rows]
+        fingerprint = config_fingerprint(config)
+        rows = [
+            {**dataclasses.asdict(row), "run_id": request_id, "config_fingerprint": fingerprint}
+            for rows in page_rows
+            for row in rows
+        ]
         return AnswersResponse(
-            request_id=request_id, document=file_name, num_pages=int(pages[0]["num_pages"]), answers=rows
+            request_id=request_id, document=file_name, num_pages=int(pages[0].num_pages or 0), answers=rows
         )
 
     async def _questions(self, form: Any) -> list[QuestionTemplate]:
@@ -220,15 +228,14 @@ class AnswerAPI:
             update={"questions": questions, "limits": limits.model_copy(update={"max_pages_per_document": max_pages})}
         )
 
-    def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[dict[str, Any]]:
+    def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[Page]:
         """The batch pipeline's rasterize and split stages, on one uploaded document."""
-        return split_pages(config, self.geometry, document_of_bytes(file_name, data))
+        return document_pages(config, self.geometry, document_of_bytes(file_name, data))
 
 
-def build_app(config: JobConfig) -> serve.Application:
+def build_app(config: JobConfig, checkpoint: CheckpointInfo) -> serve.Application:
     """The Serve application for ``config``: the ingress in front of an autoscaling pool of model replicas."""
     token = serve_token(config)
-    geometry = resolve_image_geometry(config.model, config.render)
     settings, pool = config.serve, config.actors
     autoscaling = {
         "min_replicas": settings.min_replicas,
@@ -239,22 +246,21 @@ def build_app(config: JobConfig) -> serve.Application:
         autoscaling_config=autoscaling,
         max_ongoing_requests=max(2 * pool.batch_size, int(2 * settings.target_ongoing_requests)),
         ray_actor_options={"num_cpus": pool.num_cpus_per_actor, "num_gpus": pool.num_gpus_per_actor},
-    ).bind(config, geometry)
+    ).bind(config, checkpoint)
     # The ingress renders with the same sandboxed stage as the batch pipeline; it reserves no CPU so that
     # model replicas are never starved of one on small machines.
     serving = settings.model_copy(update={"token": SecretStr(token)})
     return AnswerAPI.options(autoscaling_config=autoscaling, ray_actor_options={"num_cpus": 0}).bind(
-        config.model_copy(update={"serve": serving}), geometry, model
+        config.model_copy(update={"serve": serving}), checkpoint.geometry, model
     )
 
 
 def start_server(config: JobConfig) -> str:
     """Start (or update) the application on this Ray instance; returns its base URL."""
-    from actors.families import check_checkpoint
-    from jobs.run import check_gpus, ensure_ray
+    from actors.families import inspect_checkpoint
+    from jobs.cluster import check_gpus, ensure_ray
 
-    check_checkpoint(config.model)
-    application = build_app(config)
+    application = build_app(config, inspect_checkpoint(config.model, config.render))
     ensure_ray()
     check_gpus(config)
     address = f"{config.serve.host}:{config.serve.port}"

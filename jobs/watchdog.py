@@ -1,5 +1,5 @@
-"""Guards of a run's driver against hanging without a word: the CPU check before any work, and the stall
-watchdog while the plan streams."""
+"""The guard of a run's driver against hanging without a word: the stall watchdog while the plan streams
+(the CPU check before any work is jobs/cluster.py's)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import threading
 import time
 from collections import Counter
 
-from pipeline.config import ConfigError, JobConfig
-
 log = logging.getLogger("docqa")
-RENDER_TASK_CPUS = 1.0  # what one read/render task asks for (jobs/run.py, build_page_dataset)
 
 
 class RunStalled(RuntimeError):
@@ -22,27 +19,6 @@ class RunStalled(RuntimeError):
 
 class RunInterrupted(RuntimeError):
     """The user stopped the run (Ctrl-C); the message says what was committed and how to resume."""
-
-
-def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
-    """Before any work: the actor pool at its largest must leave a CPU for a read/render task, or those
-    tasks wait forever behind actors that wait for pages."""
-    pool = config.actors
-    actor_cpus = pool.max_actors * pool.num_cpus_per_actor
-    if actor_cpus + RENDER_TASK_CPUS <= cluster_cpus:
-        return
-    fit = int((cluster_cpus - RENDER_TASK_CPUS) // pool.num_cpus_per_actor) if cluster_cpus > RENDER_TASK_CPUS else 0
-    advice = (
-        f"set actors.max_actors={fit} (or lower actors.num_cpus_per_actor)"
-        if fit >= pool.min_actors
-        else f"lower actors.num_cpus_per_actor (e.g. {max(cluster_cpus - RENDER_TASK_CPUS, 0.1) / pool.max_actors:.2g})"
-        " or add CPUs"
-    )
-    raise ConfigError(
-        f"actors.max_actors={pool.max_actors} x actors.num_cpus_per_actor={pool.num_cpus_per_actor:g} = "
-        f"{actor_cpus:g} CPUs, but the Ray cluster has {cluster_cpus:g}: at least {RENDER_TASK_CPUS:g} must stay "
-        f"free for the read/render tasks, or they would wait forever behind the model actors; {advice}"
-    )
 
 
 def describe_pending() -> str:

@@ -1,6 +1,11 @@
-"""The CPU side of docqa's Ray Data plan, as Ray runs it: ``read_datasource(DocumentListing)`` lists the
-documents, one task per listing shard (a subfolder or subprefix); one ``map_batches(DocumentUnits)`` task per
-shard's block reads its documents and plans their page ranges; one
-``map_batches(UnitPages)`` task per range rasterizes (in the render helper) and splits its pages, handing
-them on in bounded blocks (pipeline/document_pages.py); the actor pool (actors/predictor.py) answers; the
-driver's ``RunWriter`` commits the rows to the output's Delta tables (pipeline/tables.py)."""
+"""The CPU side of docqa's Ray Data plan, one module a stage, each handing on one record (pipeline/records.py):
+
+    listing.py    DocumentListing  read_datasource: the input's documents, one task per listing shard
+    planning.py   PlanDocuments    read each document, open it in the render helper, plan its page ranges
+    rendering.py  RenderPages      render a range's pages in the helper and split them for the model
+    (actors/answering.py AnswerPages: the actor pool answers)
+    writing.py    RunWriter        on the driver: commit the answer rows to the Delta tables (tables.py)
+
+What they share: the config (config.py, questions.py), the render helper (sandbox.py, its parent's side;
+render_helper.py and pdf.py, the helper's), storage (storage.py), the run's ledger (ledger.py), the commit
+protocol (commits.py), and the rules for pages, images, text layers and typed values."""

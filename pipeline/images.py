@@ -1,5 +1,5 @@
-"""Split each page into the sub-images the model consumes, exactly as its image processor does (``SplitPage``,
-in the per-document ``map_batches`` task).
+"""Split each page into the sub-images the model consumes, exactly as its image processor does (in the
+rendering stage, pipeline/rendering.py).
 
 Idefics2's processor (PIL backend) splits an image into 4 crops plus the whole image when splitting is
 on, then resizes each so its longest edge is at most ``longest_edge`` and no edge is below
@@ -12,7 +12,6 @@ that images travel through Ray's object store and to the GPU as raw uint8, four 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,17 +93,3 @@ def unpack_images(buffer: bytes | np.ndarray, shapes: list[int] | np.ndarray) ->
         images.append(flat[offset : offset + count].reshape(int(height), int(width), 3))
         offset += count
     return images
-
-
-class SplitPage:
-    """A rendered page row → the same row with its packed sub-images instead of the page."""
-
-    def __init__(self, geometry: ImageGeometry) -> None:
-        self.geometry = geometry
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {key: value for key, value in row.items() if key != "image"}
-        out.update(sub_images=np.empty(0, dtype=np.uint8), sub_image_shapes=[])
-        if row["image"] is not None:
-            out["sub_images"], out["sub_image_shapes"] = pack_images(split_page(row["image"], self.geometry))
-        return out

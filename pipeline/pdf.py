@@ -10,8 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.config import LimitsConfig
-from pipeline.rows import DocumentError, Status
+from pipeline.records import DocumentError, Status
 
 PDF_MAGIC = b"%PDF-"
 ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
@@ -195,19 +194,6 @@ def open_pdf(data: bytes, backend: str, passwords: tuple[str, ...] = ()) -> PdfD
         document.close()
         raise DocumentError(Status.EMPTY, "the PDF has no pages")
     return document
-
-
-def page_limit_violation(page_size: tuple[float, float], longest_edge: int, limits: LimitsConfig) -> str | None:
-    """Why a page must not be rendered (checked from its size, before any pixel exists), or None."""
-    width, height = page_size
-    if min(width, height) <= 0:
-        return f"page has no area ({width}x{height} pt)"
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        return f"page is {width:.0f}x{height:.0f} pt, over limits.max_aspect_ratio={limits.max_aspect_ratio}"
-    rows, columns = rendered_size(page_size, longest_edge)
-    if rows * columns > limits.max_pixels_per_page:
-        return f"page renders to {columns}x{rows} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
-    return None
 
 
 def rendered_size(page_size: tuple[float, float], longest_edge: int) -> tuple[int, int]:

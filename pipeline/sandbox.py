@@ -1,4 +1,5 @@
-"""Opening and rendering PDFs in a helper process that can be killed.
+"""The parent's side of the render helper (pipeline/render_helper.py): opening and rendering documents in a
+helper process that can be killed.
 
 MuPDF and poppler have no timeouts and can loop or allocate without bound on crafted files. Each worker
 process keeps one helper (started once, reused across documents) that runs under an address-space limit
@@ -16,140 +17,36 @@ force, and the run record lists it.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import functools
 import logging
 import mmap
 import os
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.rows import DocumentError, Status
+from pipeline.config import LimitsConfig, RenderConfig
+from pipeline.records import DocumentError, Status
+from pipeline.render_helper import PIXEL_BUFFER_BYTES, SHARED
 
 if TYPE_CHECKING:
     from pipeline.pdf import TextLayer
 
-# Shared between the parent and its helper: holds a rendered page up to about 22 megapixels (RGB).
-PIXEL_BUFFER_BYTES = 64 * 1024 * 1024
-SHARED = "shared"
 # The only variables of the worker's environment the helper gets (poppler's pdftoppm is found on PATH).
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH")
 START_TIMEOUT_S = 60.0
-PR_SET_NO_NEW_PRIVS = 38
-SECCOMP_CLOSED = "closed: seccomp refuses every socket but AF_UNIX"
 
 log = logging.getLogger(__name__)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, MemoryError) or "malloc" in str(error).lower() or "out of memory" in str(error).lower()
-
-
-def confine() -> str:
-    """In the helper, before it reads a document: no new privileges, then the network filter. Returns how
-    the network is closed, or why it is not."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    try:
-        import pyseccomp as seccomp
-
-        syscall_filter = seccomp.SyscallFilter(seccomp.ALLOW)
-        refuse = seccomp.ERRNO(errno.EACCES)
-        syscall_filter.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
-        syscall_filter.add_rule(refuse, "io_uring_setup")  # io_uring can open sockets without socket()
-        syscall_filter.load()
-    except Exception as error:  # noqa: BLE001 - no libseccomp, or a kernel or container that refuses filters
-        return f"open: the seccomp filter could not be loaded ({type(error).__name__}: {error})"
-    return SECCOMP_CLOSED
-
-
-def isolation_report(network: str, probe_address: tuple[str, int] | None = None) -> dict[str, Any]:
-    """What the helper itself sees: its environment's names, no-new-privileges, its working directory, and
-    whether a TCP connection (to ``probe_address`` if given) can be made."""
-    try:
-        with socket.create_connection(probe_address or ("127.0.0.1", 9), timeout=2):
-            connect = "connected"
-    except OSError as error:
-        connect = f"refused by the sandbox ({error.strerror})" if error.errno == errno.EACCES else "failed"
-    status = Path("/proc/self/status").read_text()
-    return {
-        "network": network,
-        "connect": connect,
-        "no_new_privileges": "NoNewPrivs:\t1" in status,
-        "environment": sorted(os.environ),
-        "working_directory": os.getcwd(),
-    }
-
-
-def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int) -> None:
-    """The helper's loop: one open document at a time; answers ("ok", value) or ("error", kind, ...).
-    Rendered pixels go through the shared buffer when they fit (a pipe moves 8 MB pages slowly). The first
-    answer, before any request, is the isolation report."""
-    network = confine()
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    from pipeline.pdf import open_pdf  # after the cap: the parsers' own memory counts against it
-
-    pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
-
-    requests, connection = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
-    try:
-        connection.send(("ok", isolation_report(network)))
-    except OSError:  # the parent went away before asking anything (its task was cancelled): nobody to tell
-        return
-    document = None
-    while True:
-        try:
-            operation, arguments = requests.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            if operation == "open":
-                if document is not None:
-                    document.close()
-                document = open_pdf(*arguments)
-                answer: tuple[Any, ...] = ("ok", (document.num_pages, document.repaired))
-            elif operation == "isolation":
-                answer = ("ok", isolation_report(network, *arguments))
-            elif operation == "page_size":
-                answer = ("ok", document.page_size(*arguments))
-            elif operation == "text_layer":
-                answer = ("ok", document.text_layer(*arguments))
-            elif operation == "render":
-                image = document.render(*arguments)
-                if image.nbytes <= PIXEL_BUFFER_BYTES:
-                    pixels[: image.nbytes].reshape(image.shape)[...] = image
-                    answer = ("ok", (SHARED, image.shape))
-                else:
-                    answer = ("ok", (image.tobytes(), image.shape))
-            else:  # close
-                if document is not None:
-                    document.close()
-                document = None
-                answer = ("ok", None)
-        except DocumentError as error:
-            answer = ("error", error)
-        except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
-            reason = f"{type(error).__name__}: {error}"
-            answer = ("error", DocumentError(Status.MEMORY_LIMIT, reason) if _is_out_of_memory(error) else reason)
-        try:
-            connection.send(answer)
-        except MemoryError:
-            too_large = DocumentError(Status.MEMORY_LIMIT, "the result does not fit in the memory limit")
-            connection.send(("error", too_large))
-        except OSError:  # the parent went away (task cancelled, worker stopped): nobody to answer
-            return
 
 
 class RenderSandbox:
@@ -171,7 +68,7 @@ class RenderSandbox:
         self.private_dir = tempfile.mkdtemp(prefix="docqa-render-")
         self._remove_private_dir = weakref.finalize(self, shutil.rmtree, self.private_dir, True)
         code = (
-            f"from pipeline.sandbox import serve; "
+            f"from pipeline.render_helper import serve; "
             f"serve({child_reads}, {child_writes}, {self.memory_bytes}, {pixels_fd})"
         )
         self._process = subprocess.Popen(
@@ -315,3 +212,27 @@ class SandboxedDocument:
             self.sandbox.call("close", (), time.monotonic() + 10)
         except DocumentError:
             pass  # the helper was replaced; nothing is left open
+
+
+def open_document(
+    data: bytes,
+    render: RenderConfig,
+    limits: LimitsConfig,
+    on_helper: Callable[[RenderSandbox], None] = lambda _: None,
+) -> SandboxedDocument:
+    """``data`` opened in this process's helper, under the limits of one unit; raises DocumentError (a
+    parser's own exception is ``corrupt``). ``on_helper`` hears of the helper that opened it (its isolation)."""
+    try:
+        opened = SandboxedDocument(
+            data,
+            render.backend,
+            tuple(password.get_secret_value() for password in render.passwords),
+            limits.render_memory_mb,
+            limits.document_timeout_s,
+        )
+    except DocumentError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a hostile file makes the parser raise
+        raise DocumentError(Status.CORRUPT, f"cannot open it: {type(error).__name__}: {error}") from None
+    on_helper(opened.sandbox)
+    return opened

@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
 from pipeline.config import StorageConfig
-from pipeline.rows import OUTPUT_SCHEMA
+from pipeline.records import OUTPUT_SCHEMA
 from pipeline.storage import check_writable_output, endpoint_of, filesystem_for, is_s3
 
 ANSWERS = "answers"

@@ -19,7 +19,9 @@ import re
 from functools import cached_property
 from typing import Any
 
-from pipeline.config import BOOLEAN_ANSWERS, QuestionTemplate, ValuesConfig
+from pipeline.config import ValuesConfig
+from pipeline.grammars import BOOLEAN_ANSWERS
+from pipeline.questions import QuestionTemplate
 
 VALUE_COLUMNS = ("value_number", "value_currency", "value_date", "value_boolean", "value_status")
 MAX_WORDS_AROUND = 5

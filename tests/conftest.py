@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.tiny import build_tiny_idefics2
-from jobs.samples import write_samples
+from jobs.devtools.samples import write_samples
+from jobs.devtools.tiny_models import build_tiny_idefics2
 
 # No test may reach the Hugging Face Hub: the default checkpoint must fail fast and clearly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,13 +8,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.adapters import Prompt, split_on_out_of_memory
-from actors.checkpoint import resolve_image_geometry
-from actors.families import load_adapter
+from actors.families import inspect_checkpoint, load_adapter
 from bench.naive import chat_prompt, reference_answer
-from jobs.samples import PAGE_SIZES, invoice_pdf
-from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
+from jobs.devtools.samples import PAGE_SIZES, invoice_pdf
+from pipeline.config import ModelConfig, RenderConfig
 from pipeline.images import split_page
 from pipeline.pdf import open_pdf
+from pipeline.questions import QuestionTemplate
 
 QUESTIONS = [
     QuestionTemplate(id="number", text="What is the invoice number?", max_new_tokens=6),
@@ -25,7 +25,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def pages(tiny_model: Path) -> list[np.ndarray]:
-    geometry = resolve_image_geometry(ModelConfig(id=str(tiny_model)), RenderConfig())
+    geometry = inspect_checkpoint(ModelConfig(id=str(tiny_model)), RenderConfig()).geometry
     rendered = []
     for number, size in enumerate(PAGE_SIZES.values()):
         document = open_pdf(invoice_pdf(number, 1, size), "pymupdf")
@@ -36,8 +36,8 @@ def pages(tiny_model: Path) -> list[np.ndarray]:
 @pytest.mark.parametrize("splitting", [True, False])
 def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.ndarray], splitting: bool) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
-    geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig(image_splitting=splitting)).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     prompts, expected_questions = [], []
     for page_index in range(len(pages)):
         for template in QUESTIONS:
@@ -63,8 +63,8 @@ def test_answers_equal_single_sample_generate(tiny_model: Path, pages: list[np.n
 
 def test_vision_encoder_runs_once_per_page(tiny_model: Path, pages: list[np.ndarray]) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
-    geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig()).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     images_encoded: list[int] = []
     engine.model.model.vision_model.register_forward_hook(
         lambda module, args, kwargs, output: images_encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
@@ -92,8 +92,8 @@ def test_questions_about_a_page_share_its_image_tokens_read_once(
     questions (of different lengths: padding between prefix and question) ask about it, and every answer
     is still the naive generate's, in both prompt formats (raw: with the newline stop rule)."""
     model_config = ModelConfig(id=str(tiny_model), dtype="float32", prompt_format=prompt_format)
-    geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=splitting))
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig(image_splitting=splitting)).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     image_tokens_read: list[int] = []
 
     def count_image_tokens(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -118,7 +118,9 @@ def test_questions_about_a_page_share_its_image_tokens_read_once(
         )
         assert (answer.text, answer.generated_tokens) == expected
 
-    without = load_adapter(model_config.model_copy(update={"prefix_cache": False}), geometry, torch.device("cpu"))
+    without = load_adapter(
+        model_config.model_copy(update={"prefix_cache": False}), "idefics2", geometry, torch.device("cpu")
+    )
     image_tokens_read.clear()
     without.model.model.register_forward_hook(count_image_tokens, with_kwargs=True)
     assert [a.text for a in without.answer([split_page(page, geometry) for page in pages], prompts)] == [
@@ -140,7 +142,9 @@ def test_attention_auto_is_sdpa_where_flash_attention_cannot_run(tiny_model: Pat
     assert resolve_attention("auto", cuda, torch.bfloat16, flash_installed=False) == "sdpa"
     assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"  # this machine: no CUDA, no flash-attn
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
-    engine = load_adapter(model_config, resolve_image_geometry(model_config, RenderConfig()), torch.device("cpu"))
+    engine = load_adapter(
+        model_config, "idefics2", inspect_checkpoint(model_config, RenderConfig()).geometry, torch.device("cpu")
+    )
     assert model_config.attn_implementation == "auto" and engine.model.config._attn_implementation == "sdpa"
 
 
@@ -162,11 +166,11 @@ def test_a_batch_that_runs_out_of_memory_is_split() -> None:
 def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_answers(
     tiny_model: Path, pages: list[np.ndarray]
 ) -> None:
-    from actors.predictor import PagePredictor
-    from pipeline.config import load_config
-    from pipeline.document_pages import page_table
+    from actors.answering import AnswerPages
+    from actors.checkpoint import CheckpointInfo
+    from pipeline.config_loading import load_config
     from pipeline.images import pack_images
-    from pipeline.rows import document_row, page_row
+    from pipeline.records import Page, to_table
 
     config = load_config(
         None,
@@ -177,16 +181,33 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
             "questions": [q.model_dump() for q in QUESTIONS[:2]],
         },
     )
-    geometry = resolve_image_geometry(config.model, config.render)
+    geometry = inspect_checkpoint(config.model, config.render).geometry
     buffer, shapes = pack_images(split_page(pages[0], geometry))
     pages_in = []
     for uri, sha256, sub_images in [("/in/good.pdf", "a", buffer), ("/in/broken.pdf", "b", buffer[: len(buffer) // 2])]:
-        document = {**document_row(uri, 10, source_version="v", sha256=sha256 * 64)}
-        page = page_row(document, num_pages=1, page_number=1, question_ids=["number", "total"], document_rows=2)
+        page = Page(
+            document=uri,
+            file_size=10,
+            source_version="v",
+            etag=None,
+            version_id=None,
+            sha256=sha256 * 64,
+            scope="page",
+            num_pages=1,
+            page_number=1,
+            question_ids=["number", "total"],
+            by_model=[True, True],
+            document_rows=2,
+            repaired=False,
+            status="ok",
+            error=None,
+            render_ms=1.0,
+        )
         # the second page's pixels are cut short
-        pages_in.append({**page, "render_ms": 1.0, "sub_images": sub_images, "sub_image_shapes": shapes})
-    batch = page_table(pages_in)  # the actor's input, as the CPU stages hand it on
-    rows = PagePredictor(config, geometry, "r1")(batch).to_pylist()
+        page.sub_images, page.sub_image_shapes = sub_images, shapes
+        pages_in.append(page)
+    batch = to_table(pages_in, Page)  # the actor's input, as the CPU stages hand it on
+    rows = AnswerPages(config, CheckpointInfo("idefics2", "idefics2", None, geometry), "r1")(batch).to_pylist()
     by_document = {(row["document"], row["question_id"]): row for row in rows}
     assert len(rows) == 4 and set(by_document) == {
         (d, q) for d in ("/in/good.pdf", "/in/broken.pdf") for q in ("number", "total")
@@ -207,8 +228,8 @@ def test_encoder_and_decoder_out_of_memory_are_answered_in_halves(tiny_model: Pa
     (encode_pages and the decoder's prefill) halves its batches and gives the answers of an unconstrained
     run. (The slot decoder's steps are sized by the free memory when its cache is made.)"""
     model_config = ModelConfig(id=str(tiny_model), dtype="float32")
-    geometry = resolve_image_geometry(model_config, RenderConfig(image_splitting=False))
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig(image_splitting=False)).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     letter = [
         open_pdf(invoice_pdf(n, 1, (612, 792)), "pymupdf").render(1, geometry.render_longest_edge) for n in range(4)
     ]

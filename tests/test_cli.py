@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf, write_job
+from jobs.devtools.samples import invoice_pdf, write_job
 from pipeline.config import StorageConfig
 from pipeline.tables import RUNS, OutputTables, read_answers
 from tests.hostile import encrypted_pdf
@@ -88,7 +88,7 @@ def test_progress_shows_done_of_listed_rates_and_an_eta_on_a_timer(
     ray_session, tiny_model: Path, tmp_path: Path, caplog
 ) -> None:
     from jobs.run import run_job
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     inputs = tmp_path / "pdfs"
     inputs.mkdir()

@@ -14,7 +14,7 @@ import yaml
 
 from bench import free_port
 from jobs.cli import main
-from jobs.samples import invoice_pdf
+from jobs.devtools.samples import invoice_pdf
 from jobs.submit import job_client, wait
 from pipeline.tables import committed_runs, read_answers
 from tests.conftest import assert_sample_statuses

@@ -1,12 +1,16 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, JobConfig, QuestionTemplate, load_config
+from pipeline.config import ConfigError, JobConfig
+from pipeline.config_loading import load_config
+from pipeline.fingerprints import config_fingerprint
 from pipeline.pages import parse_page_selection, selection_contains
-from pipeline.rows import OUTPUT_SCHEMA, Status
+from pipeline.questions import QuestionTemplate
+from pipeline.records import OUTPUT_SCHEMA, Status
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MINIMAL = {"input": "in", "output": "out", "questions": [{"id": "q", "text": "What?"}]}
@@ -94,17 +98,17 @@ def test_cli_style_overrides_reach_nested_fields(tmp_path: Path) -> None:
 
 def test_fingerprint_changes_with_what_answers_depend_on_only() -> None:
     base = {"input": "in", "output": "out", "questions": [{"id": "q", "text": "Total?"}]}
-    fingerprint = load_config(None, base).fingerprint()
+    fingerprint = config_fingerprint(load_config(None, base))
     same_answers = ["model.prefix_cache=false", "actors.batch_size=16", "limits.document_timeout_s=10"]
     for assignment in same_answers:
         field, value = assignment.split("=")
-        assert load_config(None, {**base, field: value}).fingerprint() == fingerprint, assignment
+        assert config_fingerprint(load_config(None, {**base, field: value})) == fingerprint, assignment
     for field, value in [
         ("model.id", "other/model"),
         ("questions.0.text", "Due?"),
         ("render.image_splitting", "false"),
     ]:
-        assert load_config(None, {**base, field: value}).fingerprint() != fingerprint, field
+        assert config_fingerprint(load_config(None, {**base, field: value})) != fingerprint, field
 
 
 def test_unreadable_and_non_mapping_configs(tmp_path: Path) -> None:
@@ -126,25 +130,35 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
-def test_readme_documents_every_config_field_and_status() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    missing = [path for path in _field_paths(JobConfig) + _field_paths(QuestionTemplate) if f"`{path}`" not in readme]
-    missing += [f"status {status}" for status in Status if f"`{status.value}`" not in readme]
-    missing += [f"column {name}" for name in OUTPUT_SCHEMA.names if f"`{name}`" not in readme]
+def test_the_docs_document_every_config_field_status_and_column() -> None:
+    """The config reference is generated from the models (docs/hooks.py): every field is in it, under its path;
+    every status and output column is described in the docs' pages."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "docs"))
+    import hooks
+
+    reference = "\n".join(hooks.reference(JobConfig))
+    pages = "\n".join(path.read_text() for path in (root / "docs").glob("*.md"))
+    paths = _field_paths(JobConfig) + [f"questions[].{path}" for path in _field_paths(QuestionTemplate)]
+    missing = [path for path in paths if f"| `{path}` |" not in reference]
+    missing += [f"status {status}" for status in Status if f"`{status.value}`" not in pages]
+    missing += [f"column {name}" for name in OUTPUT_SCHEMA.names if f"`{name}`" not in pages]
     assert not missing
+    assert hooks.MARKER in (root / "docs" / "config-reference.md").read_text()
 
 
 def test_every_config_field_says_what_it_is() -> None:
     import inspect
 
-    from pipeline import config
+    from pipeline import config, questions
 
     models = [
         model
-        for _, model in inspect.getmembers(config, inspect.isclass)
-        if issubclass(model, BaseModel) and model.__module__ == config.__name__
+        for module in (config, questions)
+        for _, model in inspect.getmembers(module, inspect.isclass)
+        if issubclass(model, BaseModel) and model.__module__ == module.__name__
     ]
-    assert JobConfig in models and len(models) > 10
+    assert JobConfig in models and QuestionTemplate in models and len(models) > 10
     missing = [
         f"{model.__name__}.{name}" for model in models for name, f in model.model_fields.items() if not f.description
     ]

@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.adapters import Prompt
-from actors.checkpoint import resolve_image_geometry
-from actors.families import load_adapter
+from actors.families import inspect_checkpoint, load_adapter
 from bench.model_stage import sample_pages
 from bench.naive import reference_answer
-from pipeline.config import ModelConfig, QuestionTemplate, RenderConfig
+from pipeline.config import ModelConfig, RenderConfig
 from pipeline.images import split_page
+from pipeline.questions import QuestionTemplate
 
 QUESTIONS = ["What is the invoice number?", "Total?", "Who is the customer named on this invoice, in full?"]
 # Typed questions decoded under their grammars, beside free ones in the same batch.
@@ -58,8 +58,8 @@ def test_answers_equal_single_sample_generate(
     repeats: int,
 ) -> None:
     model_config = ModelConfig(id=str(tiny_model), dtype="float32", **settings)
-    geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig()).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     assert (engine.decoder is not None) == (sync_steps is not None)
     if engine.decoder is not None:
         engine.decoder.sync_steps = sync_steps
@@ -96,8 +96,8 @@ def test_constrained_answers_are_allowed_and_equal_generate_with_the_same_gramma
     anything), amounts take their regular form, and each equals transformers' generate under the same
     xgrammar logits processor."""
     model_config = ModelConfig(id=str(tiny_model), dtype="float32", **settings)
-    geometry = resolve_image_geometry(model_config, RenderConfig())
-    engine = load_adapter(model_config, geometry, torch.device("cpu"))
+    geometry = inspect_checkpoint(model_config, RenderConfig()).geometry
+    engine = load_adapter(model_config, "idefics2", geometry, torch.device("cpu"))
     questions = [QuestionTemplate(id="free", text=QUESTIONS[0], max_new_tokens=8), *CONSTRAINED]
     prompts = [
         Prompt(page, engine.prompt(question.text), question.answer_tokens, question.constraint)

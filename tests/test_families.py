@@ -8,13 +8,13 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, GPT2Config, IdeficsForVisionText2Text
 
-from actors.checkpoint import resolve_image_geometry
+from actors.families import inspect_checkpoint
 from bench.naive import chat_prompt, idefics1_reference_answer, raw_prompt, reference_answer
 from jobs.cli import main
-from jobs.samples import write_job, write_samples
+from jobs.devtools.samples import write_job, write_samples
 from pipeline.config import ModelConfig, RenderConfig
 from pipeline.pdf import open_pdf
-from pipeline.rows import Status
+from pipeline.records import Status
 from pipeline.tables import committed_runs, read_answers
 
 QUESTIONS = [
@@ -73,7 +73,7 @@ def test_each_family_runs_end_to_end_and_equals_its_reference(
 
     rows = read_answers(str(tmp_path / "out")).to_pylist()
     assert len(rows) == 6 + 3  # "number" on each of 6 pages, "text" on the 3 first pages
-    geometry = resolve_image_geometry(ModelConfig(id=model_section["id"]), RenderConfig())
+    geometry = inspect_checkpoint(ModelConfig(id=model_section["id"]), RenderConfig()).geometry
     tokens = {question["id"]: question["max_new_tokens"] for question in QUESTIONS}
     pages = {
         (row["document"], row["page_number"]): open_pdf(Path(row["document"]).read_bytes(), "pymupdf").render(
@@ -114,7 +114,7 @@ def test_idefics1_pixels_are_bit_identical_to_its_image_processor(models: dict) 
     from pipeline.images import split_page
 
     processor = AutoProcessor.from_pretrained(models["idefics"]["id"]).image_processor
-    geometry = resolve_image_geometry(ModelConfig(id=models["idefics"]["id"]), RenderConfig())
+    geometry = inspect_checkpoint(ModelConfig(id=models["idefics"]["id"]), RenderConfig()).geometry
     rng = np.random.default_rng(3)
     for height, width in [(112, 112), (150, 87), (60, 200), (1000, 707)]:
         page = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

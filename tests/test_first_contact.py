@@ -18,9 +18,9 @@ from deltalake import DeltaTable
 from rich.cells import cell_len
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf, write_samples
+from jobs.devtools.samples import invoice_pdf, write_samples
 from pipeline.config import StorageConfig
-from pipeline.storage import iter_documents
+from pipeline.locations import iter_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -145,7 +145,7 @@ def test_a_list_file_takes_comments_after_a_path(tmp_path: Path) -> None:
         path.write_bytes(b"%PDF-")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# the invoices\n{kept}   # first, with a '#' in its name\n\n{other}\t# second\n")
-    assert [ref.uri for ref in iter_documents(str(listing), StorageConfig())] == [str(kept), str(other)]
+    assert [ref.document for ref in iter_documents(str(listing), StorageConfig())] == [str(kept), str(other)]
 
 
 RUN_AND_REPORT = """

@@ -144,7 +144,7 @@ def test_submit_ships_exactly_our_packages_and_the_config(tmp_path: Path) -> Non
     imports comes from it: a package missing there would be imported from this checkout instead (the
     editable install), which is not on a cluster, and this test would fail."""
     from jobs.submit import stage_working_dir
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     job = tmp_path / "job.yaml"
     job.write_text("input: s3://in/\noutput: s3://out/\nquestions: [{id: q, text: 'Total?'}]\n")
@@ -157,7 +157,7 @@ def test_submit_ships_exactly_our_packages_and_the_config(tmp_path: Path) -> Non
             ".".join(path.relative_to(staging).with_suffix("").parts).removesuffix(".__init__")
             for path in staging.rglob("*.py")
         )
-        assert {"jobs.cli", "jobs.run", "pipeline.sink", "pipeline.tables", "actors.predictor"} <= set(modules)
+        assert {"jobs.cli", "jobs.run", "pipeline.writing", "pipeline.tables", "actors.answering"} <= set(modules)
         check = (
             "import importlib, os, sys\n"
             "outside = [m for m in sys.argv[1:] if not importlib.import_module(m).__file__.startswith(os.getcwd())]\n"

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from jobs import query
 from jobs.cli import main
+from pipeline.commits import RunExistsError
 from pipeline.config import StorageConfig
-from pipeline.rows import Status, rows_to_table
-from pipeline.sink import RunExistsError, RunWriter
+from pipeline.records import Status, rows_to_table
 from pipeline.tables import read_answers, read_current
+from pipeline.writing import RunWriter
 
 DOCUMENTS = 9
 PER_PART = 3
@@ -217,7 +218,8 @@ CRASH_BETWEEN_COMMITS = """
 import os, signal, sys
 from datetime import UTC, datetime
 from pipeline.config import StorageConfig
-from pipeline.sink import RunFence, RunWriter
+from pipeline.commits import RunFence
+from pipeline.writing import RunWriter
 from tests.test_integrity import _rows
 
 replace_current = RunFence.replace_current

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from actors.checkpoint import resolve_image_geometry
+from actors.families import inspect_checkpoint
 from jobs.cli import main
-from jobs.samples import invoice_pdf, report_pdf, write_job
-from pipeline.config import load_config
-from pipeline.rows import Status
+from jobs.devtools.samples import invoice_pdf, report_pdf, write_job
+from pipeline.config_loading import load_config
+from pipeline.records import Status
 from pipeline.tables import read_answers
 
 REPORT_PAGES = 30
@@ -61,17 +61,17 @@ def test_a_long_document_in_ranges_and_small_blocks_gives_the_rows_of_the_whole_
 def test_the_cpu_stages_render_ranges_in_separate_tasks_and_emit_blocks_within_the_budget(
     ray_session, tiny_model: Path, tmp_path: Path
 ) -> None:
-    from jobs.run import build_page_dataset
+    from jobs.plan import build_page_dataset
 
     inputs = _inputs(tmp_path / "in")
     config = load_config(write_job(tmp_path, inputs, tiny_model, QUESTIONS, render=SPLIT))
-    geometry = resolve_image_geometry(config.model, config.render)
+    geometry = inspect_checkpoint(config.model, config.render).geometry
     blocks = []
     for bundle in build_page_dataset(config, geometry).iter_internal_ref_bundles():
         for entry in bundle.blocks:
             block = ray_session.get(entry.ref)
             assert isinstance(block, pa.Table)
-            documents = {Path(uri).name for uri in block.column("uri").to_pylist()}
+            documents = {Path(uri).name for uri in block.column("document").to_pylist()}
             size = max(block.nbytes, entry.metadata.size_bytes)
             blocks.append((documents, block.num_rows, size, entry.metadata.exec_stats.task_idx))
 
@@ -117,13 +117,14 @@ def test_the_writer_keeps_a_whole_document_row_alone_whatever_arrives_before_or_
     from datetime import UTC, datetime
 
     from pipeline.config import StorageConfig
-    from pipeline.rows import rows_to_table
-    from pipeline.sink import RunWriter
+    from pipeline.records import rows_to_table
+    from pipeline.writing import RunWriter
 
     def page(document: str, number: int) -> dict:
         return {"run_id": "r", "document": document, "document_rows": 4, "page_number": number, "status": "ok"}
 
     verdict = {"run_id": "r", "document": "a.pdf", "document_rows": 1, "status": "timeout", "error": "pages 3-4: late"}
+    verdict["scope"] = "document"  # the row speaks for its whole document
     start = {"run_id": "r", "started_at": datetime.now(UTC).isoformat()}
     writer = RunWriter(str(tmp_path / "out"), "r", "2026-11-25", StorageConfig(), start, commit_rows=1)
     writer.write(rows_to_table([page("a.pdf", 1), page("a.pdf", 2), *(page("b.pdf", n) for n in range(1, 5))]))

@@ -15,8 +15,8 @@ import pytest
 
 from jobs import query
 from jobs.cli import main
-from jobs.samples import write_job
-from pipeline.rows import Status
+from jobs.devtools.samples import write_job
+from pipeline.records import Status
 from pipeline.tables import committed_runs, read_answers
 from tests.conftest import assert_sample_statuses
 
@@ -66,7 +66,7 @@ def test_a_run_that_gets_no_rows_stops_with_what_is_pending_and_resumes_later(
     assert stalled_for >= 8 and "cluster resources free/total: CPU 0/2" in message  # ended by the watchdog
     [pending] = [line for line in message.splitlines() if "pending demands:" in line]
     assert "{'CPU': 1.0}" in pending, message  # a task waits for a CPU (the repartition before rendering)
-    assert "PagePredictor)) PENDING_CREATION" in message, message  # and the model actor
+    assert "AnswerPages)) PENDING_CREATION" in message, message  # and the model actor
     assert "running it again with the same run id" in message
     assert "Traceback" not in error, error[-3000:]  # the user sees the reason, not a stack
     [run] = query.runs(str(tmp_path / "out")).to_pylist()

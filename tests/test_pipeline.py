@@ -8,14 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.checkpoint import resolve_image_geometry
+from actors.families import inspect_checkpoint
 from bench.naive import chat_prompt, reference_answer
 from jobs.cli import main
-from jobs.samples import write_samples
-from pipeline.config import ModelConfig, RenderConfig, load_config
+from jobs.devtools.samples import write_samples
+from pipeline.config import ModelConfig, RenderConfig
+from pipeline.config_loading import load_config
 from pipeline.pdf import open_pdf
-from pipeline.rows import Status
-from pipeline.sandbox import SECCOMP_CLOSED
+from pipeline.records import Status
+from pipeline.render_helper import SECCOMP_CLOSED
 from pipeline.tables import ANSWER_SCHEMA, committed_runs, read_answers
 
 JOB = """
@@ -127,7 +128,7 @@ def test_pipeline_answers_equal_the_naive_reference(
     assert _run(job_file, sample_pdfs, output, tiny_model) == 0
     processor = AutoProcessor.from_pretrained(tiny_model)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    geometry = resolve_image_geometry(ModelConfig(id=str(tiny_model)), RenderConfig())
+    geometry = inspect_checkpoint(ModelConfig(id=str(tiny_model)), RenderConfig()).geometry
     config = load_config(job_file)
     checked = 0
     for row in read_answers(str(output)).to_pylist():

@@ -15,13 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import query
+from jobs.devtools.samples import write_job
 from jobs.formats import write_result
 from jobs.run import run_job
-from jobs.samples import write_job
-from pipeline.config import StorageConfig, load_config
-from pipeline.sink import RunWriter
+from pipeline.config import StorageConfig
+from pipeline.config_loading import load_config
 from pipeline.storage import StorageError
 from pipeline.tables import read_answers
+from pipeline.writing import RunWriter
 
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 6},

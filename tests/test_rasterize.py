@@ -6,16 +6,18 @@ import numpy as np
 import pymupdf
 import pytest
 
-from jobs.samples import invoice_pdf
-from pipeline.budget import RunLedger
-from pipeline.config import StorageConfig, load_config
-from pipeline.documents import ReadDocument, document_of_bytes
-from pipeline.images import ImageGeometry
-from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import Status
-from pipeline.storage import InputError, check_input, first_time, iter_documents, iter_shard, listing_shards
+from jobs.devtools.samples import invoice_pdf
+from pipeline.config import StorageConfig
+from pipeline.config_loading import load_config
+from pipeline.images import ImageGeometry, unpack_images
+from pipeline.ledger import RunLedger
+from pipeline.locations import InputError, check_input, first_time, iter_documents, iter_shard, listing_shards
+from pipeline.planning import ReadDocument, document_of_bytes
+from pipeline.records import Page, Status
+from pipeline.rendering import document_pages
 
-GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+# No splitting at 896: the page the model gets is the page as rendered (what Idefics2 renders for 448 split).
+GEOMETRY = ImageGeometry(896, 224, False, 1 / 255, (0.5,) * 3, (0.5,) * 3)
 
 
 def _config(backend: str = "pymupdf", pages="all", **limits):
@@ -39,8 +41,13 @@ def _pdf(pages: int, size=(612, 792), **save) -> bytes:
     return document.tobytes(**save)
 
 
-def _rasterize(data: bytes, config) -> list[dict]:
-    return RasterizeDocument(config, GEOMETRY)(document_of_bytes("/x/doc.pdf", data))
+def _rasterize(data: bytes, config) -> list[Page]:
+    return document_pages(config, GEOMETRY, document_of_bytes("/x/doc.pdf", data))
+
+
+def _image(page: Page) -> np.ndarray | None:
+    """The page as rendered: its one sub-image (no splitting, at the render size), or None when not rendered."""
+    return unpack_images(page.sub_images, page.sub_image_shapes)[0] if page.sub_image_shapes else None
 
 
 @pytest.mark.parametrize("backend", ["pymupdf", "pdf2image"])
@@ -48,28 +55,28 @@ def test_renders_at_the_resolution_the_model_keeps(backend: str) -> None:
     document = pymupdf.open(stream=_pdf(1, (612, 792)))
     document.new_page(width=842, height=595).insert_text((40, 60), "landscape page")
     rows = _rasterize(document.tobytes(), _config(backend))
-    assert [(row["page_number"], row["image"].shape) for row in rows] == [(1, (896, 692, 3)), (2, (633, 896, 3))]
+    assert [(row.page_number, _image(row).shape) for row in rows] == [(1, (896, 692, 3)), (2, (633, 896, 3))]
     for row in rows:
-        assert row["status"] == Status.OK and row["num_pages"] == 2 and row["image"].dtype == np.uint8
-        assert row["image"].min() < 128 < row["image"].max()  # the text is there: dark glyphs on a white page
+        assert row.status == Status.OK and row.num_pages == 2 and _image(row).dtype == np.uint8
+        assert _image(row).min() < 128 < _image(row).max()  # the text is there: dark glyphs on a white page
 
 
 def test_both_backends_render_the_same_page() -> None:
     data = invoice_pdf(7, 1, (595, 842))
     (pymu,) = _rasterize(data, _config("pymupdf"))
     (poppler,) = _rasterize(data, _config("pdf2image"))
-    assert pymu["image"].shape == poppler["image"].shape
+    assert _image(pymu).shape == _image(poppler).shape
     assert (
-        np.abs(pymu["image"].astype(int) - poppler["image"].astype(int)).mean() < 8
+        np.abs(_image(pymu).astype(int) - _image(poppler).astype(int)).mean() < 8
     )  # two rasterizers, same page: anti-aliasing differs, content does not
 
 
 def test_only_pages_some_question_applies_to_are_rendered() -> None:
     data = _pdf(300)
     rows = _rasterize(data, _config(pages="first"))
-    assert [(row["page_number"], row["num_pages"]) for row in rows] == [(1, 300)]
+    assert [(row.page_number, row.num_pages) for row in rows] == [(1, 300)]
     rows = _rasterize(data, _config(pages="1-2,-1"))
-    assert [row["page_number"] for row in rows] == [1, 2, 300]
+    assert [row.page_number for row in rows] == [1, 2, 300]
 
 
 def _encrypted() -> bytes:
@@ -89,32 +96,32 @@ def _encrypted() -> bytes:
 def test_bad_documents_become_one_row_with_a_reason(backend: str, make, status: Status) -> None:
     rows = _rasterize(make(), _config(backend))
     assert len(rows) == 1
-    assert rows[0]["status"] == status and rows[0]["error"] and rows[0]["image"] is None
+    assert rows[0].status == status and rows[0].error and _image(rows[0]) is None
 
 
 def test_limits_are_checked_before_rendering() -> None:
     [row] = _rasterize(_pdf(5), _config(max_pages_per_document=4))
-    assert (row["status"], row["num_pages"]) == (Status.TOO_MANY_PAGES, 5)
+    assert (row.status, row.num_pages) == (Status.TOO_MANY_PAGES, 5)
     rows = _rasterize(_pdf(2), _config(max_pixels_per_page=896 * 600))
-    assert [row["status"] for row in rows] == [Status.PAGE_TOO_LARGE] * 2
-    assert "over limits.max_pixels_per_page" in rows[0]["error"]
+    assert [row.status for row in rows] == [Status.PAGE_TOO_LARGE] * 2
+    assert "over limits.max_pixels_per_page" in rows[0].error
 
 
 def test_no_applicable_pages_is_reported() -> None:
     [row] = _rasterize(_pdf(2), _config(pages="5"))
-    assert row["status"] == Status.NO_APPLICABLE_PAGES and "2 page(s)" in row["error"]
+    assert row.status == Status.NO_APPLICABLE_PAGES and "2 page(s)" in row.error
 
 
 def test_read_stage_hashes_and_enforces_the_size_limit(tmp_path: Path) -> None:
     path = tmp_path / "a.pdf"
     path.write_bytes(_pdf(1))
     [ref] = iter_documents(str(tmp_path), StorageConfig())
-    row = ReadDocument(_config().limits, StorageConfig())(ref.as_row())
-    assert row["status"] == "ok" and len(row["sha256"]) == 64 and row["data"] == path.read_bytes()
-    row = ReadDocument(_config(max_file_bytes=10).limits, StorageConfig())(ref.as_row())
-    assert row["status"] == Status.FILE_TOO_LARGE and row["data"] == b""
+    row = ReadDocument(_config().limits, StorageConfig())(ref)
+    assert row.status == "ok" and len(row.sha256) == 64 and row.data == path.read_bytes()
+    row = ReadDocument(_config(max_file_bytes=10).limits, StorageConfig())(ref)
+    assert row.status == Status.FILE_TOO_LARGE and row.data == b""
     path.unlink()
-    assert ReadDocument(_config().limits, StorageConfig())(ref.as_row())["status"] == Status.READ_ERROR
+    assert ReadDocument(_config().limits, StorageConfig())(ref).status == Status.READ_ERROR
 
 
 def _tree_with_links(tmp_path: Path) -> tuple[Path, set[str]]:
@@ -151,9 +158,9 @@ def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path)
         ("c", True),
     ]
     claim = first_time()  # what the run's ledger does across listing tasks
-    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, claim)]
+    sharded = [ref.document for shard in shards for ref in iter_shard(shard, storage, claim)]
     assert sorted(sharded) == sorted(expected)  # every file, none twice
-    assert sorted(ref.uri for ref in iter_documents(str(root), storage)) == sorted(expected)
+    assert sorted(ref.document for ref in iter_documents(str(root), storage)) == sorted(expected)
 
     wrapped = tmp_path / "wrapped"
     (wrapped / "only").mkdir(parents=True)
@@ -182,11 +189,14 @@ def test_listing(tmp_path: Path) -> None:
     for name in ["b.pdf", "a.bin", "sub/c"]:
         (tmp_path / name).write_bytes(b"x")
     storage = StorageConfig()
-    assert [Path(ref.uri).name for ref in iter_documents(str(tmp_path), storage)] == ["a.bin", "b.pdf", "c"]
-    assert [Path(ref.uri).name for ref in iter_documents(f"{tmp_path}/*.pdf", storage)] == ["b.pdf"]
+    assert [Path(ref.document).name for ref in iter_documents(str(tmp_path), storage)] == ["a.bin", "b.pdf", "c"]
+    assert [Path(ref.document).name for ref in iter_documents(f"{tmp_path}/*.pdf", storage)] == ["b.pdf"]
     (tmp_path / "list.txt").write_text(f"# documents\n{tmp_path}/b.pdf\n\ns3://bucket/key without suffix\n")
     refs = list(iter_documents(str(tmp_path / "list.txt"), storage))
-    assert [(ref.uri, ref.size) for ref in refs] == [(f"{tmp_path}/b.pdf", 1), ("s3://bucket/key without suffix", -1)]
+    assert [(ref.document, ref.file_size) for ref in refs] == [
+        (f"{tmp_path}/b.pdf", 1),
+        ("s3://bucket/key without suffix", -1),
+    ]
     with pytest.raises(InputError, match="does not exist"):
         check_input(str(tmp_path / "nope"), storage)
     with pytest.raises(InputError, match="cannot read the list of documents"):

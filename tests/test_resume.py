@@ -12,8 +12,8 @@ from pathlib import Path
 import pymupdf
 
 from jobs.cli import main
-from jobs.samples import write_job, write_samples
-from pipeline.config import load_config
+from jobs.devtools.samples import write_job, write_samples
+from pipeline.config_loading import load_config
 from pipeline.tables import committed_runs, read_answers, read_current
 
 QUESTIONS = [

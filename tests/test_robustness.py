@@ -12,17 +12,19 @@ import pymupdf
 import pytest
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf, write_job
-from pipeline.config import load_config
-from pipeline.documents import document_of_bytes
-from pipeline.images import ImageGeometry
-from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import DocumentError, Status
-from pipeline.sandbox import SECCOMP_CLOSED, SHARED, RenderSandbox, SandboxedDocument
+from jobs.devtools.samples import invoice_pdf, write_job
+from pipeline.config_loading import load_config
+from pipeline.images import ImageGeometry, unpack_images
+from pipeline.planning import Planner, document_of_bytes
+from pipeline.records import DocumentError, Page, Status
+from pipeline.render_helper import SECCOMP_CLOSED, SHARED
+from pipeline.rendering import Renderer, document_pages
+from pipeline.sandbox import RenderSandbox, SandboxedDocument
 from pipeline.tables import committed_runs, read_answers
 from tests.hostile import active_content_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, slow_pdf
 
-GEOMETRY = ImageGeometry(448, 224, True, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+# No splitting at 896: the page the model gets is the page as rendered (what Idefics2 renders for 448 split).
+GEOMETRY = ImageGeometry(896, 224, False, 1 / 255, (0.5,) * 3, (0.5,) * 3)
 PASSWORD = "open-sesame-7731"
 
 
@@ -32,8 +34,8 @@ def _config(pages="first", **sections):
     )
 
 
-def _rasterize(data: bytes, config) -> list[dict]:
-    return RasterizeDocument(config, GEOMETRY)(document_of_bytes("/x/doc.pdf", data))
+def _rasterize(data: bytes, config) -> list[Page]:
+    return document_pages(config, GEOMETRY, document_of_bytes("/x/doc.pdf", data))
 
 
 def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> None:
@@ -152,29 +154,30 @@ def test_generated_hostile_documents(backend: str) -> None:
     results = {}
     for name, (data, sections) in cases.items():
         rows = _rasterize(data, _config(**{"render": render, **sections}))
-        results[name] = [row["status"] for row in rows], rows
+        results[name] = [row.status for row in rows], rows
     assert results["truncated"][0] == [Status.OK] if backend == "pymupdf" else [Status.CORRUPT]
     if backend == "pymupdf":
-        assert results["truncated"][1][0]["repaired"] is True
+        assert results["truncated"][1][0].repaired is True
     [huge] = results["huge page"][1]
-    assert huge["status"] == Status.OK and max(huge["image"].shape[:2]) <= 2 * GEOMETRY.longest_edge
+    [image] = unpack_images(huge.sub_images, huge.sub_image_shapes)  # no splitting: the page as rendered
+    assert huge.status == Status.OK and max(image.shape[:2]) <= GEOMETRY.render_longest_edge
     assert results["5000 pages"][0] == [Status.TOO_MANY_PAGES]
     assert results["not a pdf"][0] == [Status.NOT_PDF] and results["empty"][0] == [Status.EMPTY]
     assert results["password"][0] == [Status.ENCRYPTED]
     assert results["password known"][0] == [Status.OK]
     assert results["slow"][0] == [Status.TIMEOUT]  # it would be ok had the render run to its end
-    assert results["sliver"][0] == [Status.PAGE_TOO_LARGE] and "max_aspect_ratio" in results["sliver"][1][0]["error"]
+    assert results["sliver"][0] == [Status.PAGE_TOO_LARGE] and "max_aspect_ratio" in results["sliver"][1][0].error
 
     # Planned from the page count alone: a document over the page limit is refused with no page to render,
     # and a first-page question over 5000 pages renders page 1 only (no wall-clock bound needed).
     document = document_of_bytes("/x/doc.pdf", many_pages_pdf())
-    [refused] = RasterizeDocument(_config(render=render), GEOMETRY).plan(document)
-    assert (refused["status"], refused["num_pages"], refused["first_page"]) == (Status.TOO_MANY_PAGES, 5000, None)
-    rasterize = RasterizeDocument(_config(limits={"max_pages_per_document": 10000}, render=render), GEOMETRY)
-    [unit] = rasterize.plan(document)
-    assert (unit["status"], unit["num_pages"], unit["first_page"], unit["last_page"]) == (Status.OK, 5000, 1, 1)
-    [first_page] = rasterize.render(unit)
-    assert (first_page["status"], first_page["page_number"]) == (Status.OK, 1)
+    [refused] = Planner(_config(render=render)).plan(document)
+    assert (refused.status, refused.num_pages, refused.pages) == (Status.TOO_MANY_PAGES, 5000, [])
+    config = _config(limits={"max_pages_per_document": 10000}, render=render)
+    [unit] = Planner(config).plan(document)
+    assert (unit.status, unit.num_pages, unit.pages[0], unit.pages[-1]) == (Status.OK, 5000, 1, 1)
+    [first_page] = Renderer(config, GEOMETRY).render(unit)
+    assert (first_page.status, first_page.page_number) == (Status.OK, 1)
 
 
 def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_path: Path, capsys) -> None:
@@ -264,7 +267,7 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
 ) -> None:
     import psutil
 
-    from jobs.samples import write_samples
+    from jobs.devtools.samples import write_samples
 
     inputs = tmp_path / "in"
     write_samples(inputs, count=14, with_bad_files=False)
@@ -281,7 +284,7 @@ def test_killing_the_model_actor_mid_run_loses_and_duplicates_nothing(
         while time.monotonic() < deadline and not first_part.exists():  # the event: answers were committed
             time.sleep(0.05)
         for process in psutil.process_iter(["cmdline"]):
-            if any("PagePredictor" in part for part in process.info["cmdline"] or []):
+            if any("AnswerPages" in part for part in process.info["cmdline"] or []):
                 try:
                     process.kill()
                     killed.append(process.pid)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.samples import invoice_pdf, write_samples
+from jobs.devtools.samples import invoice_pdf, write_samples
 from pipeline.config import StorageConfig
-from pipeline.rows import Status
+from pipeline.records import Status
 from pipeline.tables import committed_runs, read_answers, read_current
 from tests.conftest import AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 from tests.s3_server import FaultProxy
@@ -259,7 +259,8 @@ def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
 def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.storage import first_time, iter_documents, iter_shard, listing_shards, read_object
+    from pipeline.locations import first_time, iter_documents, iter_shard, listing_shards
+    from pipeline.storage import read_object
 
     client = _client(s3_endpoint)
     client.create_bucket(Bucket="listing")
@@ -267,9 +268,9 @@ def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: client.put_object(Bucket="listing", Key=key, Body=b"%PDF-1.4"), keys))
     storage = StorageConfig(endpoint_url=s3_endpoint)
-    listed = [ref.uri for ref in iter_documents("s3://listing/deep/", storage)]  # 3 pages of at most 1000 keys
+    listed = [ref.document for ref in iter_documents("s3://listing/deep/", storage)]  # 3 pages of at most 1000 keys
     assert sorted(listed) == sorted(f"s3://listing/{key}" for key in keys)
-    globbed = {ref.uri for ref in iter_documents("s3://listing/deep/1/*.pdf", storage)}
+    globbed = {ref.document for ref in iter_documents("s3://listing/deep/1/*.pdf", storage)}
     assert globbed == {f"s3://listing/{key}" for key in keys if key.startswith("deep/1/") and key.endswith(".pdf")}
 
     # In shards, as a run's listing tasks take them: the keys directly under the prefix, then one shard per
@@ -280,10 +281,10 @@ def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
         ("listing", "deep/", False),
         *(("listing", f"deep/{n}/", True) for n in range(3)),
     ]
-    sharded = [ref.uri for shard in shards for ref in iter_shard(shard, storage, first_time())]
+    sharded = [ref.document for shard in shards for ref in iter_shard(shard, storage, first_time())]
     assert sorted(sharded) == sorted(f"s3://listing/{key}" for key in [*keys, "deep/top.pdf"])
     [shard] = listing_shards("s3://listing/deep/1/*.pdf", storage)
-    assert {ref.uri for ref in iter_shard(shard, storage, first_time())} == globbed
+    assert {ref.document for ref in iter_shard(shard, storage, first_time())} == globbed
     client.create_bucket(Bucket="flat")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda n: client.put_object(Bucket="flat", Key=f"k{n:04d}", Body=b""), range(1001)))
@@ -295,7 +296,7 @@ def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
         Key="lists/tonight.txt",
         Body=b"# two documents\ns3://listing/deep/0/k00000\n\ns3://listing/deep/1/k00001.pdf\n",
     )
-    assert [ref.uri for ref in iter_documents("s3://listing/lists/tonight.txt", storage)] == [
+    assert [ref.document for ref in iter_documents("s3://listing/lists/tonight.txt", storage)] == [
         "s3://listing/deep/0/k00000",
         "s3://listing/deep/1/k00001.pdf",
     ]

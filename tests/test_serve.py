@@ -13,11 +13,12 @@ import yaml
 
 from bench import free_port
 from jobs.cli import main
+from jobs.devtools.samples import invoice_pdf, write_job
 from jobs.run import run_job
-from jobs.samples import invoice_pdf, write_job
 from jobs.serve import TOKEN_ENV
-from pipeline.config import ConfigError, load_config
-from pipeline.rows import OUTPUT_SCHEMA
+from pipeline.config import ConfigError
+from pipeline.config_loading import load_config
+from pipeline.records import OUTPUT_SCHEMA
 
 TOKEN = "serve-test-token-7c1e"
 CONFIG_TOKEN = "serve-config-token-loses-to-the-environment"
@@ -72,6 +73,7 @@ def test_sigterm_shuts_the_endpoint_down_without_native_stack_frames(ray_session
     import signal
     import subprocess
     import sys
+
     port = free_port()
     job = _questions_only(tmp_path / "serve.yaml", tiny_model, port=port)
     environment = {**os.environ, TOKEN_ENV: TOKEN, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -13,16 +13,18 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from actors.checkpoint import ModelLoadError, resolve_image_geometry
-from actors.families import ADAPTERS
+from actors.checkpoint import ModelLoadError
+from actors.families import ADAPTERS, inspect_checkpoint
 from jobs.cli import main
+from jobs.devtools.samples import write_job, write_samples
 from jobs.formats import MAX_CELL_CHARS, write_table_text
 from jobs.query import AnswerStore, QueryError
-from jobs.samples import write_job, write_samples
 from pipeline.config import ModelConfig, RenderConfig, StorageConfig
 from pipeline.tables import OutputTables
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+# What a user reads: the README and the docs' pages.
+README = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 QUESTIONS = [{"id": "total", "text": "What is the total?"}]
 
 
@@ -71,7 +73,7 @@ def test_a_missing_model_directory_is_named_as_such(model: str, tmp_path: Path, 
     named = os.path.expanduser(model)  # ~ is expanded where the config is loaded
     assert f"no such directory: {named}" in err and "Repo id" not in err, err
     with pytest.raises(ModelLoadError, match=f"no such directory: {re.escape(named)}"):
-        resolve_image_geometry(ModelConfig(id=model), RenderConfig())
+        inspect_checkpoint(ModelConfig(id=model), RenderConfig())
 
 
 def test_query_runs_one_select_and_sql_touches_no_file(tmp_path: Path, capsys):

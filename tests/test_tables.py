@@ -20,11 +20,12 @@ from deltalake import DeltaTable
 
 from jobs import query
 from jobs.cli import main
-from jobs.samples import write_job, write_samples
+from jobs.devtools.samples import write_job, write_samples
+from pipeline.commits import RunExistsError, split_version
 from pipeline.config import StorageConfig
-from pipeline.rows import Status, rows_to_table
-from pipeline.sink import RunExistsError, RunWriter, split_version
+from pipeline.records import Status, rows_to_table
 from pipeline.tables import committed_runs, read_answers, read_current, storage_options
+from pipeline.writing import RunWriter
 
 QUESTIONS = [
     {"id": "number", "text": "What is the invoice number?", "pages": "first", "max_new_tokens": 4},

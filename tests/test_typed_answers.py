@@ -11,12 +11,14 @@ import pymupdf
 import pytest
 
 from jobs.cli import main
+from jobs.devtools.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
 from jobs.query import AnswerStore
-from jobs.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
-from pipeline.config import CONSTRAINED_FORMS, JobConfig, QuestionTemplate, TextLayerConfig, ValuesConfig
+from pipeline.config import JobConfig, TextLayerConfig, ValuesConfig
+from pipeline.grammars import CONSTRAINED_FORMS
 from pipeline.images import ImageGeometry
-from pipeline.rasterize import RasterizeDocument
-from pipeline.rows import document_row
+from pipeline.questions import QuestionTemplate
+from pipeline.records import Document, Page
+from pipeline.rendering import document_pages
 from pipeline.tables import read_current
 from pipeline.text_layer import find_evidence, is_usable
 from pipeline.values import VALUE_COLUMNS, ValueParser
@@ -101,12 +103,12 @@ def test_question_ids_cannot_take_a_documents_view_column() -> None:
         JobConfig(input="i", output="o", questions=[{"id": "total", "text": "?"}, {"id": "total_page", "text": "?"}])
 
 
-def _pages(data: bytes, questions: list[dict]) -> list[dict]:
-    """The page rows of a document through the render stage (in its sandbox), as the pipeline makes them."""
+def _pages(data: bytes, questions: list[dict]) -> list[Page]:
+    """The pages of a document through the render stage (in its sandbox), as the pipeline makes them."""
     config = JobConfig(input="in", output="out", questions=questions)
     geometry = ImageGeometry(980, 378, False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    rows = RasterizeDocument(config, geometry)(document_row("memory://invoice.pdf", len(data), data=data))
-    return [row for row in rows if row["page_number"] is not None]
+    pages = document_pages(config, geometry, Document("memory://invoice.pdf", len(data), data=data))
+    return [page for page in pages if page.page_number is not None]
 
 
 def test_evidence_boxes_are_where_the_words_are_printed() -> None:
@@ -122,25 +124,25 @@ def test_evidence_boxes_are_where_the_words_are_printed() -> None:
         (total.replace(",", ""), total),
         ("acme  supplies", "ACME Supplies"),
     ]:
-        evidence = find_evidence(answer, page["words"], page["word_boxes"])
+        evidence = find_evidence(answer, page.words, page.word_boxes)
         [rect] = document.search_for(printed)
         assert evidence["evidence"] == "text_layer" and evidence["evidence_text"] == printed
         expected = {"x0": rect.x0 / width, "y0": rect.y0 / height, "x1": rect.x1 / width, "y1": rect.y1 / height}
         assert evidence["evidence_bbox"] == pytest.approx(expected, abs=0.01), answer
-    assert find_evidence("INV-9999", page["words"], page["word_boxes"])["evidence"] == "none"
-    assert page["text_layer_chars"] > 100 and page["text_usable"]
+    assert find_evidence("INV-9999", page.words, page.word_boxes)["evidence"] == "none"
+    assert page.text_layer_chars > 100 and page.text_usable
 
     [scanned] = _pages(scanned_pdf(data), [{"id": "q", "text": "?"}])
-    assert (scanned["text_layer_chars"], scanned["words"], scanned["text_usable"]) == (0, [], False)
-    assert find_evidence("INV-0003", scanned["words"], scanned["word_boxes"])["evidence"] == "none"
+    assert (scanned.text_layer_chars, scanned.words, scanned.text_usable) == (0, [], False)
+    assert find_evidence("INV-0003", scanned.words, scanned.word_boxes)["evidence"] == "none"
 
 
 def test_a_page_answered_from_its_text_layer_is_not_rendered() -> None:
     data = invoice_pdf(5, pages=1, page_size=PAGE_SIZES["a4"])
     [text_only] = _pages(data, [{"id": "t", "text": "?", "source": "auto"}])
-    assert text_only["image"] is None and text_only["text"] == pymupdf.open(stream=data)[0].get_text(sort=True)
+    assert not text_only.sub_image_shapes and text_only.text == pymupdf.open(stream=data)[0].get_text(sort=True)
     [scanned] = _pages(scanned_pdf(data), [{"id": "t", "text": "?", "source": "auto"}])
-    assert scanned["image"] is not None and scanned["text"] == ""
+    assert scanned.sub_image_shapes and scanned.text == ""
 
 
 def test_usable_text_layer_rule() -> None:

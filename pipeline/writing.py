@@ -1,41 +1,11 @@
-"""The sink, on the driver: it iterates the plan's output batches (``iter_batches``) and commits a run's rows
-to the output's Delta tables (pipeline/tables.py) as its documents complete.
-
-The commit protocol. Every commit a run makes to a table carries Delta's application transaction
-(``docqa-run:RUN_ID``, version ``attempt << 32 | part``). Delta refuses a commit whose snapshot is older than
-another commit carrying the same application id (``ConcurrentTransaction``): so for one run id, "read the
-table's transaction version, decide, commit" is atomic in every table, and each decision below is taken on
-the state it commits against.
-
-1. **Claim.** The run's row in ``runs`` is written with state ``running``, a new attempt number and a lease
-   (``lease_expires_at``), in a commit carrying (RUN_ID, attempt). A run id whose row says ``committed`` is
-   refused; of two processes claiming the same attempt at once, one fails.
-2. **Fence.** An attempt after the first writes a commit carrying (attempt, p) into ``answers`` and then into
-   ``current``, where p is the last part an earlier attempt applied there: it adopts parts 1..p (their
-   documents are done, numbering goes on after them) and, if an earlier attempt died between a part's two
-   commits, the same commit brings those documents into ``current``. From then on an earlier attempt's
-   commits are refused, whatever the order: it reads a newer attempt and stops.
-3. **Parts.** Rows wait until their documents are complete: every (page, question) of the document present,
-   counted by key, not by rows (a duplicated row, a retried task's, is dropped and never hides a missing
-   one). Every ``commit_rows`` rows or ``commit_interval_s`` seconds, one part: an append to ``answers``,
-   then a replace of its documents' rows in ``current``. A part counts as applied in a table only where this
-   attempt applied it (a retried commit after a lost response is recognised); never because of another
-   attempt's commit.
-4. **Heartbeat.** While the run lives its driver moves its lease forward (every ``lease_s / 5``) in a commit
-   carrying (RUN_ID, attempt). The next run on the output (any run id) takes over a ``running`` run whose
-   lease has passed: it marks it ``abandoned`` under a new attempt number, which fences the dead attempt's
-   writer out if it was only frozen, and repairs ``current`` from the parts it committed (step 2).
-5. **Record.** At the end the run's row becomes ``committed`` with its record (or ``failed``).
-
-The invariant, which tests/test_tables.py checks over every interleaving of two attempts' commits: after
-the last attempt commits, every document of the run is in ``answers`` exactly once per (page, question),
-all from one attempt, and ``current`` holds, for each document, the rows of the latest run that processed
-it. Every visible row belongs to a document whose rows are all visible.
-"""
+"""The writing stage, on the driver: ``RunWriter`` iterates the plan's answer rows (``iter_batches``),
+keeps them until their documents are complete, and commits them to the output's Delta tables in parts
+(pipeline/tables.py), following the commit protocol of pipeline/commits.py: claim, fence, parts, heartbeat,
+record. A document is complete when each of its (page, question) keys has arrived (``DocumentBuffer``); a
+row without a page that speaks for its whole document (``scope`` ``document``) settles it alone."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -45,68 +15,34 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
-from pipeline.config import StorageConfig
-from pipeline.rows import DOCUMENT_FIELDS, OUTPUT_SCHEMA, Status, rows_to_table
-from pipeline.tables import (
-    ANSWERS,
-    CURRENT,
-    DEFAULT_LEASE_S,
-    RUN_SCHEMA,
-    RUNS,
-    OutputTables,
-    lease_expired,
-    sql_string,
+from pipeline.commits import (
+    RunExistsError,
+    RunFence,
+    app_id,
+    merge_run,
+    run_row,
+    run_rows,
+    take_over_abandoned,
+    taken_over,
+    without,
 )
+from pipeline.config import StorageConfig
+from pipeline.records import DOCUMENT, IDENTITY, OUTPUT_SCHEMA, Status, rows_to_table
+from pipeline.tables import ANSWERS, DEFAULT_LEASE_S, RUNS, OutputTables, sql_string
 
 log = logging.getLogger("docqa")
 # A part is also closed at this many documents: its `current` replace names them all in one predicate,
 # which delta-rs parses, matches and keeps in the commit's log entry (20,000 documents: 1.1 MB, 1.6 s).
 MAX_DOCUMENTS_PER_COMMIT = 2000
-PART_BITS = 32  # a commit's transaction version: attempt << PART_BITS | part
 HEARTBEATS_PER_LEASE = 5
-WHOLE_DOCUMENT = (None, None)  # the key of a row that speaks for its whole document
-
-
-class RunExistsError(RuntimeError):
-    """The run id is committed already (it is never overwritten), or another attempt of it took over."""
-
-
-def app_id(run_id: str) -> str:
-    """The application transaction id of a run's commits (Delta's ``txn`` action)."""
-    return f"docqa-run:{run_id}"
-
-
-def split_version(version: int | None) -> tuple[int, int]:
-    """(attempt, part) of a part commit's transaction version."""
-    version = version or 0
-    return version >> PART_BITS, version & ((1 << PART_BITS) - 1)
-
-
-def commit_properties(run_id: str, attempt: int, part: int):
-    """What every part and fence commit of (run, attempt) carries: the application transaction, and the
-    same facts as readable commit metadata (``DeltaTable.history()``)."""
-    from deltalake import CommitProperties, Transaction
-
-    return CommitProperties(
-        app_transactions=[Transaction(app_id(run_id), attempt << PART_BITS | part)],
-        custom_metadata={"docqa.run_id": run_id, "docqa.part": str(part), "docqa.attempt": str(attempt)},
-    )
-
-
-def taken_over(run_id: str, attempt: int, by: int) -> RunExistsError:
-    return RunExistsError(
-        f"attempt {by} of run {run_id!r} took over from this one (attempt {attempt}); this one stops, what it "
-        "committed is kept"
-    )
 
 
 def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     """One row per document of ``waiting`` (rows of documents that never arrived whole): the document's
     identity and run fields from its first row, no page or answer, status ``model_error`` (retryable) and
     how many of its (page, question) keys arrived."""
-    kept = {"run_id", "document", *DOCUMENT_FIELDS, "config_fingerprint", "model_id", "model_revision"}
+    kept = {"run_id", *IDENTITY, "config_fingerprint", "model_id", "model_revision"}
     kept |= {"num_pages", "repaired"}  # the rest (page, question, answer and its values, timings) are nulls
     columns = waiting.select(["document", "page_number", "question_id"]).to_pydict()
     keys: dict[str, set[tuple[Any, Any]]] = {}
@@ -121,15 +57,9 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
         reason = f"incomplete: {arrived} of its {expected} rows arrived; the next run takes it again"
         rows.append(
             {**{name: value if name in kept else None for name, value in row.items()}, "document_rows": 1}
-            | {"status": Status.MODEL_ERROR.value, "error": reason}
+            | {"status": Status.MODEL_ERROR.value, "error": reason, "scope": DOCUMENT}
         )
     return rows_to_table(rows)
-
-
-def _without(rows: pa.Table, documents) -> pa.Table:
-    """``rows`` less those of ``documents``."""
-    unwanted = pa.array(sorted(documents), pa.string())
-    return rows.filter(pc.invert(pc.is_in(rows.column("document"), value_set=unwanted)))
 
 
 def _of(rows: pa.Table, documents) -> pa.Table:
@@ -252,206 +182,6 @@ class DocumentBuffer:
         return pa.concat_tables(tables) if tables else None
 
 
-def run_row(
-    run_id: str, run_date: date, state: str, attempt: int, record: dict[str, Any], lease_s: float | None = None
-) -> dict[str, Any]:
-    """The run's row in ``runs`` (RUN_SCHEMA) from its record (``RunWriter.commit``'s argument, or the
-    fields known at the start); ``lease_s``: the lease of a running run, from now."""
-    counts = record.get("counts", {})
-    documents, pages = counts.get("documents", {}), counts.get("pages", {})
-    started = datetime.fromisoformat(record["started_at"])
-    finished = datetime.fromisoformat(record["finished_at"]) if record.get("finished_at") else None
-    return {
-        "run_id": run_id,
-        "run_date": run_date,
-        "state": state,
-        "attempt": attempt,
-        "started_at": started,
-        "finished_at": finished,
-        # The last attempt's own duration when the record has it (a resumed run started earlier).
-        "duration_s": record.get("duration_s") or ((finished - started).total_seconds() if finished else None),
-        "input": record.get("input"),
-        "model_id": record.get("model", {}).get("id"),
-        "config_fingerprint": record.get("incremental", {}).get("config_fingerprint"),
-        "documents": sum(documents.values()) if counts else None,
-        "failed_documents": sum(n for status, n in documents.items() if status != Status.OK) if counts else None,
-        "pages": sum(pages.values()) if counts else None,
-        "failed_pages": sum(n for status, n in pages.items() if status != Status.OK) if counts else None,
-        "answers": counts.get("answers"),
-        "rows": counts.get("rows"),
-        "commits": record.get("commits"),
-        "degraded": bool(record.get("degraded")),
-        "error": record.get("error"),
-        "record": json.dumps(record, sort_keys=True, default=str),
-        "lease_expires_at": None if lease_s is None else datetime.now(UTC) + timedelta(seconds=lease_s),
-    }
-
-
-def merge_run(table, row: dict[str, Any], attempt: int | None = None) -> None:
-    """Insert or replace one run's row in ``runs``; with ``attempt``, the commit carries (RUN_ID, attempt)."""
-    from deltalake import CommitProperties, Transaction
-
-    transactions = [Transaction(app_id(row["run_id"]), attempt)] if attempt is not None else None
-    (
-        table.merge(
-            pa.Table.from_pylist([row], schema=RUN_SCHEMA),
-            predicate="target.run_id = source.run_id",
-            source_alias="source",
-            target_alias="target",
-            commit_properties=CommitProperties(app_transactions=transactions),
-        )
-        .when_matched_update_all()
-        .when_not_matched_insert_all()
-        .execute()
-    )
-
-
-def _run_rows(tables: OutputTables, table, run_id: str) -> list[dict[str, Any]]:
-    """Run ``run_id``'s row in this snapshot of ``runs`` (none or one)."""
-    return tables.files_of(table, RUNS).to_table(filter=ds.field("run_id") == run_id).to_pylist()
-
-
-class RunFence:
-    """One attempt's hold on a run id's commits in ``answers`` and ``current`` (steps 2 and 3 of the
-    protocol): what it adopts of earlier attempts, and whether a part of its own is applied already."""
-
-    def __init__(self, tables: OutputTables, run_id: str, run_date: date, attempt: int, started_at: str) -> None:
-        self.tables = tables
-        self.run_id = run_id
-        self.run_date = run_date
-        self.attempt = attempt
-        self.started_at = started_at
-        self.app_id = app_id(run_id)
-
-    def check(self, table) -> tuple[int, int]:
-        """(attempt, part) of the table's last commit of this run id; raises when a later attempt wrote it."""
-        attempt, part = split_version(table.transaction_version(self.app_id))
-        if attempt > self.attempt:
-            raise taken_over(self.run_id, self.attempt, attempt)
-        return attempt, part
-
-    def applied(self, table, part: int) -> bool:
-        """Whether this attempt applied ``part`` to ``table`` already (a retried commit)."""
-        attempt, applied = self.check(table)
-        return attempt == self.attempt and applied >= part
-
-    def properties(self, part: int):
-        return commit_properties(self.run_id, self.attempt, part)
-
-    def adopt(self) -> tuple[int, pa.Table]:
-        """Fence ``answers`` then ``current`` against earlier attempts; returns the last part they applied and
-        the rows they committed (the run date's partition), read from the snapshot the fence commits on."""
-        from deltalake import write_deltalake
-
-        this_run = (ds.field("run_date") == self.run_date) & (ds.field("run_id") == self.run_id)
-
-        def fence_answers(table) -> tuple[int, pa.Table]:
-            _, part = self.check(table)
-            rows = self.tables.files_of(table, ANSWERS).to_table(columns=OUTPUT_SCHEMA.names, filter=this_run)
-            empty = self.with_run_date(OUTPUT_SCHEMA.empty_table())
-            write_deltalake(table, empty, mode="append", commit_properties=self.properties(part))
-            return part, rows
-
-        part, rows = self.tables.retry_commit(ANSWERS, fence_answers)
-        self.replace_current(rows, part, repair=True)
-        return part, rows
-
-    def with_run_date(self, rows: pa.Table) -> pa.Table:
-        return rows.append_column("run_date", pa.array([self.run_date] * rows.num_rows, pa.date32()))
-
-    def replace_current(self, rows: pa.Table, part: int, repair: bool = False) -> None:
-        """Put ``rows``' documents into ``current`` as part ``part``; with ``repair``, only those whose
-        ``current`` rows are neither this run's nor a later run's (a part whose ``current`` commit is missing),
-        and a commit either way (the fence)."""
-        from deltalake import write_deltalake
-
-        def replace(table) -> None:
-            if self.applied(table, part) and not repair:
-                return
-            wanted = self._missing(table, rows) if repair else rows
-            if wanted.num_rows:
-                documents = pc.unique(wanted.column("document")).to_pylist()
-                predicate = f"document IN ({', '.join(sql_string(document) for document in documents)})"
-                log.info(
-                    "run %s: %d row(s) of %d document(s) into current", self.run_id, wanted.num_rows, len(documents)
-                )
-                options = {"mode": "overwrite", "predicate": predicate}
-            else:
-                options = {"mode": "append"}
-            data = wanted if "run_date" in wanted.schema.names else self.with_run_date(wanted)
-            write_deltalake(table, data, commit_properties=self.properties(part), **options)
-
-        self.tables.retry_commit(CURRENT, replace)
-
-    def _missing(self, table, rows: pa.Table) -> pa.Table:
-        """Of ``rows`` (this run's committed rows), those of documents whose rows in this snapshot of ``current``
-        are another, earlier run's, or absent."""
-        if not rows.num_rows:
-            return rows
-        documents = pc.unique(rows.column("document"))
-        there = self.tables.files_of(table, CURRENT).to_table(
-            columns=["document", "run_id"], filter=ds.field("document").isin(documents)
-        )
-        runs = self.tables.read(RUNS, columns=["run_id", "started_at"]).to_pylist()
-        ours = datetime.fromisoformat(self.started_at)
-        newer = {run["run_id"] for run in runs if run["run_id"] != self.run_id and run["started_at"] > ours}
-        # Keep this run's rows, and those of runs started after it (they processed the document later).
-        keep = pc.or_(
-            pc.equal(there.column("run_id"), self.run_id),
-            pc.is_in(there.column("run_id"), pa.array(sorted(newer), pa.string())),
-        )
-        return _without(rows, pc.unique(there.filter(keep).column("document")).to_pylist())
-
-
-def take_over_abandoned(tables: OutputTables, but: str | None = None, now: datetime | None = None) -> list[str]:
-    """Mark ``abandoned`` each ``running`` run (but ``but``) whose lease has passed, under a new attempt
-    number, and bring ``current`` up to date with what it committed. Returns the run ids taken over."""
-    now = now or datetime.now(UTC)
-    rows = tables.read(RUNS, filter=ds.field("state") == "running").to_pylist()
-    taken = []
-    for row in rows:
-        if row["run_id"] == but or not lease_expired(row, now):
-            continue
-        attempt = _abandon(tables, row["run_id"], now)
-        if attempt is None:
-            continue  # it came back to life, or another run took it over first
-        fence = RunFence(tables, row["run_id"], row["run_date"], attempt, row["started_at"].isoformat())
-        try:
-            fence.adopt()
-        except RunExistsError:
-            continue  # a later attempt of it (a rerun of its id) has started meanwhile: it repairs
-        log.warning(
-            "run %s was abandoned (its driver stopped renewing its lease at %s); current is repaired",
-            row["run_id"],
-            row.get("lease_expires_at"),
-        )
-        taken.append(row["run_id"])
-    return taken
-
-
-def _abandon(tables: OutputTables, run_id: str, now: datetime) -> int | None:
-    """Claim the dead run's next attempt number with state ``abandoned``; None if it is no longer a
-    ``running`` row past its lease in the snapshot the claim commits on."""
-
-    def claim(table) -> int | None:
-        earlier = _run_rows(tables, table, run_id)
-        if not earlier or earlier[0]["state"] != "running" or not lease_expired(earlier[0], now):
-            return None
-        row = earlier[0]
-        attempt = max((table.transaction_version(app_id(run_id)) or 0), row["attempt"]) + 1
-        seen = row.get("lease_expires_at") or row["started_at"]
-        error = (
-            f"abandoned: its driver stopped without a word (lease ran out at {seen.isoformat()}); current holds "
-            f"the documents it committed. Run it again with --run-id {run_id} to finish it"
-        )
-        merge_run(
-            table, {**row, "state": "abandoned", "attempt": attempt, "error": error, "lease_expires_at": None}, attempt
-        )
-        return attempt
-
-    return tables.retry_commit(RUNS, claim)
-
-
 class RunWriter:
     """Claims the run, buffers result batches until their documents are complete, commits them in parts,
     keeps its lease, then records the run (see the module's docstring). ``recovered``: the rows earlier
@@ -514,7 +244,7 @@ class RunWriter:
             claimed = table.transaction_version(self.app_id) or 0
             if claimed != seen:
                 raise RunExistsError(f"another process started run {self.run_id!r} at the same moment")
-            earlier = _run_rows(self.tables, table, self.run_id)
+            earlier = run_rows(self.tables, table, self.run_id)
             if earlier and earlier[0]["state"] == "committed":
                 raise RunExistsError(
                     f"run {self.run_id!r} is already committed in {self.tables.uri(RUNS)}; pick another id"
@@ -551,10 +281,10 @@ class RunWriter:
         return True
 
     def _settle(self, table: pa.Table) -> pa.Table:
-        """A row without a page number speaks for its whole document (a long document's page range that
-        failed as a whole fails it): the first such row settles the document alone, and the document's other
-        rows, waiting here or still to come from its other ranges, are dropped."""
-        whole = table.filter(pc.is_null(table.column("page_number")))
+        """A row whose scope is its whole document (a long document's page range that failed as a whole fails
+        it): the first such row settles the document alone, and the document's other rows, waiting here or
+        still to come from its other ranges, are dropped."""
+        whole = table.filter(pc.equal(table.column("scope"), DOCUMENT))
         verdicts: dict[str, int] = {}  # each newly settled document: the index of its first such row
         for index, document in enumerate(whole.column("document").to_pylist()):
             if document not in self._settled:
@@ -564,7 +294,7 @@ class RunWriter:
         settled_here = set(table.column("document").to_pylist()) & self._settled
         if not settled_here:
             return table
-        return pa.concat_tables([_without(table, settled_here), whole.take(pa.array(verdicts.values(), pa.int64()))])
+        return pa.concat_tables([without(table, settled_here), whole.take(pa.array(verdicts.values(), pa.int64()))])
 
     def write(self, table: pa.Table) -> pa.Table:
         """Take a result batch; returns the rows of the documents it completed (each (page, question) once),
@@ -603,8 +333,12 @@ class RunWriter:
                     table, rows, mode="append", partition_by=["run_date"], commit_properties=self.fence.properties(part)
                 )
 
-        self.tables.retry_commit(ANSWERS, append)
-        self.fence.replace_current(rows, part)
+        try:
+            self.tables.retry_commit(ANSWERS, append)
+            self.fence.replace_current(rows, part)
+        except RunExistsError:
+            self._heartbeat.set()  # taken over: the lease is the new attempt's
+            raise
         self.part = part
         self._pending, self._pending_rows, self._pending_documents = [], 0, 0
         self._last_commit = time.monotonic()

@@ -1,7 +1,10 @@
-"""Per-run budgets, listing counts and render isolation, shared by the stages through one small Ray actor."""
+"""The run's ledger: the counts and claims a run's tasks share, kept by one small Ray actor on the driver's
+node: the budgets (documents and pages left), what the listing took, skipped or left for the next run, the
+link targets already listed, when rendering began, and how the render helpers were isolated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -93,3 +96,16 @@ def start_ledger(max_pages: int | None, max_documents: int | None = None):
 
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=driver_node).remote(max_pages, max_documents)
+
+
+def report_isolation(ledger) -> Callable[[Any], None]:
+    """A callback for ``open_document``: tells the run's ledger how each new render helper was isolated (once
+    per helper process). Without a ledger (the online endpoint, tests) it does nothing."""
+    reported: set[int] = set()
+
+    def report(sandbox) -> None:
+        if ledger is not None and sandbox.process_id not in reported:
+            reported.add(sandbox.process_id)
+            ledger.record_isolation.remote(sandbox.isolation["network"])
+
+    return report

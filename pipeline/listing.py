@@ -1,6 +1,11 @@
-"""The input side of the plan: ``DocumentListing``, the Ray Data source (``read_datasource``) that lists the
-input documents as it goes, and ``ReadDocument``, which reads each one's bytes inside the per-document
-``map_batches`` task (pipeline/document_pages.py)."""
+"""The listing stage: the input's documents as ``DocumentRef`` records, found as the listing goes.
+
+``DocumentListing`` is the Ray Data source (``read_datasource``): the input cut into shards (a folder's
+subfolders, a prefix's subprefixes: pipeline/locations.py), one read task each, a few at a time, each
+yielding the documents it takes; those whose (URI, version) has committed results already are skipped
+(``KnownVersions``), and a run's ``max_documents`` is counted by the run's ledger. Reading bytes is the
+planning stage's.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,9 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.config import LimitsConfig, StorageConfig
-from pipeline.rows import Status, document_row, failed
-from pipeline.storage import ListingShard, describe_client_error, first_time, iter_shard, listing_shards, read_object
-
-REF_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("version", pa.string())])
+from pipeline.config import StorageConfig
+from pipeline.locations import ListingShard, first_time, iter_shard, listing_shards
+from pipeline.records import REF_SCHEMA, DocumentRef, to_table
 
 
 class KnownVersions:
@@ -78,15 +81,16 @@ class ListingTask:
         claim, take = self._claim(), self._take()
         reported = time.monotonic()
         for ref in (ref for shard in self.shards for ref in iter_shard(shard, self.storage, claim)):
-            if ref.version is not None and (ref.uri, ref.version) in resumed:
+            known = ref.source_version is not None
+            if known and (ref.document, ref.source_version) in resumed:
                 counts["resumed"] += 1
-            elif ref.version is not None and (ref.uri, ref.version) in completed:
+            elif known and (ref.document, ref.source_version) in completed:
                 counts["unchanged"] += 1
-            elif not take(ref.uri):
+            elif not take(ref.document):
                 counts["left"] += 1
             else:
                 counts["taken"] += 1
-                yield pa.Table.from_pylist([ref.as_row()], schema=REF_SCHEMA)
+                yield to_table([ref], DocumentRef)
             if self.ledger is not None and time.monotonic() - reported >= 1.0:
                 self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=False)
                 reported = time.monotonic()
@@ -183,45 +187,3 @@ class DocumentListing(Datasource):
         return [
             ReadTask(task, metadata, schema=REF_SCHEMA, per_task_row_limit=per_task_row_limit) for task in self._tasks
         ]
-
-
-def document_of_bytes(uri: str, data: bytes) -> dict[str, Any]:
-    """A document that arrived as bytes (an upload), as the read stage would hand it on: its content hash
-    stands for its version."""
-    digest = hashlib.sha256(data).hexdigest()
-    return document_row(uri, len(data), source_version=digest, sha256=digest, data=data)
-
-
-def _too_large(row: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
-    return failed(row, Status.FILE_TOO_LARGE, f"file is {size} bytes, over limits.max_file_bytes={limit}")
-
-
-class ReadDocument:
-    """Reads a listed document's bytes and hashes them; refuses files over the size limit without reading
-    them. The ETag and version id recorded are the ones returned with the bytes that were hashed."""
-
-    def __init__(self, limits: LimitsConfig, storage: StorageConfig) -> None:
-        self.limits = limits
-        self.storage = storage
-
-    def __call__(self, ref: dict[str, Any]) -> dict[str, Any]:
-        uri = ref["uri"]
-        out = document_row(uri, int(ref["size"]), source_version=ref["version"] or None, etag=ref["etag"] or None)
-        limit = self.limits.max_file_bytes
-        if out["file_size"] > limit:
-            return _too_large(out, out["file_size"], limit)
-        try:
-            read = read_object(uri, self.storage, limit)
-        except Exception as error:  # noqa: BLE001 - any storage failure becomes this document's row
-            return failed(out, Status.READ_ERROR, describe_client_error(error, f"cannot read {uri}"))
-        etag = read.etag or out["etag"]
-        out.update(
-            file_size=read.size,
-            etag=etag,
-            version_id=read.version_id or None,
-            source_version=out["source_version"] or etag,  # a URI from a list file learns its version here
-        )
-        if read.size > limit:
-            return _too_large(out, read.size, limit)
-        out.update(data=read.data, sha256=hashlib.sha256(read.data).hexdigest())
-        return out

@@ -1,0 +1,154 @@
+"""The answering stage: pages in, answer rows out. ``PageAnswerer`` is what the batch actor (``AnswerPages``,
+the actor pool's class) and the Serve deployment share; it talks to the model only through the adapter
+interface (``actors.adapters``).
+
+Each question of a page is answered by the model or from the page's text layer, as the rendering stage
+decided (``Page.by_model``); then typed (``type``: pipeline/values.py) and looked up in the page's words
+(its evidence: pipeline/text_layer.py). A page that failed upstream becomes rows that say why. If the model
+fails on a batch, each page is retried alone so one bad page cannot fail its neighbours; a page that still
+fails gets ``model_error``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from actors.adapters import Prompt, resolve_device
+from actors.checkpoint import CheckpointInfo
+from actors.families import load_adapter
+from pipeline.config import JobConfig
+from pipeline.fingerprints import config_fingerprint
+from pipeline.images import unpack_images
+from pipeline.questions import QuestionTemplate
+from pipeline.records import DOCUMENT, IDENTITY, AnswerRow, Page, Status, file_name_of, from_table, rows_to_table
+from pipeline.text_layer import TEXT_LAYER, find_evidence
+from pipeline.values import ValueParser
+
+MODEL = "model"  # answer_source of an answer the model gave
+
+Templates = dict[str, QuestionTemplate]  # the questions asked, by id; a page names the ones it gets
+
+
+def answer_rows(page: Page, questions: list[QuestionTemplate], **fields: Any) -> list[AnswerRow]:
+    """A page's rows: one per question (its text filled in), or the single row of a document that failed as
+    a whole. ``fields`` sets the rest (run, model, answer columns)."""
+    values = {name: getattr(page, name) for name in IDENTITY}
+    values |= {name: getattr(page, name) for name in ("document_rows", "repaired", "page_number", "num_pages")}
+    values |= {name: getattr(page, name) for name in ("text_layer_chars", "status", "error", "render_ms", "scope")}
+    values |= fields
+    if page.scope == DOCUMENT:
+        return [AnswerRow(**values)]
+    file_name = file_name_of(page.document)
+    return [
+        AnswerRow(
+            **values,
+            question_id=question.id,
+            question=question.question(file_name, page.page_number, page.num_pages),
+        )
+        for question in questions
+    ]
+
+
+def _set(row: AnswerRow, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        setattr(row, name, value)
+
+
+class PageAnswerer:
+    """Answer rows for pages, each asked the questions its ``question_ids`` name (see the module's docstring)."""
+
+    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo, run_id: str) -> None:
+        self.model_config = config.model
+        self.run_id = run_id
+        self.fingerprint = config_fingerprint(config)
+        device = resolve_device(config.actors.num_gpus_per_actor)
+        self.adapter = load_adapter(config.model, checkpoint.model_type, checkpoint.geometry, device)
+        self.values = ValueParser(config.values)
+
+    def _rows(self, page: Page, templates: Templates, **fields: Any) -> list[AnswerRow]:
+        """The page's row for each of its questions, question text filled in."""
+        return answer_rows(
+            page,
+            [templates[question_id] for question_id in page.question_ids],
+            run_id=self.run_id,
+            config_fingerprint=self.fingerprint,
+            model_id=self.model_config.id,
+            model_revision=self.model_config.revision,
+            **fields,
+        )
+
+    def _answered(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:
+        """Each page's rows answered (by the model, or from the page's text layer), typed, with evidence."""
+        images, prompts, rows, by_model = [], [], [], []
+        for page, asked in zip(pages, templates, strict=True):
+            page_rows = self._rows(page, asked)
+            rows.append(page_rows)
+            model_rows = []
+            for row, model in zip(page_rows, page.by_model, strict=True):
+                if model:
+                    model_rows.append(row)
+                else:
+                    _set(row, {"answer": page.text, "answer_source": TEXT_LAYER})
+            if model_rows:
+                images.append(unpack_images(page.sub_images, page.sub_image_shapes))
+            for row in model_rows:
+                template = asked[row.question_id]
+                prompt = self.adapter.prompt(row.question)
+                prompts.append(Prompt(len(images) - 1, prompt, template.answer_tokens, template.constraint))
+                by_model.append(row)
+        for row, answer in zip(by_model, self.adapter.answer(images, prompts), strict=True):
+            _set(
+                row,
+                {
+                    "answer": answer.text,
+                    "answer_source": MODEL,
+                    "confidence": answer.confidence,
+                    "generated_tokens": answer.generated_tokens,
+                    "model_ms": answer.model_ms,
+                },
+            )
+        for page, asked, page_rows in zip(pages, templates, rows, strict=True):
+            for row in page_rows:
+                template = asked[row.question_id]
+                _set(row, self.values.parse(template, row.answer))
+                # A label (yes, invoice) printed somewhere on the page is no evidence for it.
+                words = [] if template.allowed_answers else page.words
+                _set(row, find_evidence(row.answer, words, page.word_boxes))
+        return rows
+
+    def rows(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:
+        """For each page and the templates it may name: that page's answer rows."""
+        out: list[list[AnswerRow]] = [[] for _ in pages]
+        ok = [i for i, page in enumerate(pages) if page.status == Status.OK]
+        for i, page in enumerate(pages):
+            if page.status != Status.OK:
+                out[i] = self._rows(page, templates[i])
+        if not ok:
+            return out
+        try:
+            answered = self._answered([pages[i] for i in ok], [templates[i] for i in ok])
+            for i, page_rows in zip(ok, answered, strict=True):
+                out[i] = page_rows
+        except Exception:  # noqa: BLE001 - isolate the failing page(s), below
+            for i in ok:
+                try:
+                    [out[i]] = self._answered([pages[i]], [templates[i]])
+                except Exception as error:  # noqa: BLE001 - recorded on the page's rows
+                    reason = f"model failed on this page: {type(error).__name__}: {error}"[:2000]
+                    out[i] = self._rows(pages[i], templates[i], status=Status.MODEL_ERROR.value, error=reason)
+        return out
+
+
+class AnswerPages:
+    """The answering stage: the actor of the ``map_batches`` operator on the actor pool (a block of pages in,
+    their answer rows out)."""
+
+    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo, run_id: str) -> None:
+        self.templates = {question.id: question for question in config.questions}
+        self.answerer = PageAnswerer(config, checkpoint, run_id)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pages = from_table(batch, Page)
+        rows = self.answerer.rows(pages, [self.templates] * len(pages))
+        return rows_to_table([row for page_rows in rows for row in page_rows])

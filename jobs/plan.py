@@ -1,0 +1,96 @@
+"""The run's Ray Data plan: the stages chained, each with the resources it asks for.
+
+read_datasource(DocumentListing) → map_batches(PlanDocuments) → repartition(1 unit a block)
+    → map_batches(RenderPages) → map_batches(AnswerPages, actor pool) → the driver's RunWriter
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from actors.checkpoint import CheckpointInfo
+from jobs.cluster import RENDER_TASK_CPUS
+from pipeline.config import JobConfig
+from pipeline.images import ImageGeometry
+from pipeline.listing import DocumentListing, KnownVersions
+from pipeline.planning import PlanDocuments
+from pipeline.rendering import RenderPages
+
+# Beside its sub-images, a page record's other columns (identity, question ids, shapes, its text layer's text,
+# words and boxes) take at most this for any ordinary page (a dense page of 10,000 words takes ~300 KiB).
+PAGE_ROW_ALLOWANCE = 1024 * 1024
+
+
+def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:
+    """The size past which Ray closes a block (``DataContext.target_max_block_size``): the budget less the
+    largest page, since a block is closed only once a page takes it past the threshold."""
+    largest_page = geometry.max_split_page_bytes + PAGE_ROW_ALLOWANCE
+    return max(1, config.render.block_mb * 1024 * 1024 - largest_page)
+
+
+def build_page_dataset(
+    config: JobConfig,
+    geometry: ImageGeometry,
+    completed: KnownVersions | None = None,
+    ledger=None,
+    resumed: KnownVersions | None = None,
+):
+    """The CPU part of the plan: list (one task per listing shard, or per group of them); read and plan the
+    documents of each listing block (one task per block); render and split each work unit (one task per
+    unit, its pages handed on in blocks within ``render.block_mb``)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().target_max_block_size = block_threshold(config, geometry)
+    memory = config.render.task_memory_mb * 1024 * 1024
+    # Bounds the concurrent renders per node, and keeps Ray from fusing these tasks into the actor, where they
+    # would hold up the GPU.
+    render = {"num_cpus": RENDER_TASK_CPUS, "memory": memory}
+    # Planning a document (open it, count its pages) takes milliseconds: holding a CPU, it took the one left
+    # beside the model actor on a 2-CPU node and, ranked before rendering by Ray Data (the stage holding less
+    # of the object store goes first), planned every listed document before the first page was rendered
+    # (bench/incremental.py). Without one, a few at a time per CPU, it runs beside the render tasks.
+    planners = ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    # A limit on planning tasks, not a wish for as many blocks: Ray Data's warning that a run of fewer listing
+    # blocks cannot use it all would only puzzle the user.
+    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(PlanDocuments")
+    plan = {"num_cpus": 0, "memory": memory, "compute": planners}
+    listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
+    return (
+        # The listing waits on directory and object-store pages, not on a CPU: holding one (Ray's default for a
+        # read task) beside the model actor took the only CPU left on a 2-CPU node, so no document was opened
+        # before the whole listing was done (bench/incremental.py: first row 47 s -> 31 s over 200,000 files).
+        ray.data.read_datasource(listing, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=listing.tasks_at_once))
+        # One planning task per listing block (a shard's documents taken: a few in a nightly run).
+        .map_batches(PlanDocuments(config, ledger), batch_format="pyarrow", batch_size=1, **plan)
+        .repartition(target_num_rows_per_block=1)  # each unit its own render task, a long document's in parallel
+        .map_batches(RenderPages(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **render)
+    )
+
+
+def build_dataset(
+    config: JobConfig,
+    checkpoint: CheckpointInfo,
+    run_id: str,
+    completed: KnownVersions,
+    ledger,
+    resumed: KnownVersions,
+):
+    """The Ray Data plan: the CPU stages, then the model actor pool, streamed. The actors get what the driver
+    learnt of the checkpoint (its family and image geometry), not the checkpoint to inspect again."""
+    from ray.data import ActorPoolStrategy
+
+    from actors.answering import AnswerPages
+
+    pool = config.actors
+    return build_page_dataset(config, checkpoint.geometry, completed, ledger, resumed).map_batches(
+        AnswerPages,
+        fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "run_id": run_id},
+        # The floor is one actor, not min_actors: after a lost node Ray restarts the lost actors on the nodes
+        # left, where they may hold every CPU; an idle actor above the floor is let go, so the read/render
+        # tasks get a CPU back instead of waiting forever (bench/node_loss.py, the `starved` topology).
+        compute=ActorPoolStrategy(min_size=1, initial_size=pool.min_actors, max_size=pool.max_actors),
+        num_gpus=pool.num_gpus_per_actor,
+        num_cpus=pool.num_cpus_per_actor,
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+    )
