@@ -12,7 +12,7 @@ LATEST := .venv-latest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := demo
 
-.PHONY: setup poppler test test-slow test-latest lock demo docs bench bench-gpu bench-s3 bench-corpus lint clean
+.PHONY: setup system-packages test test-slow test-latest lock demo docs bench bench-gpu bench-s3 bench-corpus lint clean
 
 # Exactly the lock (hash-checked, no resolution), then docqa itself without its dependencies.
 $(INSTALLED): $(LOCK) pyproject.toml
@@ -30,19 +30,23 @@ lock: $(INSTALLED)
 
 # The whole suite against the newest versions pyproject.toml allows, in its own venv: drift shows up here
 # as a failing command, not as a broken fresh clone. What it resolved: $(LATEST)/resolved.txt.
-test-latest: poppler
+test-latest: system-packages
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,bnb]"
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest -p no:cacheprovider
 
-poppler:
-	@command -v pdftoppm >/dev/null 2>&1 || { \
-		echo "installing poppler-utils (pdf2image backend)"; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q poppler-utils; }
+# Debian packages docqa runs with, each found by a program it provides: poppler-utils (the pdf2image backend),
+# bubblewrap (the render helper's namespaces, render.isolation: strict).
+SYSTEM_PACKAGES := pdftoppm:poppler-utils bwrap:bubblewrap
+system-packages:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
 
-setup: $(INSTALLED) poppler
+setup: $(INSTALLED) system-packages
 
 test: setup docs
 	$(BIN)/ruff check .

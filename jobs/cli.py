@@ -292,7 +292,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, {**dict(args.assignments), **given}, require=())
     try:
         url = start_server(config)
-        print(f"docqa serving {config.model.id} at {url}/v1/answers (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
+        print(
+            f"docqa serving {config.model.id} at {url}/v1/answers (schema: {url}/openapi.json); Ctrl-C stops",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while starting or serving

@@ -8,7 +8,7 @@ import logging
 import os
 
 from jobs import console
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, RenderConfig
 
 log = logging.getLogger("docqa")
 RENDER_TASK_CPUS = 1.0  # what one read/render task asks for (jobs/plan.py)
@@ -73,3 +73,14 @@ def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
         f"{actor_cpus:g} CPUs, but the Ray cluster has {cluster_cpus:g}: at least {RENDER_TASK_CPUS:g} must stay "
         f"free for the read/render tasks, or they would wait forever behind the model actors; {advice}"
     )
+
+
+def check_isolation(render: RenderConfig) -> None:
+    """Before any work: with ``render.isolation: strict``, that this machine can confine the render helper
+    (the workers of other nodes check again when they start one)."""
+    from pipeline.confinement import IsolationUnavailable, confinement
+
+    try:
+        confinement(render.isolation, {})
+    except IsolationUnavailable as error:
+        raise ConfigError(str(error)) from None

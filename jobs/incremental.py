@@ -10,9 +10,9 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from pipeline.fingerprints import config_fingerprint, setting_digests
 
 from pipeline.config import JobConfig
+from pipeline.fingerprints import LEGACY_SALT, config_fingerprint, setting_digests
 from pipeline.listing import KnownVersions
 from pipeline.records import RETRYABLE, Status
 from pipeline.tables import CURRENT, RUNS, OutputTables
@@ -61,13 +61,18 @@ def resumed_documents(recovered: pa.Table) -> KnownVersions:
 
 def runs_with_changed_settings(config: JobConfig, tables: OutputTables) -> dict[str, list[str]]:
     """Per status that a setting decides, the runs whose recorded setting differs from this config's; runs
-    recorded before digests were kept count as unchanged."""
-    now = setting_digests(config)
-    changed: dict[str, list[str]] = {status: [] for status in now}
+    recorded before digests were kept count as unchanged. A run's digests are compared with this config's
+    under the salt they were made with: the output's own, or (records from before it had one) the old
+    fixed salt."""
+    now = {"output": setting_digests(config, tables.digest_salt())}
+    changed: dict[str, list[str]] = {status: [] for status in now["output"]}
     runs = tables.read(RUNS, columns=["run_id", "record"])
     for run_id, text in zip(runs.column("run_id").to_pylist(), runs.column("record").to_pylist(), strict=True):
-        recorded = json.loads(text or "{}").get("incremental", {}).get("setting_digests", {})
-        for status, digest in recorded.items():
-            if status in now and digest != now[status]:
+        incremental = json.loads(text or "{}").get("incremental", {})
+        salt = incremental.get("digest_salt", "legacy")
+        if salt not in now:
+            now[salt] = setting_digests(config, LEGACY_SALT)
+        for status, digest in incremental.get("setting_digests", {}).items():
+            if status in now[salt] and digest != now[salt][status]:
                 changed[status].append(run_id)
     return {status: run_ids for status, run_ids in changed.items() if run_ids}

@@ -54,7 +54,9 @@ def build_page_dataset(
     # blocks cannot use it all would only puzzle the user.
     warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(PlanDocuments")
     plan = {"num_cpus": 0, "memory": memory, "compute": planners}
-    listing = DocumentListing(config.input, config.storage, completed, config.budget.max_documents, ledger, resumed)
+    listing = DocumentListing(
+        config.input, config.storage, completed, config.budget.max_documents, ledger, resumed, config.input_follow_links
+    )
     return (
         # The listing waits on directory and object-store pages, not on a CPU: holding one (Ray's default for a
         # read task) beside the model actor took the only CPU left on a 2-CPU node, so no document was opened

@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from actors.checkpoint import CheckpointInfo
-from jobs.cluster import check_cpus, check_gpus, ensure_ray
+from jobs.cluster import check_cpus, check_gpus, check_isolation, ensure_ray
 from jobs.incremental import completed_documents, resumed_documents
 from jobs.plan import build_dataset
 from jobs.progress import ProgressReporter, ProgressSnapshot
@@ -23,7 +23,7 @@ from pipeline.fingerprints import config_fingerprint, setting_digests
 from pipeline.ledger import start_ledger
 from pipeline.locations import check_input
 from pipeline.storage import StorageError, check_writable_output, is_s3
-from pipeline.tables import TableError, committed_runs
+from pipeline.tables import OutputTables, TableError, committed_runs
 from pipeline.writing import RunWriter
 
 log = logging.getLogger("docqa")
@@ -65,6 +65,7 @@ def run_job(
         check_writable_output(config.output, config.storage)
     ensure_ray(ray_address)
     check_gpus(config)
+    check_isolation(config.render)
     import ray
 
     check_cpus(config, ray.cluster_resources().get("CPU", 0))
@@ -83,7 +84,11 @@ def run_job(
         },
         "image_geometry": checkpoint.geometry.__dict__,
         "versions": package_versions(),
-        "incremental": {"config_fingerprint": config_fingerprint(config), "setting_digests": setting_digests(config)},
+        "incremental": {
+            "config_fingerprint": config_fingerprint(config),
+            "setting_digests": setting_digests(config, OutputTables(config.output, config.storage).digest_salt()),
+            "digest_salt": "output",  # the output's own random salt (pipeline/tables.py), not the old fixed one
+        },
     }
     try:
         writer = RunWriter(

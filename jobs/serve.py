@@ -12,6 +12,8 @@ import datetime
 import hmac
 import os
 import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import yaml
@@ -36,6 +38,8 @@ from pipeline.rendering import document_pages
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
 APPLICATION_NAME = "docqa"
 FORM_OVERHEAD_BYTES = 64 * 1024  # a request may exceed serve.max_upload_bytes by the form's fields and boundaries
+MAX_QUESTIONS_BYTES = 64 * 1024  # a request's questions field
+RETRY_AFTER_S = 2  # what a 503 (every turn taken, the queue full) asks the client to wait
 # Document-level failures that mean "too big" (413); every other failed document is unprocessable (422).
 TOO_LARGE = {Status.FILE_TOO_LARGE.value, Status.TOO_MANY_PAGES.value}
 QUESTION_LIST = TypeAdapter(QuestionList)
@@ -88,7 +92,7 @@ UPLOAD_BODY = {
         },
     }
 }
-FAILURES = {code: {"model": Failure} for code in (401, 413, 422)}
+FAILURES = {code: {"model": Failure} for code in (401, 413, 422, 503, 504)}
 
 
 class RequestFailure(Exception):
@@ -97,7 +101,7 @@ class RequestFailure(Exception):
         self.code, self.status, self.error = code, status, error
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.code == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": str(RETRY_AFTER_S)}}.get(self.code)
         return JSONResponse({"status": self.status, "error": self.error}, status_code=self.code, headers=headers)
 
 
@@ -110,25 +114,56 @@ def serve_token(config: JobConfig) -> str:
 
 
 def parse_questions(text: str, limit: int) -> list[QuestionTemplate]:
-    """Question templates from a request: YAML or JSON, a list or a mapping with a ``questions`` list."""
+    """Question templates from a request: YAML or JSON, a list or a mapping with a ``questions`` list; more
+    than ``limit`` of them is refused before any is validated. (Run off the event loop: YAML is slow to parse.)"""
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RequestFailure(422, "bad_request", f"questions are not valid YAML or JSON: {error}") from None
     if isinstance(loaded, dict) and set(loaded) == {"questions"}:
         loaded = loaded["questions"]
+    if isinstance(loaded, list) and len(loaded) > limit:
+        raise RequestFailure(422, "bad_request", f"{len(loaded)} questions, over serve.max_questions={limit}")
     try:
-        questions = QUESTION_LIST.validate_python(loaded)
+        return QUESTION_LIST.validate_python(loaded)
     except ValidationError as error:
         raise RequestFailure(
             422, "bad_request", format_validation_error(error, "invalid questions in the request", ("questions",))
         ) from None
-    if len(questions) > limit:
-        raise RequestFailure(422, "bad_request", f"{len(questions)} questions, over serve.max_questions={limit}")
-    return questions
+
+
+async def read_body(request: Request, limit: int, allowed: str) -> bytes:
+    """The request's body, counted as it arrives (a chunked upload has no Content-Length): past ``limit``
+    bytes (``allowed`` says which setting that is), 413 without reading the rest."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limit:
+        raise RequestFailure(413, Status.FILE_TOO_LARGE.value, f"request is {declared} bytes, over {allowed}")
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > limit:
+            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, f"request is over {limit} bytes: over {allowed}")
+    return bytes(received)
+
+
+def replayed(request: Request, body: bytes) -> Request:
+    """A request whose body is ``body`` (already read and counted), for the form parser."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
 
 
 api = FastAPI(
+    docs_url=None,  # the schema only with the token: /openapi.json below
+    redoc_url=None,
+    openapi_url=None,
     title="docqa",
     version="1",
     description="Answers to questions about one PDF, page by page (Idefics2). Send the PDF as multipart `file`, "
@@ -141,16 +176,37 @@ bearer = HTTPBearer(auto_error=False, description=f"the token in {TOKEN_ENV} or 
 @serve.deployment
 @serve.ingress(api)
 class AnswerAPI:
+    """The HTTP ingress. At most ``serve.max_requests_in_flight`` requests are worked on at once, each with a
+    render helper of its own (a thread of its own, pipeline/sandbox.py keeps one helper per thread), and at
+    most ``serve.max_requests_queued`` wait for a turn; past that, 503 with Retry-After. Each request has
+    ``serve.request_timeout_s`` in all: past it, 504, its model calls cancelled and its render stopped (the
+    render's deadline is the request's)."""
+
     def __init__(self, config: JobConfig, geometry: ImageGeometry, model: Any) -> None:
         self.config = config
         self.geometry = geometry
         self.model = model
         self.token = config.serve.token.get_secret_value().encode() if config.serve.token else b""
-        self.render_lock = asyncio.Lock()  # one sandboxed renderer per process
+        settings = config.serve
+        self.turns = asyncio.Semaphore(settings.max_requests_in_flight)
+        self.waiting = 0
+        self.renderers = ThreadPoolExecutor(settings.max_requests_in_flight, thread_name_prefix="docqa-render")
+
+    def _authorized(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.token):
+            raise RequestFailure(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)")
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.config.model.id}
+        return {"status": "ok"}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Any:
+        try:
+            self._authorized(credentials)
+        except RequestFailure as failure:
+            return failure.response()
+        return api.openapi()
 
     @api.post(
         "/v1/answers",
@@ -162,31 +218,50 @@ class AnswerAPI:
     async def answers(
         self, request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> Any:
+        settings = self.config.serve
         try:
-            return await self._answer(request, credentials)
+            self._authorized(credentials)
+            if self.waiting >= settings.max_requests_queued and self.turns.locked():
+                raise RequestFailure(
+                    503,
+                    "busy",
+                    f"{settings.max_requests_in_flight} requests are being answered and "
+                    f"{self.waiting} wait (serve.max_requests_queued); try again shortly",
+                )
+            deadline = time.monotonic() + settings.request_timeout_s
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self.turns.acquire(), timeout=settings.request_timeout_s)
+            except TimeoutError:
+                raise RequestFailure(504, "timeout", "no turn came within serve.request_timeout_s") from None
+            finally:
+                self.waiting -= 1
+            try:
+                return await asyncio.wait_for(self._answer(request, deadline), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                limit = f"serve.request_timeout_s={settings.request_timeout_s:g}"
+                raise RequestFailure(504, "timeout", f"the request took longer than {limit}") from None
+            finally:
+                self.turns.release()
         except RequestFailure as failure:
             return failure.response()
 
-    async def _answer(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> AnswersResponse:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.token):
-            raise RequestFailure(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+    async def _answer(self, request: Request, deadline: float) -> AnswersResponse:
         limits = self.config.serve
         allowed = f"serve.max_upload_bytes={limits.max_upload_bytes}"
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > limits.max_upload_bytes + FORM_OVERHEAD_BYTES:
-            error = f"request is {declared} bytes, over {allowed} + {FORM_OVERHEAD_BYTES} for the form"
-            raise RequestFailure(413, Status.FILE_TOO_LARGE.value, error)
-        form = await request.form(max_files=2, max_fields=4)
+        form_allowed = f"{allowed} + {FORM_OVERHEAD_BYTES} for the form"
+        body = await read_body(request, limits.max_upload_bytes + FORM_OVERHEAD_BYTES, form_allowed)
+        form = await replayed(request, body).form(max_files=2, max_fields=4)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise RequestFailure(422, "bad_request", "send the PDF as a multipart file field named 'file'")
         data = await upload.read(limits.max_upload_bytes + 1)
-        if len(data) > limits.max_upload_bytes:  # the form parser has spooled and counted the whole file
+        if len(data) > limits.max_upload_bytes:
             raise RequestFailure(413, Status.FILE_TOO_LARGE.value, f"upload is {upload.size} bytes, over {allowed}")
-        config = self._request_config(await self._questions(form))
+        config = self._request_config(await self._questions(form), deadline)
         file_name = os.path.basename(upload.filename or "upload.pdf") or "upload.pdf"
-        async with self.render_lock:
-            pages = await asyncio.to_thread(self._render, config, file_name, data)
+        loop = asyncio.get_running_loop()
+        pages = await loop.run_in_executor(self.renderers, self._render, config, file_name, data)
         if pages[0].scope == DOCUMENT:  # the document as a whole failed
             status, error = pages[0].status, pages[0].error or ""
             if status == Status.TOO_MANY_PAGES:
@@ -194,9 +269,13 @@ class AnswerAPI:
             raise RequestFailure(413 if status in TOO_LARGE else 422, status, error)
         templates = {question.id: question for question in config.questions}
         request_id = f"serve-{secrets.token_hex(6)}"
-        page_rows = await asyncio.gather(
-            *(self.model.answer_page.remote((page, templates, request_id)) for page in pages)
-        )
+        calls = [self.model.answer_page.remote((page, templates, request_id)) for page in pages]
+        try:
+            page_rows = await asyncio.gather(*calls)
+        except asyncio.CancelledError:  # the request's deadline, or its client gone: free the model's slots
+            for call in calls:
+                call.cancel()
+            raise
         fingerprint = config_fingerprint(config)
         rows = [
             {**dataclasses.asdict(row), "run_id": request_id, "config_fingerprint": fingerprint}
@@ -212,8 +291,11 @@ class AnswerAPI:
         if field is not None and set_name is not None:
             raise RequestFailure(422, "bad_request", "send either questions or question_set, not both")
         if field is not None:
-            text = field if isinstance(field, str) else (await field.read(1024 * 1024)).decode("utf-8", "replace")
-            return parse_questions(text, self.config.serve.max_questions)
+            raw = field.encode() if isinstance(field, str) else await field.read(MAX_QUESTIONS_BYTES + 1)
+            if len(raw) > MAX_QUESTIONS_BYTES:
+                raise RequestFailure(422, "bad_request", f"questions are over {MAX_QUESTIONS_BYTES} bytes")
+            text = raw.decode("utf-8", "replace")
+            return await asyncio.to_thread(parse_questions, text, self.config.serve.max_questions)
         if set_name is not None:
             sets = self.config.serve.question_sets
             if set_name not in sets:
@@ -221,15 +303,17 @@ class AnswerAPI:
             return sets[set_name]
         return self.config.questions
 
-    def _request_config(self, questions: list[QuestionTemplate]) -> JobConfig:
+    def _request_config(self, questions: list[QuestionTemplate], deadline: float) -> JobConfig:
+        """The config of one request: its questions, its page cap, and its deadline as the render's."""
         limits = self.config.limits
         max_pages = min(limits.max_pages_per_document, self.config.serve.max_pages)
-        return self.config.model_copy(
-            update={"questions": questions, "limits": limits.model_copy(update={"max_pages_per_document": max_pages})}
-        )
+        timeout = max(min(limits.document_timeout_s, deadline - time.monotonic()), 0.001)
+        update = {"max_pages_per_document": max_pages, "document_timeout_s": timeout}
+        return self.config.model_copy(update={"questions": questions, "limits": limits.model_copy(update=update)})
 
     def _render(self, config: JobConfig, file_name: str, data: bytes) -> list[Page]:
-        """The batch pipeline's rasterize and split stages, on one uploaded document."""
+        """The batch pipeline's planning and rendering stages, on one uploaded document, in this thread's own
+        render helper."""
         return document_pages(config, self.geometry, document_of_bytes(file_name, data))
 
 
@@ -250,19 +334,25 @@ def build_app(config: JobConfig, checkpoint: CheckpointInfo) -> serve.Applicatio
     # The ingress renders with the same sandboxed stage as the batch pipeline; it reserves no CPU so that
     # model replicas are never starved of one on small machines.
     serving = settings.model_copy(update={"token": SecretStr(token)})
-    return AnswerAPI.options(autoscaling_config=autoscaling, ray_actor_options={"num_cpus": 0}).bind(
-        config.model_copy(update={"serve": serving}), checkpoint.geometry, model
-    )
+    # Serve hands the ingress what it holds and queues (503 past that), our own cap and queue decide (below).
+    admitted = settings.max_requests_in_flight + settings.max_requests_queued
+    return AnswerAPI.options(
+        autoscaling_config=autoscaling,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=admitted + 1,
+        max_queued_requests=admitted,
+    ).bind(config.model_copy(update={"serve": serving}), checkpoint.geometry, model)
 
 
 def start_server(config: JobConfig) -> str:
     """Start (or update) the application on this Ray instance; returns its base URL."""
     from actors.families import inspect_checkpoint
-    from jobs.cluster import check_gpus, ensure_ray
+    from jobs.cluster import check_gpus, check_isolation, ensure_ray
 
     application = build_app(config, inspect_checkpoint(config.model, config.render))
     ensure_ray()
     check_gpus(config)
+    check_isolation(config.render)
     address = f"{config.serve.host}:{config.serve.port}"
     try:
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("pipeline", "actors", "jobs")
@@ -91,6 +91,12 @@ def submit(config: JobConfig, address: str | None, nightly_date: str | None = No
     suffix (the run itself resumes, its run id being fixed by the date too)."""
     from jobs.run import new_run_id
 
+    if config.render.passwords:
+        raise ConfigError(
+            "render.passwords would travel with the job (its files and metadata are readable on the cluster): "
+            "put the passwords in an environment variable every Ray node has (from a KubeRay secret, or in the "
+            "environment of `ray start`), one per line, and name it with render.passwords_env"
+        )
     client = job_client(address)
     if nightly_date:
         base = f"docqa-nightly-{nightly_date}"

@@ -99,8 +99,31 @@ class RenderConfig(_Strict):
     )
     image_splitting: bool | None = Field(None, description="4 crops + the whole page; null keeps the checkpoint's.")
     passwords: list[SecretStr] = Field(
-        default_factory=list, description="Tried in turn on encrypted PDFs; never logged or written out."
+        default_factory=list,
+        description="Tried in turn on encrypted PDFs; never logged or written out. `docqa submit` refuses them "
+        "(they would travel in the job's files): use passwords_env there.",
     )
+    passwords_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The name of an environment variable holding more passwords, one per line, read where the "
+        "documents are opened (on a cluster: a variable every Ray node has, from a KubeRay secret or `ray start`'s "
+        "environment); its value never enters the config, the run record or a command line.",
+    )
+    isolation: Literal["strict", "best_effort"] = Field(
+        "strict",
+        description="strict: the render helper runs in its own namespaces under bubblewrap (no network, no other "
+        "process, a read-only view of the interpreter) or the document fails with render_error, and a run refuses "
+        "to start where that is impossible; best_effort: the strongest confinement this machine allows, recorded "
+        "in the run.",
+    )
+
+    def password_values(self) -> tuple[str, ...]:
+        """The passwords to try: ``passwords``, then those of the ``passwords_env`` variable (one per line)."""
+        from_environment = os.environ.get(self.passwords_env, "") if self.passwords_env else ""
+        listed = [password.get_secret_value() for password in self.passwords]
+        return tuple(listed + [line for line in from_environment.splitlines() if line])
+
     task_memory_mb: int = Field(
         1024, ge=64, description="Memory Ray reserves per read/render/split task; bounds concurrent renders per node."
     )
@@ -265,6 +288,18 @@ class ServeConfig(_Strict):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest PDF accepted (413 above).")
     max_pages: int = Field(20, ge=1, description="Most pages of one uploaded document (413 above).")
     max_questions: int = Field(16, ge=1, description="Most questions in one request (422 above).")
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A request's whole time (its wait, its render, its answers); past it, 504, its render stopped and "
+        "its model calls cancelled.",
+    )
+    max_requests_in_flight: int = Field(
+        4, ge=1, description="Requests an ingress replica answers at once, each with a render helper of its own."
+    )
+    max_requests_queued: int = Field(
+        16, ge=0, description="Requests that may wait for a turn beyond those; past that, 503 with Retry-After."
+    )
     question_sets: dict[str, QuestionList] = Field(
         default_factory=dict, description="Named question templates a request can pick with question_set=NAME."
     )
@@ -290,6 +325,12 @@ class JobConfig(_Strict):
         min_length=1,
         description="Folder or s3:// prefix holding the Delta tables answers, current and runs. Required by "
         "`docqa run`, `nightly` and `submit`; `docqa serve` writes none.",
+    )
+    input_follow_links: bool = Field(
+        False,
+        description="Follow symbolic links that lead out of a local input folder (each target listed once, under "
+        "its own path). Off: such links are skipped, so a link to / cannot make a run read the whole machine. "
+        "Links to files or folders inside the input are listed where their target is either way.",
     )
     commit_rows: int = Field(
         50_000, ge=1, description="A Delta commit is made once this many rows of complete documents wait."

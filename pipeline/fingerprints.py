@@ -34,15 +34,21 @@ def config_fingerprint(config: JobConfig) -> str:
     return _digest(relevant)
 
 
-def setting_digests(config: JobConfig) -> dict[str, str]:
+# The salt of the digests of runs recorded before each output had a salt of its own (their records say no
+# ``digest_salt``): kept to compare with them, never used for a new record.
+LEGACY_SALT = b"docqa render.passwords"
+
+
+def setting_digests(config: JobConfig, salt: bytes) -> dict[str, str]:
     """Per final status that a setting decides, a digest of that setting. A document that got the status
     is taken again once the digest differs from the one recorded by the run that gave it (a password
-    added, a limit raised). Passwords go through PBKDF2 so that the run record holds nothing that gives
-    them back cheaply."""
+    added, a limit raised). Passwords go through PBKDF2 with ``salt``, the output's own random salt
+    (pipeline/tables.py ``OutputTables.digest_salt``), so that the run record holds nothing that gives them
+    back cheaply, nor the same digest as another output's for the same password."""
     limits = config.limits
-    passwords = json.dumps([password.get_secret_value() for password in config.render.passwords]).encode()
+    passwords = json.dumps(list(config.render.password_values())).encode()
     settings = {
-        Status.ENCRYPTED: hashlib.pbkdf2_hmac("sha256", passwords, b"docqa render.passwords", 100_000).hex(),
+        Status.ENCRYPTED: hashlib.pbkdf2_hmac("sha256", passwords, salt, 100_000).hex(),
         Status.TOO_MANY_PAGES: limits.max_pages_per_document,
         Status.FILE_TOO_LARGE: limits.max_file_bytes,
         Status.PAGE_TOO_LARGE: [limits.max_pixels_per_page, limits.max_aspect_ratio],

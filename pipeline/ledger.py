@@ -69,9 +69,10 @@ class RunLedger:
         """A render task began rendering a unit at ``at`` (``time.time()``); the earliest is kept."""
         self.first_render_at = at if self.first_render_at is None else min(self.first_render_at, at)
 
-    def record_isolation(self, network: str) -> None:
-        """How a render helper's network was closed (or why not), as it reported on starting."""
-        self.render_isolation.add(network)
+    def record_isolation(self, summary: str) -> None:
+        """How a render helper was confined (its namespaces, network and seccomp filter, or why not), as it
+        reported on starting."""
+        self.render_isolation.add(summary)
 
     def report(self) -> dict[str, Any]:
         listing, _ = self.listing_progress()
@@ -106,6 +107,6 @@ def report_isolation(ledger) -> Callable[[Any], None]:
     def report(sandbox) -> None:
         if ledger is not None and sandbox.process_id not in reported:
             reported.add(sandbox.process_id)
-            ledger.record_isolation.remote(sandbox.isolation["network"])
+            ledger.record_isolation.remote(sandbox.summary)
 
     return report

@@ -23,7 +23,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import StorageConfig
-from pipeline.locations import ListingShard, first_time, iter_shard, listing_shards
+from pipeline.locations import ListingShard, first_time, iter_shard, listing_shards, never
 from pipeline.records import REF_SCHEMA, DocumentRef, to_table
 
 
@@ -72,6 +72,7 @@ class ListingTask:
     known: Any  # ObjectRef of (completed, resumed) KnownVersions
     max_documents: int | None
     ledger: Any
+    follow_links: bool = False
 
     def __call__(self) -> Iterator[pa.Table]:
         import ray
@@ -117,7 +118,10 @@ class ListingTask:
 
     def _claim(self) -> Callable[[Path], bool]:
         """A link target (and each folder below it) outside the input is listed by the first task to reach
-        it: the run's ledger keeps the claims. Without a ledger, there is one task."""
+        it: the run's ledger keeps the claims. Without a ledger, there is one task. With ``follow_links``
+        off, none is listed."""
+        if not self.follow_links:
+            return never
         seen = first_time()
         if self.ledger is None:
             return seen
@@ -149,8 +153,10 @@ class DocumentListing(Datasource):
         max_documents: int | None = None,
         ledger=None,
         resumed: KnownVersions | None = None,
+        follow_links: bool = False,
     ) -> None:
         super().__init__()
+        self.follow_links = follow_links
         self.input_uri = input_uri
         self.storage = storage
         self.known = (completed or KnownVersions(), resumed or KnownVersions())
@@ -178,7 +184,9 @@ class DocumentListing(Datasource):
         groups = [shards[start : start + per_task] for start in range(0, len(shards), per_task)]
         known = ray.put(self.known)
         return [
-            ListingTask(number, len(groups), group, self.storage, known, self.max_documents, self.ledger)
+            ListingTask(
+                number, len(groups), group, self.storage, known, self.max_documents, self.ledger, self.follow_links
+            )
             for number, group in enumerate(groups)
         ]
 

@@ -21,6 +21,7 @@ from pipeline.storage import (
     describe_client_error,
     filesystem_for,
     is_s3,
+    local_uri,
     s3_client,
     split_s3,
 )
@@ -151,7 +152,7 @@ def _list_s3(
         raise StorageError(describe_client_error(error, f"listing s3://{bucket}/{prefix}")) from None
 
 
-def _list_local(uri: str) -> Iterator[DocumentRef]:
+def _list_local(uri: str, claim: Callable[[Path], bool]) -> Iterator[DocumentRef]:
     if any(char in uri for char in GLOB_CHARS):
         paths = [Path(p) for p in glob.glob(os.path.expanduser(uri), recursive=True)]
         for path in sorted(p.resolve() for p in paths if p.is_file()):
@@ -163,7 +164,12 @@ def _list_local(uri: str) -> Iterator[DocumentRef]:
     if not root.is_dir():
         yield _local_ref(root.resolve())
         return
-    yield from _walk(root.resolve(), root.resolve(), first_time())
+    yield from _walk(root.resolve(), root.resolve(), claim)
+
+
+def never(target: Path) -> bool:
+    """The claim of a listing that follows no link out of its input (``input_follow_links: false``)."""
+    return False
 
 
 def first_time() -> Callable[[Path], bool]:
@@ -213,8 +219,8 @@ def _local_ref(path: Path) -> DocumentRef:
     try:
         stat = path.stat()
     except OSError:
-        return DocumentRef(str(path), -1)  # reported by the read stage
-    return DocumentRef(str(path), stat.st_size, None, f"{stat.st_size}-{stat.st_mtime_ns}")
+        return DocumentRef(local_uri(path), -1)  # reported by the read stage
+    return DocumentRef(local_uri(path), stat.st_size, None, f"{stat.st_size}-{stat.st_mtime_ns}")
 
 
 def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
@@ -236,15 +242,19 @@ def _list_uri_file(uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
 def iter_shard(shard: ListingShard, storage: StorageConfig, claim: Callable[[Path], bool]) -> Iterator[DocumentRef]:
     """The documents of one shard of a listing (``claim``: see ``_walk``)."""
     if shard.whole:
-        yield from iter_documents(shard.location, storage)
+        yield from iter_documents(shard.location, storage, claim)
     elif shard.bucket:
         yield from _list_s3(shard.bucket, shard.location, storage, shard.pattern, shard.recursive)
     else:
         yield from _walk(Path(shard.location), Path(shard.root), claim, shard.recursive)
 
 
-def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentRef]:
+def iter_documents(
+    input_uri: str, storage: StorageConfig, claim: Callable[[Path], bool] = never
+) -> Iterator[DocumentRef]:
     """Stream the documents of an input: folder (recursive), file, glob, s3:// prefix or glob, or a .txt list.
+    A link out of a local folder is followed only where ``claim`` grants it (``first_time()``: each target
+    once; by default none).
 
     S3 listings are paginated (1000 keys a request) and yielded as they arrive."""
     if input_uri.endswith(URI_LIST_SUFFIX) and not any(char in input_uri for char in GLOB_CHARS):
@@ -254,7 +264,7 @@ def iter_documents(input_uri: str, storage: StorageConfig) -> Iterator[DocumentR
         prefix, pattern = _s3_pattern(key)
         yield from _list_s3(bucket, prefix, storage, pattern)
     else:
-        yield from _list_local(input_uri)
+        yield from _list_local(input_uri, claim)
 
 
 def check_input(input_uri: str, storage: StorageConfig) -> None:

@@ -103,6 +103,22 @@ class PyMuPdfDocument:
         self.document.close()
 
 
+def decrypted(data: bytes, passwords: tuple[str, ...]) -> bytes:
+    """An encrypted PDF's bytes without its encryption, opened by MuPDF with the first password that fits."""
+    import pymupdf
+
+    try:
+        document = pymupdf.open(stream=data, filetype="pdf")
+    except Exception as error:  # noqa: BLE001 - MuPDF raises several types for broken files
+        raise DocumentError(Status.CORRUPT, f"MuPDF cannot open it to decrypt it: {error}") from None
+    try:
+        if document.needs_pass and not any(document.authenticate(password) for password in passwords):
+            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
+        return document.tobytes(encryption=pymupdf.PDF_ENCRYPT_NONE)
+    finally:
+        document.close()
+
+
 class PopplerDocument:
     """pdf2image over poppler's pdfinfo/pdftoppm: the second backend, same contract."""
 
@@ -113,28 +129,26 @@ class PopplerDocument:
         from pdf2image import pdfinfo_from_bytes
         from pdf2image.exceptions import PDFInfoNotInstalledError, PDFPageCountError, PDFSyntaxError
 
-        self.data = data
         # Opened for the text layer when first asked; None: not yet, False: MuPDF cannot open the file.
         self.text_document: PyMuPdfDocument | bool | None = None
         self.repaired = False  # poppler does not say
-        self.password: str | None = None
-        for password in (None, *passwords):
-            try:
-                info = pdfinfo_from_bytes(data, userpw=password)
-                self.password = password
-                break
-            except PDFInfoNotInstalledError:
-                raise
-            except (PDFPageCountError, PDFSyntaxError, ValueError) as error:
-                message = str(error).strip()
-                if "Incorrect password" not in message and "encrypted" not in message.lower():
-                    raise DocumentError(Status.CORRUPT, f"poppler cannot open it: {message[:500]}") from None
-        else:
-            raise DocumentError(Status.ENCRYPTED, ENCRYPTED_REASON)
+        try:
+            info = pdfinfo_from_bytes(data)
+        except PDFInfoNotInstalledError:
+            raise
+        except (PDFPageCountError, PDFSyntaxError, ValueError) as error:
+            message = str(error).strip()
+            if "Incorrect password" not in message and "encrypted" not in message.lower():
+                raise DocumentError(Status.CORRUPT, f"poppler cannot open it: {message[:500]}") from None
+            # Encrypted: MuPDF decrypts it with the passwords, so that no password is ever on poppler's command
+            # line (where any process of the machine could read it).
+            data = decrypted(data, passwords)
+            info = pdfinfo_from_bytes(data)
+        self.data = data
         self.num_pages = int(info.get("Pages", 0))
         self.sizes: dict[int, tuple[float, float]] = {}
         if self.num_pages:
-            detail = pdfinfo_from_bytes(data, userpw=self.password, first_page=1, last_page=self.num_pages)
+            detail = pdfinfo_from_bytes(data, first_page=1, last_page=self.num_pages)
             rotations = {int(m.group(1)): int(float(v)) for k, v in detail.items() if (m := self._PAGE_ROT.match(k))}
             for key, value in detail.items():
                 if match := self._PAGE_SIZE.match(key):
@@ -155,7 +169,6 @@ class PopplerDocument:
             first_page=page_number,
             last_page=page_number,
             fmt="ppm",
-            userpw=self.password,
         )
         return np.asarray(image.convert("RGB"))
 
@@ -165,7 +178,7 @@ class PopplerDocument:
         A file MuPDF cannot open has no text layer here."""
         if self.text_document is None:
             try:
-                self.text_document = PyMuPdfDocument(self.data, (self.password,) if self.password else ())
+                self.text_document = PyMuPdfDocument(self.data)
             except DocumentError:
                 self.text_document = False  # tried once per document, not once per page
         if self.text_document is False:

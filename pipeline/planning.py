@@ -81,12 +81,13 @@ class Planner:
     def __init__(self, config: JobConfig, ledger=None) -> None:
         self.config = config
         self.ledger = ledger  # the run's ledger: its page budget, and how the render helpers are isolated
+        self.report_isolation = report_isolation(ledger)
 
     def plan(self, document: Document) -> list[WorkUnit]:
         if document.status != Status.OK:
             return [failed_unit(document, document.status, document.error or "")]
         try:
-            opened = open_document(document.data, self.config.render, self.config.limits, report_isolation(self.ledger))
+            opened = open_document(document.data, self.config.render, self.config.limits, self.report_isolation)
         except DocumentError as error:
             return [failed_unit(document, error.status, error.reason)]
         opened.close()

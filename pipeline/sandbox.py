@@ -1,18 +1,19 @@
 """The parent's side of the render helper (pipeline/render_helper.py): opening and rendering documents in a
-helper process that can be killed.
+helper process that can be killed, and that can reach nothing worth having.
 
 MuPDF and poppler have no timeouts and can loop or allocate without bound on crafted files. Each worker
-process keeps one helper (started once, reused across documents) that runs under an address-space limit
-(RLIMIT_AS); every call carries the document's wall-clock deadline. A helper that misses the deadline is
-killed and replaced (the document gets ``timeout``); one that dies or runs out of memory is replaced too
-(``memory_limit`` or ``render_error``). The rest of the run never notices.
+thread keeps one helper per memory limit and backend (started once, reused across documents) under an
+address-space limit; every call carries the document's wall-clock deadline, and so does every read of the
+helper's answer. A helper that misses the deadline is killed and replaced (the document gets ``timeout``);
+one that dies, runs out of memory or answers anything the protocol does not allow (pipeline/helper_protocol.py)
+is replaced too (``render_error`` or ``memory_limit``). The rest of the run never notices.
 
-The helper is the one process that parses hostile bytes, so it holds nothing worth stealing: it starts with
-a minimal environment (no credentials, tokens or proxy settings), in a private temporary directory, and
-before it reads a byte it sets no-new-privileges and loads a seccomp filter (pyseccomp over libseccomp)
-that refuses every socket but a Unix one, so it can reach no network and no instance-metadata endpoint.
-Where the filter cannot be loaded it logs once that isolation is reduced; every helper reports what was in
-force, and the run record lists it.
+The helper is the one process that parses hostile bytes, so it holds nothing worth stealing and reaches
+nothing: it starts under bubblewrap (pipeline/confinement.py: its own user, PID, network, IPC and UTS
+namespaces, a read-only root of what the interpreter needs, a private /tmp, killed with its parent) with a
+minimal environment (no credentials, tokens or proxy settings), and confines itself further before it reads
+a byte (seccomp, resource limits). Its answers are msgpack frames, checked field by field: nothing it sends
+is executed. Every helper reports what was in force, and the run record lists it.
 """
 
 from __future__ import annotations
@@ -26,118 +27,188 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import LimitsConfig, RenderConfig
+from pipeline.confinement import IsolationUnavailable, confinement
+from pipeline.helper_protocol import (
+    MAX_ANSWER_BYTES,
+    HelperException,
+    ProtocolError,
+    checked_answer,
+    read_frame,
+    write_frame,
+)
+from pipeline.pdf import TextLayer
 from pipeline.records import DocumentError, Status
-from pipeline.render_helper import PIXEL_BUFFER_BYTES, SHARED
-
-if TYPE_CHECKING:
-    from pipeline.pdf import TextLayer
+from pipeline.render_helper import PIXEL_BUFFER_BYTES
 
 # The only variables of the worker's environment the helper gets (poppler's pdftoppm is found on PATH).
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH")
 START_TIMEOUT_S = 60.0
+CLOSE_TIMEOUT_S = 10.0
+EXEC_BACKENDS = ("pdf2image",)  # backends whose helper runs other programs (poppler's pdftoppm, pdfinfo)
 
 log = logging.getLogger(__name__)
+
+
+def helper_environment() -> dict[str, str]:
+    """The helper's whole environment: a few harmless variables of the worker's, /tmp (its private tmpfs) as
+    home and temporary directory, and the path to docqa's pipeline package."""
+    environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
+    return {
+        **environment,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+    }
 
 
 class RenderSandbox:
     """The parent's side: start the helper, call it with a deadline, replace it when it fails."""
 
-    def __init__(self, memory_mb: int) -> None:
+    def __init__(self, memory_mb: int, backend: str = "pymupdf", isolation: str = "strict") -> None:
         self.memory_bytes = memory_mb * 1024 * 1024
+        self.exec_allowed = backend in EXEC_BACKENDS
+        self.isolation_setting = isolation
         self._start()
 
     def _start(self) -> None:
         """A fresh interpreter (never a fork of a multi-threaded Ray worker, nor a re-import of its main
-        module) in its own session, so that killing it also ends any poppler process it started; with a
-        minimal environment and a private temporary directory. Waits for its isolation report."""
+        module) under bubblewrap, in its own session; waits for its isolation report."""
+        try:
+            confined = confinement(self.isolation_setting, helper_environment())
+        except IsolationUnavailable as error:
+            raise DocumentError(Status.RENDER_ERROR, str(error)) from None
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
         pixels_fd = os.memfd_create("docqa-render-pixels")
         os.ftruncate(pixels_fd, PIXEL_BUFFER_BYTES)
         self.pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
-        self.private_dir = tempfile.mkdtemp(prefix="docqa-render-")
-        self._remove_private_dir = weakref.finalize(self, shutil.rmtree, self.private_dir, True)
-        code = (
-            f"from pipeline.render_helper import serve; "
-            f"serve({child_reads}, {child_writes}, {self.memory_bytes}, {pixels_fd})"
-        )
+        code = self.helper_code(child_reads, child_writes, pixels_fd)
+        if confined.prefix:  # bubblewrap sets the helper's environment, and its /tmp is its own
+            environment, directory = {"PATH": os.environ.get("PATH", "/usr/bin")}, "/"
+        else:  # unconfined: a private directory of the host's as its home and temporary directory
+            directory = tempfile.mkdtemp(prefix="docqa-render-")
+            self._remove_private_dir = weakref.finalize(self, shutil.rmtree, directory, True)
+            environment = {**helper_environment(), "HOME": directory, "TMPDIR": directory}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", code],
+            [*confined.prefix, sys.executable, "-c", code],
             pass_fds=(child_reads, child_writes, pixels_fd),
             stdin=subprocess.DEVNULL,
-            env=helper_environment(self.private_dir),
-            cwd=self.private_dir,
+            env=environment,
+            cwd=directory,
             start_new_session=True,
         )
         for fd in (child_reads, child_writes, pixels_fd):
             os.close(fd)
-        self._requests = Connection(parent_writes, readable=False)
-        self._connection = Connection(parent_reads, writable=False)
-        self.isolation = self._receive("start", time.monotonic() + START_TIMEOUT_S)
+        os.set_blocking(parent_reads, False)
+        self._requests, self._answers = parent_writes, parent_reads
+        report = self._receive("start", time.monotonic() + START_TIMEOUT_S)
         self.started_at = time.monotonic()
-        if not self.isolation["network"].startswith("closed"):
-            _log_reduced_isolation(self.isolation["network"])
+        self.isolation = {**report, "namespaces": confined.namespaces}
+        if not str(report.get("network", "")).startswith("closed"):
+            _log_reduced_isolation(str(report.get("network")))
+
+    def helper_code(self, read_fd: int, write_fd: int, pixels_fd: int) -> str:
+        """What the helper's interpreter runs: the serve loop on these descriptors."""
+        arguments = f"{read_fd}, {write_fd}, {self.memory_bytes}, {pixels_fd}, {self.exec_allowed}"
+        return f"from pipeline.render_helper import serve; serve({arguments})"
 
     @property
     def process_id(self) -> int:
+        """The process this sandbox started (bubblewrap, or the helper itself when unconfined)."""
         return self._process.pid
 
+    @property
+    def helper_pid(self) -> int:
+        """The helper's own process id as this machine sees it (inside bubblewrap it is a descendant of
+        ``process_id``): the one whose ``/proc`` entries show its environment, limits and filter."""
+        pending = [self._process.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if arguments[0] == sys.executable.encode() and b"pipeline.render_helper" in arguments[-2]:
+                    return pid
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        raise ProcessLookupError(f"no render helper below process {self._process.pid}")
+
+    @property
+    def summary(self) -> str:
+        """How the helper is confined, in one line: the run record lists the summaries of its helpers."""
+        return " | ".join(str(self.isolation.get(key)) for key in ("namespaces", "network", "seccomp"))
+
     def _kill(self) -> None:
-        """End the helper (and any poppler process it started), its pipes and its private directory."""
+        """End the helper (and any poppler process it started) and its pipes."""
         try:
             os.killpg(self._process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self._process.wait(timeout=30)
-        self._requests.close()
-        self._connection.close()
-        self._remove_private_dir()
+        for fd in (self._requests, self._answers):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _replace(self) -> None:
         self._kill()
         self._start()
 
     def _receive(self, operation: str, deadline: float) -> Any:
-        """The helper's answer by the deadline; a helper that misses it or dies is replaced."""
+        """The helper's answer by the deadline, every field checked; a helper that misses it, dies or sends
+        what the protocol does not allow is replaced."""
         try:
-            ready = self._connection.poll(max(0.0, deadline - time.monotonic()))
-        except (BrokenPipeError, OSError):
-            ready = True  # the helper is gone; recv below reports it
-        if not ready and operation == "start":  # no new helper in turn: the next document tries again
-            self._kill()
-            raise DocumentError(Status.RENDER_ERROR, f"the renderer did not start within {START_TIMEOUT_S:.0f} s")
-        if not ready:
+            message = read_frame(self._answers, deadline, MAX_ANSWER_BYTES)
+            return checked_answer(operation, message, PIXEL_BUFFER_BYTES)
+        except DocumentError as error:
+            if error.status == Status.MEMORY_LIMIT:
+                self._replace()  # its heap may be fragmented or half-initialised: start clean
+                reason = f"{operation} needed more than the memory limit: {error}"
+                raise DocumentError(Status.MEMORY_LIMIT, reason) from None
+            raise
+        except HelperException:
+            raise
+        except TimeoutError:
+            if operation == "start":  # no new helper in turn: the next document tries again
+                self._kill()
+                raise DocumentError(
+                    Status.RENDER_ERROR, f"the renderer did not start within {START_TIMEOUT_S:.0f} s"
+                ) from None
             self._replace()
-            raise DocumentError(Status.TIMEOUT, f"{operation} did not finish within the document's time limit")
-        try:
-            answer = self._connection.recv()
+            raise DocumentError(
+                Status.TIMEOUT, f"{operation} did not finish within the document's time limit"
+            ) from None
         except (EOFError, OSError):
             code = self._process.poll()
             if operation == "start":
+                self._kill()
                 raise DocumentError(Status.RENDER_ERROR, f"the renderer did not start (exit code {code})") from None
             self._replace()
             raise DocumentError(
                 Status.RENDER_ERROR, f"the renderer died during {operation} (exit code {code})"
             ) from None
-        kind, value = answer
-        if kind == "ok":
-            return value
-        if not isinstance(value, DocumentError):
-            raise RuntimeError(value)  # an unexpected exception in the helper, as text
-        if value.status == Status.MEMORY_LIMIT:
-            self._replace()  # its heap may be fragmented or half-initialised: start clean
-            raise DocumentError(Status.MEMORY_LIMIT, f"{operation} needed more than the memory limit: {value}")
-        raise value
+        except ProtocolError as error:
+            if operation == "start":
+                self._kill()
+            else:
+                self._replace()
+            raise DocumentError(
+                Status.RENDER_ERROR, f"the renderer's answer to {operation} broke the protocol: {error}"
+            ) from None
 
     def ensure_running(self) -> None:
         """Start the helper again if it died between calls (killed from outside, or its replacement never
@@ -147,26 +218,14 @@ class RenderSandbox:
 
     def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
         """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
-        status of a helper that missed the deadline (timeout), ran out of memory or died."""
+        status of a helper that missed the deadline (timeout), ran out of memory, died or broke the protocol;
+        HelperException for the parser's own exception."""
         self.ensure_running()
         try:
-            self._requests.send((operation, arguments))
+            write_frame(self._requests, {"op": operation, "args": list(arguments)})
         except (BrokenPipeError, OSError):
             pass  # the helper is gone; _receive reports it
         return self._receive(operation, deadline)
-
-
-def helper_environment(private_dir: str) -> dict[str, str]:
-    """The helper's whole environment: a few harmless variables of the worker's, and its private directory
-    as home and temporary directory."""
-    environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
-    return {
-        **environment,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
-        "HOME": private_dir,
-        "TMPDIR": private_dir,
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
 
 
 @functools.cache
@@ -175,41 +234,43 @@ def _log_reduced_isolation(network: str) -> None:
     log.warning("render isolation reduced: the helper's network is %s", network)
 
 
-_SANDBOXES: dict[int, RenderSandbox] = {}
+_SANDBOXES = threading.local()  # each thread its own helpers: two threads never share one's pipes
 
 
-def sandbox(memory_mb: int) -> RenderSandbox:
-    """This process's sandbox for a memory limit, started on first use and reused afterwards; its helper
-    running when it is returned."""
-    if memory_mb not in _SANDBOXES:
-        _SANDBOXES[memory_mb] = RenderSandbox(memory_mb)
-    _SANDBOXES[memory_mb].ensure_running()
-    return _SANDBOXES[memory_mb]
+def sandbox(memory_mb: int, backend: str = "pymupdf", isolation: str = "strict") -> RenderSandbox:
+    """This thread's sandbox for a memory limit, backend and isolation, started on first use and reused
+    afterwards; its helper running when it is returned."""
+    sandboxes = _SANDBOXES.__dict__.setdefault("by_key", {})
+    key = (memory_mb, backend if backend in EXEC_BACKENDS else "pymupdf", isolation)
+    if key not in sandboxes:
+        sandboxes[key] = RenderSandbox(memory_mb, backend, isolation)
+    sandboxes[key].ensure_running()
+    return sandboxes[key]
 
 
 class SandboxedDocument:
-    """A PdfDocument whose every call runs in the sandbox under one deadline for the whole document."""
+    """A document opened in the sandbox: every call runs there under one deadline for the whole document."""
 
-    def __init__(self, data: bytes, backend: str, passwords: tuple[str, ...], memory_mb: int, timeout_s: float):
-        self.sandbox = sandbox(memory_mb)  # running first: the helper's start-up is not the document's time
-        self.deadline = time.monotonic() + timeout_s
-        self.num_pages, self.repaired = self.sandbox.call("open", (data, backend, passwords), self.deadline)
+    def __init__(self, data: bytes, render: RenderConfig, limits: LimitsConfig):
+        self.sandbox = sandbox(limits.render_memory_mb, render.backend, render.isolation)  # started: its start-up
+        self.deadline = time.monotonic() + limits.document_timeout_s  # is not the document's time
+        passwords = list(render.password_values())
+        self.num_pages, self.repaired = self.sandbox.call("open", (data, render.backend, passwords), self.deadline)
 
     def page_size(self, page_number: int) -> tuple[float, float]:
         return tuple(self.sandbox.call("page_size", (page_number,), self.deadline))
 
     def text_layer(self, page_number: int) -> TextLayer:
-        return self.sandbox.call("text_layer", (page_number,), self.deadline)
+        text, words, boxes = self.sandbox.call("text_layer", (page_number,), self.deadline)
+        return TextLayer(text, words, boxes)
 
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
-        buffer, shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)
-        if buffer == SHARED:  # copied out: the next render reuses the buffer
-            return self.sandbox.pixels[: int(np.prod(shape))].reshape(shape).copy()
-        return np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
+        shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)
+        return self.sandbox.pixels[: int(np.prod(shape))].reshape(shape).copy()  # the next render reuses the buffer
 
     def close(self) -> None:
         try:
-            self.sandbox.call("close", (), time.monotonic() + 10)
+            self.sandbox.call("close", (), time.monotonic() + CLOSE_TIMEOUT_S)
         except DocumentError:
             pass  # the helper was replaced; nothing is left open
 
@@ -223,13 +284,7 @@ def open_document(
     """``data`` opened in this process's helper, under the limits of one unit; raises DocumentError (a
     parser's own exception is ``corrupt``). ``on_helper`` hears of the helper that opened it (its isolation)."""
     try:
-        opened = SandboxedDocument(
-            data,
-            render.backend,
-            tuple(password.get_secret_value() for password in render.passwords),
-            limits.render_memory_mb,
-            limits.document_timeout_s,
-        )
+        opened = SandboxedDocument(data, render, limits)
     except DocumentError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever a hostile file makes the parser raise

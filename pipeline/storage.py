@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote_to_bytes, urlparse
 
 from pyarrow import fs as pafs
 
@@ -38,8 +38,26 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
+    """(bucket, key) of ``s3://bucket/key``, the key exactly as written: ``#``, ``?``, spaces, any character
+    and a leading ``/`` are part of it (a URL parser would take ``#`` for a fragment and ``?`` for a query)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def local_uri(path: Path) -> str:
+    """A local file's URI as docqa records it: its path, or, when its name is not valid UTF-8 (a name in
+    another encoding), ``file://`` and its bytes percent-encoded, so that it can be stored and read back."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path))
+    return text
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a URI that ``local_uri`` made."""
+    return Path(os.fsdecode(unquote_to_bytes(uri[len("file://") :]))) if uri.startswith("file://") else Path(uri)
 
 
 def endpoint_of(storage: StorageConfig) -> str | None:
@@ -167,7 +185,7 @@ def check_writable_output(uri: str, storage: StorageConfig) -> None:
 def read_object(uri: str, storage: StorageConfig, max_bytes: int) -> ObjectBytes:
     """Read a whole object, or only learn its size when it is over ``max_bytes`` (then ``data`` is empty)."""
     if not is_s3(uri):
-        path = Path(uri)
+        path = local_path(uri)
         size = path.stat().st_size
         return ObjectBytes(path.read_bytes() if size <= max_bytes else b"", size, None, None)
     bucket, key = split_s3(uri)

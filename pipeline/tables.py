@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ RUN_SCHEMA = pa.schema(
 SCHEMAS = {ANSWERS: ANSWER_SCHEMA, CURRENT: ANSWER_SCHEMA, RUNS: RUN_SCHEMA}
 PARTITIONS = {ANSWERS: ["run_date"], CURRENT: None, RUNS: None}
 COMMIT_ATTEMPTS = 20
+SALT_FILE = "_docqa/digest_salt"
+SALT_BYTES = 16
 DEFAULT_LEASE_S = 300.0  # a `running` row without a lease (written by an older docqa): this long after its start
 MIN_RETAIN_HOURS = 1  # vacuum keeps at least this much unless forced: a writer's new files wait minutes, not hours
 T = TypeVar("T")
@@ -182,6 +185,39 @@ class OutputTables:
 
         if self.open(name) is not None:
             self.retry_commit(name, add)
+
+    def digest_salt(self) -> bytes:
+        """The output's own random salt for the digests of settings (pipeline/fingerprints.py), made by the
+        first run that asks (written if absent: two runs at once agree on one) and kept beside the tables."""
+        _, root = filesystem_for(self.output, self.storage)
+        path = f"{root.rstrip('/')}/{SALT_FILE}"
+        if not is_s3(self.output):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            written = Path(f"{path}.{secrets.token_hex(4)}")
+            written.write_text(secrets.token_hex(SALT_BYTES))
+            try:
+                os.link(written, path)  # whole or not at all: a run reading it never sees it half written
+            except FileExistsError:
+                pass
+            finally:
+                written.unlink()
+            return bytes.fromhex(Path(path).read_text().strip())
+        from botocore.exceptions import ClientError
+
+        from pipeline.storage import s3_client, split_s3
+
+        bucket, key = split_s3(f"{self.output.rstrip('/')}/{SALT_FILE}")
+        client = s3_client(self.storage)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=secrets.token_hex(SALT_BYTES).encode(), IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (409, 412):
+                raise TableError(describe_delta_error(error, f"cannot write {self.output}/{SALT_FILE}")) from None
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return bytes.fromhex(body.read().decode().strip())
+        finally:
+            body.close()
 
     def dataset(self, name: str, as_of: datetime | None = None, asked: str | None = None) -> ds.Dataset:
         """A pyarrow dataset of the table's committed files, at its latest version or as of ``as_of``;

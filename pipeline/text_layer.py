@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.config import TextLayerConfig
 
 TEXT_LAYER, NO_EVIDENCE = "text_layer", "none"
+NO_EVIDENCE_COLUMNS = {"evidence": NO_EVIDENCE, "evidence_text": None, "evidence_bbox": None}
 
 
 def non_space(text: str) -> list[str]:
@@ -38,19 +39,28 @@ def normalized(text: str) -> str:
 
 def find_evidence(answer: str | None, words: list[str], boxes: list[float]) -> dict[str, Any]:
     """The evidence columns of ``answer`` on a page with these words (boxes: 4 fractions per word): the
-    first run of consecutive words, in reading order, that reads as the answer once normalized."""
+    first run of consecutive words, in reading order, that reads as the answer once normalized.
+
+    The words' normalized forms are joined into one string and the answer is looked for in it (``str.find``,
+    linear in the page), keeping only a match that starts at the start of a word and ends at the end of one:
+    the time is near-linear in the page's text whatever the page holds (word by word, a page of many words
+    that each begin the answer took quadratic time)."""
     target = normalized(answer or "")
+    if not target:
+        return dict(NO_EVIDENCE_COLUMNS)
     keys = [normalized(word) for word in words]
-    for first, key in enumerate(keys):
-        if not key or not target.startswith(key):
-            continue
-        read, last = key, first
-        while len(read) < len(target) and last + 1 < len(keys):
-            last += 1
-            read += keys[last]
-            if not target.startswith(read):
-                break
-        if read == target:
+    starts, ends = {}, {}  # offset in the joined text -> the first word starting there / the last ending there
+    offset = 0
+    for index, key in enumerate(keys):
+        if key:
+            starts.setdefault(offset, index)
+            offset += len(key)
+            ends[offset] = index
+    joined = "".join(keys)
+    found = joined.find(target)
+    while found >= 0:
+        first, last = starts.get(found), ends.get(found + len(target))
+        if first is not None and last is not None:
             corners = [boxes[4 * index : 4 * index + 4] for index in range(first, last + 1)]
             bbox = {
                 "x0": min(box[0] for box in corners),
@@ -59,4 +69,5 @@ def find_evidence(answer: str | None, words: list[str], boxes: list[float]) -> d
                 "y1": max(box[3] for box in corners),
             }
             return {"evidence": TEXT_LAYER, "evidence_text": " ".join(words[first : last + 1]), "evidence_bbox": bbox}
-    return {"evidence": NO_EVIDENCE, "evidence_text": None, "evidence_bbox": None}
+        found = joined.find(target, found + 1)
+    return dict(NO_EVIDENCE_COLUMNS)

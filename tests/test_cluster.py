@@ -19,6 +19,8 @@ from jobs.submit import job_client, wait
 from pipeline.tables import committed_runs, read_answers
 from tests.conftest import assert_sample_statuses
 
+PASSWORDS_ENV, PDF_PASSWORD = "DOCQA_TEST_PDF_PASSWORDS", "cluster-secret-5e1d"
+
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
@@ -27,6 +29,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     temp_dir = tmp_path_factory.mktemp("ray")
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     environment.pop("RAY_ADDRESS", None)
+    # The cluster's secret (as a KubeRay secret would set it on every node): the PDF passwords, one a line.
+    environment[PASSWORDS_ENV] = f"not-this-one\n{PDF_PASSWORD}"
     # A port probed free can be taken before the head binds it: the head then exits, or waits for a GCS that
     # never starts (seen with --port taken); either way it is stopped and started again on other ports.
     for _ in range(3):
@@ -256,3 +260,27 @@ def test_a_client_without_the_clusters_token_is_told_how_to_give_it(
     for fix in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN ", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"):
         assert fix in message
     assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text() not in result.stderr
+
+
+def test_an_encrypted_pdf_job_submitted_to_the_cluster_gets_its_password_from_the_clusters_secret(
+    ray_cluster: str, tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """The passwords never travel with the job: it names the variable, the cluster has it. Inline
+    passwords are refused before anything is submitted."""
+    from tests.hostile import encrypted_pdf
+
+    inputs = tmp_path / "pdfs"
+    inputs.mkdir()
+    (inputs / "locked.pdf").write_bytes(encrypted_pdf(PDF_PASSWORD))
+    job = _job(tmp_path, inputs, tiny_model)
+    config = yaml.safe_load(job.read_text())
+    job.write_text(yaml.safe_dump({**config, "render": {**config["render"], "passwords_env": PASSWORDS_ENV}}))
+    assert main(["submit", "--address", ray_cluster, "--config", str(job), "--wait"]) == 0
+    capsys.readouterr()
+    rows = read_answers(str(tmp_path / "out")).to_pylist()
+    assert [(Path(row["document"]).name, row["status"]) for row in rows] == [("locked.pdf", "ok")]
+    assert PDF_PASSWORD not in job.read_text()
+
+    inline = ["submit", "--address", ray_cluster, "--config", str(job), "--set", f"render.passwords=[{PDF_PASSWORD}]"]
+    assert main(inline) == 2
+    assert "render.passwords would travel with the job" in capsys.readouterr().err

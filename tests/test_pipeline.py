@@ -115,7 +115,11 @@ def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
     assert record["run_id"] == "r1" and record["counts"]["rows"] == len(rows)
     assert record["counts"]["documents"] == documents
     assert record["config"]["render"]["backend"] == backend and record["versions"]["transformers"].startswith("5.")
-    assert record["render_isolation"] == [SECCOMP_CLOSED]  # every render helper of the run had its network closed
+    [isolation] = record["render_isolation"]  # every render helper of the run was confined the same way:
+    namespaces, network, seccomp = isolation.split(" | ")
+    assert namespaces.startswith("bubblewrap: own user, pid, network") and network == SECCOMP_CLOSED
+    assert seccomp.startswith("refuses sockets but AF_UNIX")  # and, where the backend runs no program, exec:
+    assert seccomp.endswith("signals to other processes") == (backend == "pymupdf")
     assert record["commits"] == 1 and record["attempt"] == 1 and record["run_date"] == record["started_at"][:10]
     assert (output / "answers" / f"run_date={record['run_date']}").is_dir()  # partitioned by run date
 
@@ -190,7 +194,7 @@ def test_a_tree_of_folders_and_links_is_listed_in_shards_with_each_document_once
     (root / "c" / "up").symlink_to(tmp_path / "tree")  # the folder above the input: not listed again
     expected = {str(path) for path in [*documents, root / "top.pdf"]}
     output = tmp_path / "out"
-    assert _run(job_file, root, output, tiny_model, "--run-id", "tree") == 0
+    assert _run(job_file, root, output, tiny_model, "--run-id", "tree", "--set", "input_follow_links=true") == 0
     rows = read_answers(str(output)).to_pylist()
     assert {row["document"] for row in rows} == expected and {row["status"] for row in rows} == {"ok"}
     keys = [(row["document"], row["page_number"], row["question_id"]) for row in rows]

@@ -160,7 +160,10 @@ def test_listing_in_shards_lists_each_file_once_as_one_walk_does(tmp_path: Path)
     claim = first_time()  # what the run's ledger does across listing tasks
     sharded = [ref.document for shard in shards for ref in iter_shard(shard, storage, claim)]
     assert sorted(sharded) == sorted(expected)  # every file, none twice
-    assert sorted(ref.document for ref in iter_documents(str(root), storage)) == sorted(expected)
+    followed = iter_documents(str(root), storage, first_time())  # input_follow_links: true
+    assert sorted(ref.document for ref in followed) == sorted(expected)
+    inside = {path for path in expected if Path(path).is_relative_to(root)}
+    assert sorted(ref.document for ref in iter_documents(str(root), storage)) == sorted(inside)  # the default
 
     wrapped = tmp_path / "wrapped"
     (wrapped / "only").mkdir(parents=True)

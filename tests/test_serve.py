@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,6 +89,75 @@ def test_sigterm_shuts_the_endpoint_down_without_native_stack_frames(ray_session
     assert "SIGTERM received" not in err and "absl::" not in err and "Traceback" not in err, err[-3000:]
 
 
+def test_one_client_cannot_stall_or_confuse_the_endpoint(ray_session, tiny_model, tmp_path):
+    """Its own `docqa serve` with tight limits (one request at a time, one waiting, 5 s a request): a chunked
+    upload over the limit is refused while it is read; a request past its deadline gets 504 and frees the
+    render helper and the turn; a third request beside one answered and one waiting gets 503 with
+    Retry-After; a thousand questions are refused before any is validated."""
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.hostile import slow_pdf
+
+    port = free_port()
+    limits = {
+        "request_timeout_s": 5,
+        "max_requests_in_flight": 1,
+        "max_requests_queued": 1,
+        "max_upload_bytes": 2_000_000,
+    }
+    job = _questions_only(tmp_path / "serve.yaml", tiny_model, port=port, **limits)
+    environment = {**os.environ, TOKEN_ENV: TOKEN, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "jobs.cli", "serve", "--config", str(job)]
+    command += ["--set", "actors.num_cpus_per_actor=0.5", "--set", "render.image_splitting=false"]
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url, headers = f"http://127.0.0.1:{port}/v1/answers", {"Authorization": f"Bearer {TOKEN}"}
+
+    def upload(data: bytes, name: str = "doc.pdf", timeout: float = 60) -> requests.Response:
+        return requests.post(url, files={"file": (name, data)}, headers=headers, timeout=timeout)
+
+    try:
+        assert "docqa serving" in server.stdout.readline()
+
+        def chunks():
+            for _ in range(100):
+                yield b"x" * 65536  # 6.5 MB, no Content-Length: chunked
+
+        chunked = requests.post(url, data=chunks(), headers={**headers, "Content-Type": "application/pdf"}, timeout=60)
+        assert chunked.status_code == 413 and "over serve.max_upload_bytes=2000000" in chunked.json()["error"]
+
+        started = time.monotonic()
+        slow = slow_pdf(20_000_000)  # renders for longer than a request may take
+        late = upload(slow, "slow.pdf")
+        assert late.status_code == 504 and "serve.request_timeout_s=5" in late.json()["error"]
+        assert time.monotonic() - started < 30
+        assert upload(invoice_pdf(1, 1, (612, 792))).status_code == 200  # the helper and the turn are free again
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(upload, slow, "a.pdf")
+            time.sleep(1.0)
+            second = pool.submit(upload, slow, "b.pdf")
+            time.sleep(1.0)
+            third = pool.submit(upload, invoice_pdf(2, 1, (612, 792)), "c.pdf")
+            busy = third.result()
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "2", busy.text
+            assert first.result().status_code == 504 and second.result().status_code == 504
+
+        many = yaml.safe_dump([{"id": f"q{n}", "text": "?"} for n in range(1000)])
+        refused = requests.post(
+            url,
+            files={"file": ("d.pdf", invoice_pdf(3, 1, (612, 792))), "questions": many},
+            headers=headers,
+            timeout=60,
+        )
+        assert refused.status_code == 422 and "1000 questions, over serve.max_questions=16" in refused.json()["error"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=120)
+
+
 @pytest.fixture(scope="module")
 def endpoint(batch_answers, tiny_model, tmp_path_factory):
     from ray import serve
@@ -157,8 +227,11 @@ def test_one_request(endpoint, sample_pdfs, batch_answers):
         (3, "total"),
     ]
     _check_against_batch(body, batch_answers)
-    assert requests.get(f"{endpoint}/healthz", timeout=30).json()["status"] == "ok"
-    paths = requests.get(f"{endpoint}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{endpoint}/healthz", timeout=30).json() == {"status": "ok"}  # no model path
+    assert requests.get(f"{endpoint}/openapi.json", timeout=30).status_code == 401  # the schema: with the token
+    assert requests.get(f"{endpoint}/docs", timeout=30).status_code == 404
+    paths = requests.get(f"{endpoint}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    paths = paths.json()["paths"]
     assert {"/v1/answers", "/healthz"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/answers"]["post"]["requestBody"]["content"]
 
@@ -252,3 +325,89 @@ def test_the_endpoint_refuses_to_start_without_a_token(tiny_model, tmp_path, cap
     job = write_job(tmp_path, tmp_path, tiny_model, QUESTIONS, serve={"port": free_port()})
     assert main(["serve", "--config", str(job)]) == 2
     assert "the endpoint needs a bearer token: set DOCQA_SERVE_TOKEN or serve.token" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_bounded_load_with_slow_and_cancelled_clients_mixes_no_answers(endpoint):
+    """Two hundred uploads from sixteen clients, each of its own document; among them clients that give up
+    after 0.2 s and clients that send their body slowly. Every answer that comes back is its own request's
+    (its document's name and hash), and the replicas' memory stays flat."""
+    import hashlib
+    import threading
+
+    import psutil
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    answers_url = f"{endpoint}/v1/answers"
+    documents = {f"load-{n:03d}.pdf": invoice_pdf(100 + n % 40, 1, (612, 792)) for n in range(200)}
+
+    def replicas_rss() -> int:
+        return sum(
+            process.memory_info().rss
+            for process in psutil.process_iter(["cmdline"])
+            if any("ServeReplica:docqa" in part for part in process.info["cmdline"] or [])
+        )
+
+    def slowly(data: bytes):
+        for start in range(0, len(data), 4096):
+            time.sleep(0.002)
+            yield data[start : start + 4096]
+
+    outcomes: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def client(index: int, name: str, data: bytes) -> None:
+        try:
+            if index % 10 == 3:  # gives up
+                requests.post(answers_url, files={"file": (name, data)}, headers=headers, timeout=0.2)
+                outcome = "answered anyway"
+            else:
+                response = requests.post(answers_url, files={"file": (name, data)}, headers=headers, timeout=300)
+                if response.status_code == 503:
+                    outcome = "busy"
+                else:
+                    body = response.json()
+                    digest = hashlib.sha256(data).hexdigest()
+                    mine = body["document"] == name and all(row["sha256"] == digest for row in body["answers"])
+                    outcome = "own answers" if mine else f"mixed: {body['document']}"
+        except requests.Timeout:
+            outcome = "gave up"
+        with lock:
+            outcomes[name] = outcome
+
+    before = replicas_rss()
+    with ThreadPoolExecutor(16) as pool:
+        for index, (name, data) in enumerate(documents.items()):
+            if index % 10 == 7:  # a slow sender: a multipart body trickled in
+                pool.submit(_slow_upload, answers_url, headers, name, data, slowly, outcomes, lock)
+            else:
+                pool.submit(client, index, name, data)
+    after = replicas_rss()
+    assert not [outcome for outcome in outcomes.values() if outcome.startswith("mixed")], outcomes
+    assert sum(outcome == "own answers" for outcome in outcomes.values()) >= 150, outcomes
+    assert after - before < 300 * 1024 * 1024, (before, after)
+
+
+def _slow_upload(url, headers, name, data, slowly, outcomes, lock) -> None:
+    import hashlib
+
+    boundary = "docqa-load-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/pdf\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = requests.post(
+        url,
+        data=slowly(body),
+        headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=300,
+    )
+    payload = response.json()
+    digest = hashlib.sha256(data).hexdigest()
+    mine = payload.get("document") == name and all(row["sha256"] == digest for row in payload.get("answers", []))
+    with lock:
+        outcomes[name] = "own answers" if mine else f"mixed: {payload}"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pymupdf
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jobs.cli import main
 from jobs.devtools.samples import PAGE_SIZES, invoice_pdf, scanned_pdf
@@ -238,3 +240,40 @@ def test_run_types_constrains_cites_and_reduces(ray_session, tiny_model: Path, t
             assert (reduced["total_value"], reduced["total_currency"]) == (best["value_number"], best["value_currency"])
         parsed_dates = [row for row in of("date") if row["value_status"] == "parsed"]
         assert reduced["date_page"] == (", ".join(str(row["page_number"]) for row in parsed_dates) or None)  # all
+
+
+def _evidence_word_by_word(answer: str, words: list[str]) -> tuple[int, int] | None:
+    """The lookup as it was: from each word, extend while the answer's prefix matches (quadratic on a page
+    of words that each begin the answer); the reference the linear lookup must equal."""
+    from pipeline.text_layer import normalized
+
+    target, keys = normalized(answer), [normalized(word) for word in words]
+    for first, key in enumerate(keys):
+        if not key or not target.startswith(key):
+            continue
+        read, last = key, first
+        while len(read) < len(target) and last + 1 < len(keys):
+            last += 1
+            read += keys[last]
+            if not target.startswith(read):
+                break
+        if read == target:
+            return first, last
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(st.sampled_from(["a", "aa", "b", "A.", "-", "ab", "1,2", ""]), max_size=30),
+    answer=st.text(alphabet="aAb1,2 .-", max_size=12),
+)
+def test_the_linear_evidence_lookup_finds_what_the_word_by_word_one_did(words: list[str], answer: str) -> None:
+    boxes = [coordinate for index in range(len(words)) for coordinate in (index / 40, 0.1, (index + 1) / 40, 0.2)]
+    found = find_evidence(answer, words, boxes)
+    expected = _evidence_word_by_word(answer, words)
+    if expected is None:
+        assert found["evidence"] == "none"
+    else:
+        first, last = expected
+        assert found["evidence_text"] == " ".join(words[first : last + 1])
+        assert found["evidence_bbox"]["x0"] == pytest.approx(first / 40)

@@ -1,0 +1,141 @@
+"""How a render helper is confined, on the worker's side: the bubblewrap command it is started under, and
+whether this machine allows it (pipeline/render_helper.py adds what a process does to itself: seccomp,
+resource limits, no new privileges, death with its parent).
+
+bubblewrap (Debian's ``bubblewrap``, what Flatpak uses) rather than ``unshare`` and mounts of our own: one
+small, audited program that, in one exec and without privileges, gives the helper its own user, PID,
+network, IPC, UTS and cgroup namespaces, a new root holding only read-only binds of what the interpreter
+needs (/usr, the Python installation, the virtual environment, docqa's ``pipeline`` package) and a private
+size-capped tmpfs, and kills the sandbox when its parent dies. Done by hand with unshare(2), mount(2) and
+pivot_root(2), each step would be ours to get right.
+
+``render.isolation``: ``strict`` (the default) refuses to render where the helper cannot be confined this
+way; ``best_effort`` renders with what this machine allows and records it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent  # docqa's pipeline package: all the helper imports of ours
+TMPFS_BYTES = 512 * 1024 * 1024  # the helper's private /tmp (pdf2image spools the document there)
+SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # /usr-merged roots: links, or directories
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/fonts", "/etc/alternatives", "/etc/localtime")
+ENABLE_HINT = (
+    "install bubblewrap (Debian: apt-get install bubblewrap; the docqa image has it) and allow unprivileged user "
+    "namespaces (sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0). On a KubeRay pod "
+    "the node must allow user namespaces and the pod's securityContext must let it create them: "
+    "seccompProfile: {type: Unconfined} (or a profile that allows unshare and clone with CLONE_NEWUSER) and, on "
+    "AppArmor nodes, appArmorProfile: {type: Unconfined}. Or set render.isolation: best_effort to render with "
+    "what this machine allows (recorded in each run)"
+)
+
+
+class IsolationUnavailable(RuntimeError):
+    """``render.isolation: strict`` and the helper cannot be confined here; the message names what is
+    missing and how to enable it."""
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The command prefix a helper starts under, and what it gives."""
+
+    prefix: tuple[str, ...]  # bwrap and its arguments, or nothing
+    namespaces: str  # what the parent arranged, as the run record says it
+
+
+def _binds() -> list[str]:
+    """The read-only view: /usr, the Python installation and its environment, the pipeline package."""
+    arguments = ["--ro-bind", "/usr", "/usr"]
+    for name in SYSTEM_LINKS:
+        path = Path("/") / name
+        if path.is_symlink():
+            arguments += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            arguments += ["--ro-bind", str(path), str(path)]
+    for path in SYSTEM_FILES:
+        if Path(path).exists():
+            arguments += ["--ro-bind", path, path]
+    python = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent}
+    python |= {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    for path in sorted(python):
+        if path.exists() and not path.is_relative_to("/usr"):
+            arguments += ["--ro-bind", str(path), str(path)]
+    arguments += ["--ro-bind", str(PACKAGE), str(PACKAGE)]
+    return arguments
+
+
+def bwrap_prefix(environment: dict[str, str]) -> tuple[str, ...]:
+    """bubblewrap's command line for a helper with ``environment`` (and nothing else)."""
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None
+    arguments = [
+        bwrap,
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        # The private /tmp first: a bind below it (a Ray Job's working_dir, a runtime env's Python) comes after.
+        "--size",
+        str(TMPFS_BYTES),
+        "--tmpfs",
+        "/tmp",
+        *_binds(),
+        "--chdir",
+        "/tmp",
+        "--clearenv",
+    ]
+    for name, value in environment.items():
+        arguments += ["--setenv", name, value]
+    return (*arguments, "--")
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why a helper cannot be confined by bubblewrap on this machine, or None when it can (tried once per
+    process: a sandbox running /bin/true)."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap (bwrap) is not installed"
+    try:
+        done = subprocess.run(
+            [*bwrap_prefix({"PATH": "/usr/bin:/bin"}), "/bin/true"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bubblewrap could not run: {error}"
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"bubblewrap cannot create the namespaces here: {reason}"
+    return None
+
+
+def confinement(isolation: str, environment: dict[str, str]) -> Confinement:
+    """How to start a helper under ``render.isolation``; raises IsolationUnavailable for ``strict`` where
+    bubblewrap cannot confine it."""
+    missing = unavailable()
+    if missing is None:
+        namespaces = "bubblewrap: own user, pid, network, ipc, uts namespaces; read-only root; private /tmp"
+        return Confinement(bwrap_prefix(environment), namespaces)
+    if isolation == "strict":
+        raise IsolationUnavailable(
+            f"render.isolation=strict: the render helper cannot be confined on this machine: {missing}. To enable "
+            f"it, {ENABLE_HINT}"
+        )
+    return Confinement((), f"none: {missing} (render.isolation=best_effort)")
