@@ -36,6 +36,7 @@ def answer_rows(page: Page, questions: list[QuestionTemplate], **fields: Any) ->
     values = {name: getattr(page, name) for name in IDENTITY}
     values |= {name: getattr(page, name) for name in ("document_rows", "repaired", "page_number", "num_pages")}
     values |= {name: getattr(page, name) for name in ("text_layer_chars", "status", "error", "render_ms", "scope")}
+    values |= {name: getattr(page, name) for name in ("source_format", "page_dpi", "text_source")}
     values |= fields
     if page.scope == DOCUMENT:
         return [AnswerRow(**values)]
@@ -89,7 +90,7 @@ class PageAnswerer:
                 if model:
                     model_rows.append(row)
                 else:
-                    _set(row, {"answer": page.text, "answer_source": TEXT_LAYER})
+                    _set(row, {"answer": page.text, "answer_source": page.text_source or TEXT_LAYER})
             if model_rows:
                 images.append(unpack_images(page.sub_images, page.sub_image_shapes))
             for row in model_rows:
@@ -114,7 +115,7 @@ class PageAnswerer:
                 _set(row, self.values.parse(template, row.answer))
                 # A label (yes, invoice) printed somewhere on the page is no evidence for it.
                 words = [] if template.allowed_answers else page.words
-                _set(row, find_evidence(row.answer, words, page.word_boxes))
+                _set(row, find_evidence(row.answer, words, page.word_boxes, page.text_source or TEXT_LAYER))
         return rows
 
     def rows(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:

@@ -8,7 +8,7 @@ import logging
 import os
 
 from jobs import console
-from pipeline.config import ConfigError, JobConfig, RenderConfig
+from pipeline.config import ConfigError, JobConfig
 
 log = logging.getLogger("docqa")
 RENDER_TASK_CPUS = 1.0  # what one read/render task asks for (jobs/plan.py)
@@ -75,12 +75,15 @@ def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
     )
 
 
-def check_isolation(render: RenderConfig) -> None:
-    """Before any work: with ``render.isolation: strict``, that this machine can confine the render helper
-    (the workers of other nodes check again when they start one)."""
-    from pipeline.confinement import IsolationUnavailable, confinement
+def check_render_helper(config: JobConfig) -> None:
+    """Before any work, that this machine can run the render helper as configured: confined, with
+    ``render.isolation: strict``; with its OCR's language data, with ``ocr.engine: tesseract`` (the workers of
+    other nodes check again when they start one, and fail the pages they cannot read with the reason)."""
+    from pipeline.confinement import IsolationUnavailable, OcrUnavailable, confinement, tessdata_directory
 
     try:
-        confinement(render.isolation, {})
-    except IsolationUnavailable as error:
+        confinement(config.render.isolation, {})
+        if config.ocr.engine == "tesseract":
+            tessdata_directory(config.ocr.languages)
+    except (IsolationUnavailable, OcrUnavailable) as error:
         raise ConfigError(str(error)) from None

@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from actors.checkpoint import CheckpointInfo
-from jobs.cluster import check_cpus, check_gpus, check_isolation, ensure_ray
+from jobs.cluster import check_cpus, check_gpus, check_render_helper, ensure_ray
 from jobs.incremental import completed_documents, resumed_documents
 from jobs.plan import build_dataset
 from jobs.progress import ProgressReporter, ProgressSnapshot
@@ -65,7 +65,7 @@ def run_job(
         check_writable_output(config.output, config.storage)
     ensure_ray(ray_address)
     check_gpus(config)
-    check_isolation(config.render)
+    check_render_helper(config)
     import ray
 
     check_cpus(config, ray.cluster_resources().get("CPU", 0))

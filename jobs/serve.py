@@ -1,4 +1,4 @@
-"""`docqa serve`: ask questions about one uploaded PDF now, on Ray Serve.
+"""`docqa serve`: ask questions about one uploaded document (a PDF or an image file) now, on Ray Serve.
 
 The HTTP ingress (FastAPI) checks the token and the limits, then runs the batch pipeline's own planning
 and rendering stages on the upload (``document_pages``: in the render helper) and sends each page with its
@@ -79,7 +79,11 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "the PDF"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the document: a PDF or an image (TIFF, PNG, JPEG ...)",
+                        },
                         "questions": {
                             "type": "string",
                             "format": "binary",
@@ -166,7 +170,8 @@ api = FastAPI(
     openapi_url=None,
     title="docqa",
     version="1",
-    description="Answers to questions about one PDF, page by page (Idefics2). Send the PDF as multipart `file`, "
+    description="Answers to questions about one document, page by page (Idefics2). Send the PDF or image as "
+    "multipart `file`, "
     "with `questions` (YAML/JSON templates) or `question_set` (a named set from the config); without either, "
     "the config's questions are asked.",
 )
@@ -213,7 +218,7 @@ class AnswerAPI:
         response_model=AnswersResponse,
         responses=FAILURES,
         openapi_extra=UPLOAD_BODY,
-        summary="Answer questions about every page of one PDF",
+        summary="Answer questions about every page of one document",
     )
     async def answers(
         self, request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -254,7 +259,7 @@ class AnswerAPI:
         form = await replayed(request, body).form(max_files=2, max_fields=4)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise RequestFailure(422, "bad_request", "send the PDF as a multipart file field named 'file'")
+            raise RequestFailure(422, "bad_request", "send the document as a multipart file field named 'file'")
         data = await upload.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
             raise RequestFailure(413, Status.FILE_TOO_LARGE.value, f"upload is {upload.size} bytes, over {allowed}")
@@ -347,12 +352,12 @@ def build_app(config: JobConfig, checkpoint: CheckpointInfo) -> serve.Applicatio
 def start_server(config: JobConfig) -> str:
     """Start (or update) the application on this Ray instance; returns its base URL."""
     from actors.families import inspect_checkpoint
-    from jobs.cluster import check_gpus, check_isolation, ensure_ray
+    from jobs.cluster import check_gpus, check_render_helper, ensure_ray
 
     application = build_app(config, inspect_checkpoint(config.model, config.render))
     ensure_ray()
     check_gpus(config)
-    check_isolation(config.render)
+    check_render_helper(config)
     address = f"{config.serve.host}:{config.serve.port}"
     try:
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port})

@@ -5,7 +5,7 @@ Every field is described; the docs' config reference is generated from these des
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -145,7 +145,13 @@ class LimitsConfig(_Strict):
     max_pages_per_document: int = Field(
         2000, ge=1, description="A document with more pages is too_many_pages (unless its questions name pages)."
     )
-    max_pixels_per_page: int = Field(16_000_000, ge=1, description="A page that would render larger is page_too_large.")
+    max_pixels_per_page: int = Field(
+        80_000_000,
+        ge=1,
+        description="A page with more pixels is page_too_large: a PDF page at the resolution it is rendered or OCR'd "
+        "at (OCR lowers its resolution to fit), an image (a TIFF page) at its own size as its header states it, "
+        "checked before any pixel is decoded. 80 megapixels holds an A3 page scanned at 600 dpi.",
+    )
     max_file_bytes: int = Field(256 * 1024 * 1024, ge=1, description="A larger file is file_too_large, never read.")
     max_aspect_ratio: float = Field(
         20.0, ge=1, description="A page whose longest side is more than this times its shortest is page_too_large."
@@ -174,7 +180,7 @@ class LimitsConfig(_Strict):
         ge=0,
         le=1,
         description="A run whose share of pages with a retryable failure (model_error, read_error) is above this "
-        "commits what it has but is degraded: exit code 3. Bad input (corrupt, not_pdf, ...) never counts.",
+        "commits what it has but is degraded: exit code 3. Bad input (corrupt, unsupported_format, ...) never counts.",
     )
 
 
@@ -213,6 +219,41 @@ class TextLayerConfig(_Strict):
         description="Least share of its non-space characters that are letters, digits or common punctuation "
         "(not U+FFFD, private-use or control characters: what a font without a Unicode map extracts to).",
     )
+
+
+class OcrConfig(_Strict):
+    """Words read by OCR from pages without a usable text layer: scans, photos, image files."""
+
+    engine: Literal["tesseract", "none"] = Field(
+        "tesseract",
+        description="tesseract: pages without a usable text layer are read by Tesseract (through PyMuPDF, in the "
+        "render helper) where a question needs their words: to answer from text (source text_layer or auto) or to "
+        "find a typed answer's evidence (number, money, date); about 0.7 s of one CPU per page at 300 dpi, 3 "
+        "times decoding and rendering the scan (BENCHMARKS.md, bench.scans). none: such pages have no words.",
+    )
+    languages: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]] = Field(
+        default_factory=lambda: ["eng"],
+        min_length=1,
+        description="Tesseract's language codes (eng, deu, fra, chi_sim ...); each needs its trained data "
+        "(Debian: tesseract-ocr-LANG).",
+    )
+    dpi: int = Field(
+        300,
+        ge=72,
+        le=1200,
+        description="The resolution pages are OCR'd at: a PDF page is rendered at it; an image finer than it is "
+        "scaled down to it (Tesseract reads print best near 300 dpi, and its time grows with the pixels).",
+    )
+    evidence: Literal["typed", "all"] = Field(
+        "typed",
+        description="Which model answers have a page without a text layer OCR'd for their evidence: typed (number, "
+        "money, date questions) or all (text questions too, at the OCR's cost on every such page).",
+    )
+
+    @property
+    def language(self) -> str:
+        """The languages as Tesseract takes them: eng+deu."""
+        return "+".join(self.languages)
 
 
 class ActorPoolConfig(_Strict):
@@ -285,7 +326,7 @@ class ServeConfig(_Strict):
     max_replicas: int = Field(1, ge=1, description="Model replicas Serve may scale up to under load.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Pages in flight per model replica to aim at.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="How long a model call waits to fill its batch.")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest PDF accepted (413 above).")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest document accepted (413 above).")
     max_pages: int = Field(20, ge=1, description="Most pages of one uploaded document (413 above).")
     max_questions: int = Field(16, ge=1, description="Most questions in one request (422 above).")
     request_timeout_s: float = Field(
@@ -314,8 +355,9 @@ class JobConfig(_Strict):
     input: str | None = Field(
         None,
         min_length=1,
-        description="A folder (every file below it; a link to a file or folder inside it is listed where the target "
-        "is, one to a target outside it once, under the target's path), one file, a glob (`data/**/*.pdf`), an "
+        description="A folder (every file below it: PDFs and image files, told apart by content; a link to a file or "
+        "folder inside it is listed where the target is, one leaving it only with input_follow_links), one file, a "
+        "glob (`data/**/*.pdf`), an "
         "`s3://bucket/prefix/` (recursive) or an S3 glob (`s3://bucket/2026-*/*.pdf`, `*` spans `/`), or a `.txt` "
         "file listing one URI per line (a `#` at the start of a line or after a space starts a comment; `inv#1.pdf` "
         "is a name). Required by `docqa run`, `nightly` and `submit`; `docqa serve` reads none.",
@@ -365,6 +407,7 @@ class JobConfig(_Strict):
     serve: ServeConfig = Field(ServeConfig(), description="The online endpoint (`docqa serve`).")
     values: ValuesConfig = Field(ValuesConfig(), description="Reading typed values (numbers, amounts, dates).")
     text_layer: TextLayerConfig = Field(TextLayerConfig(), description="When a page's text layer answers.")
+    ocr: OcrConfig = Field(OcrConfig(), description="Words read by OCR where a page has no usable text layer.")
 
     @field_validator("input", "output")
     @classmethod

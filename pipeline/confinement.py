@@ -69,7 +69,36 @@ def _binds() -> list[str]:
         if path.exists() and not path.is_relative_to("/usr"):
             arguments += ["--ro-bind", str(path), str(path)]
     arguments += ["--ro-bind", str(PACKAGE), str(PACKAGE)]
+    for path in tessdata_candidates():  # Tesseract's trained data (OCR), where it is outside /usr
+        if path.is_dir() and not path.resolve().is_relative_to("/usr"):
+            arguments += ["--ro-bind", str(path.resolve()), str(path.resolve())]
     return arguments
+
+
+class OcrUnavailable(RuntimeError):
+    """``ocr.engine: tesseract`` and the trained data of a language is nowhere to be found."""
+
+
+def tessdata_candidates() -> list[Path]:
+    """Where Tesseract's trained data may be: ``TESSDATA_PREFIX``, then Debian's and other distributions'
+    folders."""
+    listed = [Path(os.environ["TESSDATA_PREFIX"])] if os.environ.get("TESSDATA_PREFIX") else []
+    listed += sorted(Path("/usr/share/tesseract-ocr").glob("*/tessdata"), reverse=True)  # newest version first
+    return [*listed, Path("/usr/share/tessdata"), Path("/usr/local/share/tessdata")]
+
+
+def tessdata_directory(languages: list[str]) -> str:
+    """The folder holding ``LANG.traineddata`` for every language (the render helper sees it: under /usr, or
+    bound read-only); raises OcrUnavailable saying what to install."""
+    for folder in tessdata_candidates():
+        if all((folder / f"{language}.traineddata").is_file() for language in languages):
+            return str(folder.resolve())
+    packages = " ".join(f"tesseract-ocr-{language.lower().replace('_', '-')}" for language in languages)
+    raise OcrUnavailable(
+        f"ocr.engine=tesseract: no Tesseract data for {'+'.join(languages)} was found (looked in TESSDATA_PREFIX, "
+        f"/usr/share/tesseract-ocr/*/tessdata, /usr/share/tessdata). Install it (Debian: apt-get install "
+        f"tesseract-ocr {packages}; the docqa image has English), or set ocr.engine: none"
+    )
 
 
 def bwrap_prefix(environment: dict[str, str]) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.formats import SUPPORTED_FORMATS
 from pipeline.questions import QuestionTemplate
 from pipeline.records import Status
 
@@ -54,8 +55,22 @@ def setting_digests(config: JobConfig, salt: bytes) -> dict[str, str]:
         Status.PAGE_TOO_LARGE: [limits.max_pixels_per_page, limits.max_aspect_ratio],
         Status.TIMEOUT: limits.document_timeout_s,
         Status.MEMORY_LIMIT: limits.render_memory_mb,
+        Status.UNSUPPORTED_FORMAT: SUPPORTED_FORMATS,  # a later version that reads more formats takes them
     }
-    return {status.value: _digest(value) for status, value in settings.items()}
+    digests = {status.value: _digest(value) for status, value in settings.items()}
+    return digests | {OCR_SETTING: ocr_digest(config)}
+
+
+# Not a status: the OCR settings, which decide the words of the pages without a usable text layer
+# (jobs/incremental.py takes those pages' documents again when they change).
+OCR_SETTING = "ocr"
+
+
+def ocr_digest(config: JobConfig) -> str:
+    """The OCR's settings as they decide a page's words: none at all when OCR is off (a run recorded before
+    OCR existed had none either)."""
+    ocr = config.ocr
+    return _digest(None if ocr.engine == "none" else ocr.model_dump(mode="json"))
 
 
 # Question fields added with typed answers: in a fingerprint only when set (see config_fingerprint).

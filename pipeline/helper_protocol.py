@@ -34,7 +34,10 @@ MAX_WORDS = 100_000
 MAX_WORD_CHARS = 1_000
 MAX_REASON_CHARS = 2_000
 MAX_PAGES = 1_000_000
-OPERATIONS = ("open", "page_size", "text_layer", "render", "close", "isolation")
+OPERATIONS = ("open", "page_info", "text_layer", "ocr", "render", "close", "isolation")
+SOURCE_FORMATS = ("pdf", "tiff", "png", "jpeg", "webp", "bmp", "gif", "jp2", "heif", "avif")  # pipeline/formats.py
+MAX_PAGE_PIXELS = 1 << 40
+MAX_DPI = 1e5
 
 
 class ProtocolError(Exception):
@@ -163,12 +166,19 @@ def checked_answer(operation: str, message: dict[str, Any], pixel_buffer_bytes: 
                 report[key] = _string(item, 2000, f"report field {key}")
         return report
     if operation == "open":
-        _expect(isinstance(value, list) and len(value) == 2, "open's answer is not [pages, repaired]")
-        return _integer(value[0], 0, MAX_PAGES, "the page count"), _expect_bool(value[1], "repaired")
-    if operation == "page_size":
-        _expect(isinstance(value, list) and len(value) == 2, "page_size's answer is not [width, height]")
-        return tuple(_number(side, 0.0, 1e7, "a page side") for side in value)
-    if operation == "text_layer":
+        _expect(isinstance(value, list) and len(value) == 3, "open's answer is not [pages, repaired, format]")
+        _expect(value[2] in SOURCE_FORMATS, f"unknown source format {value[2]!r}")
+        return _integer(value[0], 0, MAX_PAGES, "the page count"), _expect_bool(value[1], "repaired"), value[2]
+    if operation == "page_info":
+        _expect(isinstance(value, dict) and set(value) == {"width", "height", "pixels", "dpi"}, "not a page's info")
+        pixels, dpi = value["pixels"], value["dpi"]
+        return {
+            "width": _number(value["width"], 0.0, 1e7, "the page's width"),
+            "height": _number(value["height"], 0.0, 1e7, "the page's height"),
+            "pixels": None if pixels is None else _integer(pixels, 0, MAX_PAGE_PIXELS, "the page's pixels"),
+            "dpi": None if dpi is None else _number(dpi, 1.0, MAX_DPI, "the page's resolution"),
+        }
+    if operation in ("text_layer", "ocr"):
         _expect(isinstance(value, dict) and set(value) == {"text", "words", "boxes"}, "not a text layer")
         text = _string(value["text"], MAX_TEXT_CHARS, "the page's text")
         words, boxes = value["words"], value["boxes"]

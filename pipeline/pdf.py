@@ -1,6 +1,7 @@
-"""The PDF code the render helper runs (pipeline/sandbox.py): the two backends behind one contract
-(``open_pdf`` → ``PdfDocument``), PyMuPDF (default) and pdf2image/poppler, the header check, and the page
-size rules. Failures are ``DocumentError`` with their status. Nothing here knows of Ray or of the helper."""
+"""The PDF code the render helper runs (pipeline/sandbox.py): the contract every opened document keeps
+(``SourceDocument``, image files too: pipeline/image_files.py), the two PDF backends behind it (``open_pdf``),
+PyMuPDF (default) and pdf2image/poppler, and the page size rules. Failures are ``DocumentError`` with their
+status. Nothing here knows of Ray or of the helper."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import numpy as np
 
 from pipeline.records import DocumentError, Status
 
-PDF_MAGIC = b"%PDF-"
 ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
-PDF_HEADER_WINDOW = 1024  # readers accept the header anywhere in the first 1024 bytes
 
 
-class PdfDocument(Protocol):
+class SourceDocument(Protocol):
+    """A document opened in the render helper: a PDF, or an image file."""
+
     num_pages: int
     repaired: bool  # the parser had to repair the file to open it
+    source_format: str  # pdf, tiff, png ... (pipeline/formats.py)
+
+    def page_info(self, page_number: int) -> dict[str, float | int | None]:
+        """``width`` and ``height`` in points, rotation applied; for an image page also its own ``pixels``
+        and the ``dpi`` its header states (None for a PDF page, or a header without one)."""
 
     def page_size(self, page_number: int) -> tuple[float, float]:
         """(width, height) in points, rotation applied."""
@@ -28,9 +34,16 @@ class PdfDocument(Protocol):
         """The page as (H, W, 3) uint8 RGB of exactly ``rendered_size(page_size, longest_edge)``."""
 
     def text_layer(self, page_number: int) -> TextLayer:
-        """The page's own text (PyMuPDF's, for both backends)."""
+        """The page's own text (PyMuPDF's, for both PDF backends; none for an image)."""
+
+    def ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> TextLayer:
+        """The page's words as Tesseract reads them at ``dpi`` (pipeline/ocr.py)."""
 
     def close(self) -> None: ...
+
+
+def pdf_page_info(width: float, height: float) -> dict[str, float | int | None]:
+    return {"width": width, "height": height, "pixels": None, "dpi": None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ def pymupdf_text_layer(page) -> TextLayer:
 
 
 class PyMuPdfDocument:
+    source_format = "pdf"
+
     def __init__(self, data: bytes, passwords: tuple[str, ...] = ()) -> None:
         import pymupdf
 
@@ -85,6 +100,9 @@ class PyMuPdfDocument:
         rect = self.document[page_number - 1].rect
         return rect.width, rect.height
 
+    def page_info(self, page_number: int) -> dict[str, float | int | None]:
+        return pdf_page_info(*self.page_size(page_number))
+
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         import pymupdf
 
@@ -98,6 +116,11 @@ class PyMuPdfDocument:
 
     def text_layer(self, page_number: int) -> TextLayer:
         return pymupdf_text_layer(self.document[page_number - 1])
+
+    def ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> TextLayer:
+        from pipeline.ocr import ocr_pdf_page
+
+        return ocr_pdf_page(self.document[page_number - 1], language, dpi, tessdata)
 
     def close(self) -> None:
         self.document.close()
@@ -121,6 +144,8 @@ def decrypted(data: bytes, passwords: tuple[str, ...]) -> bytes:
 
 class PopplerDocument:
     """pdf2image over poppler's pdfinfo/pdftoppm: the second backend, same contract."""
+
+    source_format = "pdf"
 
     _PAGE_SIZE = re.compile(r"^Page\s+(\d+)\s+size$")
     _PAGE_ROT = re.compile(r"^Page\s+(\d+)\s+rot$")
@@ -159,18 +184,24 @@ class PopplerDocument:
     def page_size(self, page_number: int) -> tuple[float, float]:
         return self.sizes[page_number]
 
+    def page_info(self, page_number: int) -> dict[str, float | int | None]:
+        return pdf_page_info(*self.page_size(page_number))
+
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
+        rows, columns = rendered_size(self.sizes[page_number], longest_edge)
+        return np.asarray(self._pdftoppm(page_number, size=(columns, rows)).convert("RGB"))
+
+    def _pdftoppm(self, page_number: int, **options):
         from pdf2image import convert_from_bytes
 
-        rows, columns = rendered_size(self.sizes[page_number], longest_edge)
-        [image] = convert_from_bytes(
-            self.data,
-            size=(columns, rows),
-            first_page=page_number,
-            last_page=page_number,
-            fmt="ppm",
-        )
-        return np.asarray(image.convert("RGB"))
+        [image] = convert_from_bytes(self.data, first_page=page_number, last_page=page_number, fmt="ppm", **options)
+        return image
+
+    def ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> TextLayer:
+        """Poppler renders the page at ``dpi``, Tesseract reads it (MuPDF need not open the file)."""
+        from pipeline.ocr import ocr_pixels
+
+        return ocr_pixels(self._pdftoppm(page_number, dpi=dpi).convert("RGB"), dpi, language, dpi, tessdata)
 
     def text_layer(self, page_number: int) -> TextLayer:
         """PyMuPDF's text of the page: poppler's own (``pdftotext -bbox``) would need its XHTML parsed and a
@@ -191,18 +222,10 @@ class PopplerDocument:
             self.text_document.close()
 
 
-def check_header(data: bytes) -> None:
-    """Cheap checks before any parser sees the bytes: empty, or not a PDF by content (never by name)."""
-    if not data:
-        raise DocumentError(Status.EMPTY, "the file is empty (0 bytes)")
-    if PDF_MAGIC not in data[:PDF_HEADER_WINDOW]:
-        raise DocumentError(Status.NOT_PDF, f"no {PDF_MAGIC.decode()} header in the first {PDF_HEADER_WINDOW} bytes")
-
-
-def open_pdf(data: bytes, backend: str, passwords: tuple[str, ...] = ()) -> PdfDocument:
-    """Open a PDF with the configured backend, in this process; raises DocumentError."""
-    check_header(data)
-    document: PdfDocument = (PyMuPdfDocument if backend == "pymupdf" else PopplerDocument)(data, passwords)
+def open_pdf(data: bytes, backend: str, passwords: tuple[str, ...] = ()) -> SourceDocument:
+    """Open a PDF (pipeline/formats.py found its header) with the configured backend, in this process;
+    raises DocumentError."""
+    document: SourceDocument = (PyMuPdfDocument if backend == "pymupdf" else PopplerDocument)(data, passwords)
     if document.num_pages == 0:
         document.close()
         raise DocumentError(Status.EMPTY, "the PDF has no pages")

@@ -65,14 +65,22 @@ class ReadDocument:
 def unit_of(document: Document, **fields) -> WorkUnit:
     """A work unit of ``document``: its identity, and ``fields`` (by default: ok, no pages, one row)."""
     defaults = {"status": Status.OK.value, "error": None, "num_pages": None, "repaired": False, "data": None}
+    defaults |= {"source_format": None}
     defaults |= {"pages": [], "question_ids": [], "document_rows": 1, "ranges": 1}
     identity = {name: getattr(document, name) for name in IDENTITY}
     return WorkUnit(**identity, **(defaults | fields))
 
 
-def failed_unit(document: Document, status: Status | str, reason: str, num_pages: int | None = None) -> WorkUnit:
+def failed_unit(
+    document: Document,
+    status: Status | str,
+    reason: str,
+    num_pages: int | None = None,
+    source_format: str | None = None,
+) -> WorkUnit:
     """The one unit that says why a document has no pages to render."""
-    return unit_of(document, status=Status(status).value, error=reason, num_pages=num_pages)
+    status = Status(status).value
+    return unit_of(document, status=status, error=reason, num_pages=num_pages, source_format=source_format)
 
 
 class Planner:
@@ -94,12 +102,12 @@ class Planner:
         num_pages, limits = opened.num_pages, self.config.limits
         if num_pages > limits.max_pages_per_document:
             reason = f"{num_pages} pages, over limits.max_pages_per_document={limits.max_pages_per_document}"
-            return [failed_unit(document, Status.TOO_MANY_PAGES, reason, num_pages)]
+            return [failed_unit(document, Status.TOO_MANY_PAGES, reason, num_pages, opened.source_format)]
         asked = [[q.id for q in self.config.questions_for_page(page, num_pages)] for page in range(1, num_pages + 1)]
         pages = [page for page, questions in enumerate(asked, start=1) if questions]
         if not pages:
             reason = f"no question applies to any of its {num_pages} page(s)"
-            return [failed_unit(document, Status.NO_APPLICABLE_PAGES, reason, num_pages)]
+            return [failed_unit(document, Status.NO_APPLICABLE_PAGES, reason, num_pages, opened.source_format)]
         if self.ledger is not None and self.config.budget.max_pages is not None:
             import ray
 
@@ -115,6 +123,7 @@ class Planner:
                 document,
                 num_pages=num_pages,
                 repaired=opened.repaired,
+                source_format=opened.source_format,
                 data=document.data,
                 pages=pages[start : start + size],
                 question_ids=[asked[page - 1] for page in pages[start : start + size]],

@@ -34,7 +34,7 @@ class Status(StrEnum):
     """Row status. Anything but ``ok`` comes with a readable ``error``."""
 
     OK = "ok"
-    NOT_PDF = "not_pdf"  # the bytes are not a PDF (checked by content, not by name)
+    UNSUPPORTED_FORMAT = "unsupported_format"  # not a PDF nor an image docqa reads (by content, never by name)
     CORRUPT = "corrupt"  # MuPDF / poppler cannot open it
     ENCRYPTED = "encrypted"  # needs a password
     EMPTY = "empty"  # opens with 0 pages, or a 0-byte file
@@ -51,6 +51,8 @@ class Status(StrEnum):
 
 # Failures worth retrying in a later run of the same document version; the others are final for it.
 RETRYABLE = frozenset({Status.READ_ERROR, Status.MODEL_ERROR})
+# Statuses of earlier versions, taken again by the next run: ``not_pdf`` (images are read since).
+RETIRED_STATUSES = frozenset({"not_pdf"})
 Scope = Literal["page", "document"]
 PAGE: Scope = "page"
 DOCUMENT: Scope = "document"
@@ -191,6 +193,7 @@ class WorkUnit:
     error: str | None
     num_pages: int | None
     repaired: bool
+    source_format: str | None  # pdf, tiff, png, jpeg ... (pipeline/formats.py); null before it was opened
     data: bytes | None
     pages: list[int]  # the pages of this range that some question applies to, in order
     question_ids: list[list[str]]  # for each of ``pages``, the questions that apply to it, in config order
@@ -225,12 +228,15 @@ class Page:
     repaired: bool
     status: str
     error: str | None
+    source_format: str | None = None
+    page_dpi: float | None = None  # an image page's resolution, where its header states one
     render_ms: float | None = None
-    text: str | None = None  # the text layer's text, where a question is answered from it
+    text_source: str | None = None  # where text and words come from: text_layer (the PDF's own), ocr, or none
+    text: str | None = None  # the page's text, where a question is answered from it
     words: list[str] = dataclasses.field(default_factory=list)
     word_boxes: list[float] = dataclasses.field(default_factory=list, metadata=arrow(pa.list_(pa.float32())))
-    text_layer_chars: int | None = None  # non-space characters of the text layer: 0 for a scan
-    text_usable: bool = False  # whether the text layer can stand for the page (pipeline/text_layer.py)
+    text_layer_chars: int | None = None  # non-space characters of the text (PDF's or OCR's): 0 for a scan without
+    text_usable: bool = False  # whether the text can stand for the page (pipeline/text_layer.py)
     sub_images: Any = dataclasses.field(  # a numpy uint8 buffer as rendered, bytes as read back from a table
         default_factory=lambda: np.empty(0, dtype=np.uint8), metadata=arrow(pa.binary(), zero_copy=True)
     )
@@ -276,12 +282,17 @@ class AnswerRow:
     value_boolean: bool | None = None
     value_status: str | None = None  # parsed, unparsed (why in error), null for text questions
     # Where the answer came from, and where it is on the page (pipeline/text_layer.py).
-    answer_source: str | None = None  # model or text_layer
-    evidence: str | None = None  # text_layer: found in the page's text layer; none: not found
+    answer_source: str | None = None  # model, text_layer (the PDF's own text) or ocr
+    evidence: str | None = None  # text_layer or ocr: found in the page's words from there; none: not found
     evidence_text: str | None = None  # the page's words that matched the answer
     evidence_bbox: dict[str, float] | None = dataclasses.field(default=None, metadata=arrow(BBOX))
     text_layer_chars: int | None = dataclasses.field(default=None, metadata=arrow(pa.int32()))
     scope: str | None = None  # page: a question on a page; document: the row speaks for its whole document
+    # What the page came from (pipeline/formats.py): the document's format, an image page's resolution, and
+    # where the page's words came from (text_layer, ocr, or null: none were read).
+    source_format: str | None = None
+    page_dpi: float | None = dataclasses.field(default=None, metadata=arrow(pa.float32()))
+    text_source: str | None = None
 
 
 REF_SCHEMA = schema_of(DocumentRef)

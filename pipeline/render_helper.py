@@ -7,8 +7,8 @@ every socket but a Unix one, io_uring, ptrace and other processes' memory, mount
 keys and perf events; with the PyMuPDF backend also every exec, every new process (threads only) and a
 signal to any other process (the pdf2image backend runs poppler's programs, so it keeps exec and fork, inside
 the same namespaces). Then it serves one open document at a time over two pipes, in the frames of
-pipeline/helper_protocol.py: open, page size, text layer, render (pixels into the shared buffer), close. It
-runs pipeline/pdf.py and nothing of Ray or of the worker.
+pipeline/helper_protocol.py: open (pipeline/formats.py: a PDF or an image file), page info, text layer, OCR,
+render (pixels into the shared buffer), close. It runs nothing of Ray or of the worker.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _text_layer(layer) -> dict[str, Any]:
 def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int, exec_allowed: bool) -> None:
     """The helper's loop. The first answer, before any request, is the isolation report."""
     confined = confine(memory_bytes, exec_allowed)
-    from pipeline.pdf import open_pdf  # after the caps: the parsers' own memory counts against them
+    from pipeline.formats import open_source  # after the caps: the parsers' own memory counts against them
 
     pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
     try:
@@ -178,15 +178,20 @@ def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int, exec_a
                 if document is not None:
                     document.close()
                 data, backend, passwords = arguments
-                document = open_pdf(bytes(data), str(backend), tuple(str(p) for p in passwords))
-                answer: dict[str, Any] = {"ok": True, "value": [document.num_pages, bool(document.repaired)]}
+                document = open_source(bytes(data), str(backend), tuple(str(p) for p in passwords))
+                opened = [document.num_pages, bool(document.repaired), document.source_format]
+                answer: dict[str, Any] = {"ok": True, "value": opened}
             elif operation == "isolation":
                 address = (str(arguments[0][0]), int(arguments[0][1])) if arguments else None
                 answer = {"ok": True, "value": isolation_report(confined, address)}
-            elif operation == "page_size":
-                answer = {"ok": True, "value": [float(side) for side in document.page_size(int(arguments[0]))]}
+            elif operation == "page_info":
+                answer = {"ok": True, "value": document.page_info(int(arguments[0]))}
             elif operation == "text_layer":
                 answer = {"ok": True, "value": _text_layer(document.text_layer(int(arguments[0])))}
+            elif operation == "ocr":
+                page_number, language, dpi, tessdata = arguments
+                layer = document.ocr(int(page_number), str(language), int(dpi), str(tessdata))
+                answer = {"ok": True, "value": _text_layer(layer)}
             elif operation == "render":
                 image = document.render(int(arguments[0]), int(arguments[1]))
                 if image.nbytes > PIXEL_BUFFER_BYTES:

@@ -2,10 +2,14 @@
 a time, so that Ray closes a block at the run's byte budget (``render.block_mb``) and a task's memory does
 not grow with the document.
 
-For each page of its unit the helper reads the page's text layer, and here, once, each question of the
-page is given to the model or to the text layer (``source``: ``auto`` takes the text layer where it is
-usable). Only a page some question needs the model for is rendered, at the resolution the model keeps, and
-split into the sub-images the model takes (pipeline/images.py). A page that cannot be rendered becomes the
+For each page of its unit the helper reads the page's text layer (a PDF's own; an image has none). Where it
+is not usable and a question needs the page's words (to answer from text, or to find a typed answer's
+evidence: ``needs_words``), the page is OCR'd (``ocr`` section) in the document's second helper while the
+first renders it, and the OCR's words stand for the text layer from then on. Then, once, each question of
+the page is given to the model or to the page's text (``source: auto`` takes the text where it is usable).
+Only a page some question needs the model for is rendered, at the resolution the model keeps, and split into
+the sub-images the model takes (pipeline/images.py). Before any pixel is made (rendered, OCR'd or decoded
+from an image file) the page's size is checked against the limits. A page that cannot be read becomes the
 record of that page with its status; a unit that fails as a whole (its time or memory limit, its re-read)
 becomes one record for the whole document (``scope`` ``document``), which the writer keeps alone however
 many of the document's rows it had. Nothing raises out of the stage.
@@ -13,16 +17,22 @@ many of the document's rows it had. Nothing raises out of the stage.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from pipeline.config import JobConfig, LimitsConfig
+from pipeline.config import JobConfig, LimitsConfig, OcrConfig
+from pipeline.confinement import OcrUnavailable, tessdata_directory
+from pipeline.helper_protocol import HelperException
 from pipeline.images import ImageGeometry, pack_images, split_page
 from pipeline.ledger import report_isolation
 from pipeline.pdf import NO_TEXT_LAYER, rendered_size
 from pipeline.planning import Planner, ReadDocument
+from pipeline.questions import QuestionTemplate
 from pipeline.records import (
     DOCUMENT,
     IDENTITY,
@@ -37,20 +47,44 @@ from pipeline.records import (
     to_table,
 )
 from pipeline.sandbox import SandboxedDocument, open_document
-from pipeline.text_layer import is_usable
+from pipeline.text_layer import OCR, TEXT_LAYER, is_usable
+
+TYPED_EVIDENCE = ("number", "money", "date")  # types whose answers OCR is run for, to find their evidence
 
 
-def page_limit_violation(page_size: tuple[float, float], longest_edge: int, limits: LimitsConfig) -> str | None:
-    """Why a page must not be rendered (checked from its size, before any pixel exists), or None."""
-    width, height = page_size
+def page_limit_violation(page: dict[str, Any], longest_edge: int, limits: LimitsConfig) -> str | None:
+    """Why a page must not be rendered (checked from its size and, for an image, the pixel count its header
+    states, before any pixel exists), or None."""
+    width, height = page["width"], page["height"]
     if min(width, height) <= 0:
         return f"page has no area ({width}x{height} pt)"
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         return f"page is {width:.0f}x{height:.0f} pt, over limits.max_aspect_ratio={limits.max_aspect_ratio}"
-    rows, columns = rendered_size(page_size, longest_edge)
+    if page["pixels"] is not None and page["pixels"] > limits.max_pixels_per_page:
+        return f"the image has {page['pixels']} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
+    rows, columns = rendered_size((width, height), longest_edge)
     if rows * columns > limits.max_pixels_per_page:
         return f"page renders to {columns}x{rows} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
     return None
+
+
+def needs_words(questions: list[QuestionTemplate], ocr: OcrConfig) -> bool:
+    """Whether a page without a usable text layer is OCR'd for these questions: one is answered from text, or
+    has a typed answer whose evidence is looked for (every model answer with ``ocr.evidence: all``)."""
+    if ocr.engine == "none":
+        return False
+    return any(
+        question.source != "model" or question.type in TYPED_EVIDENCE or ocr.evidence == "all" for question in questions
+    )
+
+
+def ocr_resolution(page: dict[str, Any], ocr: OcrConfig, limits: LimitsConfig) -> int:
+    """The resolution a page is OCR'd at: ``ocr.dpi``, lowered for a PDF page so large that its pixels at that
+    resolution would pass ``limits.max_pixels_per_page`` (an image keeps its own pixels, checked already)."""
+    if page["pixels"] is not None:
+        return ocr.dpi
+    square_inches = page["width"] * page["height"] / 72**2
+    return max(1, min(ocr.dpi, math.floor(math.sqrt(limits.max_pixels_per_page / square_inches))))
 
 
 def whole_document(unit: WorkUnit, **fields) -> Page:
@@ -58,6 +92,7 @@ def whole_document(unit: WorkUnit, **fields) -> Page:
     identity = {name: getattr(unit, name) for name in IDENTITY}
     defaults = {"num_pages": unit.num_pages, "page_number": None, "question_ids": [], "by_model": []}
     defaults |= {"document_rows": 1, "repaired": unit.repaired, "status": unit.status, "error": unit.error}
+    defaults |= {"source_format": unit.source_format}
     return Page(**identity, scope=DOCUMENT, **(defaults | fields))
 
 
@@ -76,6 +111,7 @@ class Renderer:
         self.templates = {question.id: question for question in config.questions}
         self.report_isolation = report_isolation(ledger)
         self.reread = reread  # reads a unit's document again when the unit comes without its bytes
+        self.tessdata: str | None = None  # found when a page first needs OCR
 
     def render(self, unit: WorkUnit) -> Iterator[Page]:
         """The unit's pages as they are rendered, or the one record that speaks for the whole document."""
@@ -100,63 +136,86 @@ class Renderer:
             yield whole_document(unit, status=error.status.value, error=f"{unit.span}{error.reason}")
             return
         try:
-            yield from self._pages(opened, unit)
+            for page_number, question_ids in zip(unit.pages, unit.question_ids, strict=True):
+                yield self._page(opened, unit, page_number, question_ids)
         except DocumentError as error:  # out of time: the document fails as a whole
             yield whole_document(unit, status=error.status.value, error=f"{unit.span}{error.reason}")
         finally:
             opened.close()
 
-    def _pages(self, document: SandboxedDocument, unit: WorkUnit) -> Iterator[Page]:
-        longest_edge = self.geometry.render_longest_edge
-        identity = {name: getattr(unit, name) for name in IDENTITY}
-        for page_number, question_ids in zip(unit.pages, unit.question_ids, strict=True):
-            started = time.perf_counter()
-            questions = [self.templates[question_id] for question_id in question_ids]
-            page = Page(
-                **identity,
-                scope=PAGE,
-                num_pages=unit.num_pages,
-                page_number=page_number,
-                question_ids=question_ids,
-                by_model=[],
-                document_rows=unit.document_rows,
-                repaired=unit.repaired,
-                status=Status.OK.value,
-                error=None,
-            )
-            try:
-                layer = document.text_layer(page_number)
-            except DocumentError as error:  # the helper died on the page, as a render can: this page fails
-                if error.status == Status.TIMEOUT:
-                    raise
-                yield _failed(page, error.status, f"page {page_number}: {error.reason}")
-                continue
-            except Exception:  # noqa: BLE001 - MuPDF raised on the page's text: the page may still render
-                layer = NO_TEXT_LAYER
-            usable = is_usable(layer.text, self.config.text_layer)
-            page.by_model = [question.answered_by_model(usable) for question in questions]
-            page.text = layer.text if any(question.source != "model" for question in questions) else None
-            page.words, page.word_boxes, page.text_layer_chars = layer.words, layer.boxes, layer.chars
-            page.text_usable = usable
-            if page.by_model and any(page.by_model):
-                try:
-                    too_large = page_limit_violation(document.page_size(page_number), longest_edge, self.config.limits)
-                    if too_large:
-                        yield _failed(page, Status.PAGE_TOO_LARGE, too_large)
-                        continue
-                    image = document.render(page_number, longest_edge)
-                except DocumentError as error:
-                    if error.status == Status.TIMEOUT:
-                        raise
-                    yield _failed(page, error.status, f"page {page_number}: {error.reason}")
-                    continue
-                except Exception as error:  # noqa: BLE001 - one bad page must not fail its document
-                    reason = f"cannot render page {page_number}: {type(error).__name__}: {error}"
-                    yield _failed(page, Status.RENDER_ERROR, reason)
-                    continue
-                page.sub_images, page.sub_image_shapes = pack_images(split_page(image, self.geometry))
-            page.render_ms = (time.perf_counter() - started) * 1000
-            yield page
+    def _page(self, document: SandboxedDocument, unit: WorkUnit, page_number: int, question_ids: list[str]) -> Page:
+        """One page's record, read, or failed with its status; raises DocumentError only for a timeout (the
+        document's time is up)."""
+        started = time.perf_counter()
+        page = Page(
+            **{name: getattr(unit, name) for name in IDENTITY},
+            scope=PAGE,
+            num_pages=unit.num_pages,
+            page_number=page_number,
+            question_ids=question_ids,
+            by_model=[],
+            document_rows=unit.document_rows,
+            repaired=unit.repaired,
+            status=Status.OK.value,
+            error=None,
+            source_format=unit.source_format,
+        )
+        try:
+            self._read(document, page, [self.templates[question_id] for question_id in question_ids])
+        except DocumentError as error:  # the helper died or refused, as a render can: this page fails
+            document.drop_ocr()
+            if error.status == Status.TIMEOUT:
+                raise
+            return _failed(page, error.status, f"page {page_number}: {error.reason}")
+        except (HelperException, OcrUnavailable) as error:  # the parser's own exception: one bad page
+            document.drop_ocr()
+            return _failed(page, Status.RENDER_ERROR, f"cannot read page {page_number}: {error}")
+        page.render_ms = (time.perf_counter() - started) * 1000
+        return page
+
+    def _read(self, document: SandboxedDocument, page: Page, questions: list[QuestionTemplate]) -> None:
+        """Fill ``page`` in: its words (the text layer's or the OCR's), who answers each question, its
+        sub-images where the model answers."""
+        page_number, config = page.page_number, self.config
+        assert page_number is not None
+        try:
+            layer = document.text_layer(page_number)
+        except HelperException:  # MuPDF raised on the page's text: the page may still render
+            layer = NO_TEXT_LAYER
+        usable = is_usable(layer.text, config.text_layer)
+        text_source = TEXT_LAYER if layer.words else None
+        ocr = not usable and needs_words(questions, config.ocr)
+        asks_model = [question.answered_by_model(usable) for question in questions]
+        image: np.ndarray | None = None
+        if ocr or any(asks_model):
+            info = document.page_info(page_number)
+            page.page_dpi = info["dpi"]
+            too_large = page_limit_violation(info, self.geometry.render_longest_edge, config.limits)
+            if too_large:
+                raise DocumentError(Status.PAGE_TOO_LARGE, too_large)
+            if ocr:
+                self.tessdata = self.tessdata or tessdata_directory(config.ocr.languages)
+                dpi = ocr_resolution(info, config.ocr, config.limits)
+                document.start_ocr(page_number, config.ocr.language, dpi, self.tessdata)
+            if any(question.source == "model" for question in questions):  # whatever the OCR reads
+                image = self._render(document, page_number)
+            if ocr:
+                layer = document.finish_ocr()
+                usable, text_source = is_usable(layer.text, config.text_layer), OCR
+        page.by_model = [question.answered_by_model(usable) for question in questions]
+        if any(page.by_model) and image is None:
+            image = self._render(document, page_number)
+        page.text = layer.text if any(question.source != "model" for question in questions) else None
+        page.words, page.word_boxes, page.text_layer_chars = layer.words, layer.boxes, layer.chars
+        page.text_usable, page.text_source = usable, text_source
+        if image is not None:
+            page.sub_images, page.sub_image_shapes = pack_images(split_page(image, self.geometry))
+
+    def _render(self, document: SandboxedDocument, page_number: int) -> np.ndarray:
+        try:
+            return document.render(page_number, self.geometry.render_longest_edge)
+        except HelperException as error:
+            raise DocumentError(Status.RENDER_ERROR, f"cannot render page {page_number}: {error}") from None
 
 
 def _failed(page: Page, status: Status, reason: str) -> Page:

@@ -216,15 +216,23 @@ class RenderSandbox:
         if self._process.poll() is not None:
             self._replace()
 
-    def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
-        """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
-        status of a helper that missed the deadline (timeout), ran out of memory, died or broke the protocol;
-        HelperException for the parser's own exception."""
+    def send(self, operation: str, arguments: tuple[Any, ...]) -> None:
+        """Ask the helper for one operation without waiting for its answer (``receive`` reads it)."""
         self.ensure_running()
         try:
             write_frame(self._requests, {"op": operation, "args": list(arguments)})
         except (BrokenPipeError, OSError):
             pass  # the helper is gone; _receive reports it
+
+    def receive(self, operation: str, deadline: float) -> Any:
+        """The answer to the operation sent last (see ``call``)."""
+        return self._receive(operation, deadline)
+
+    def call(self, operation: str, arguments: tuple[Any, ...], deadline: float) -> Any:
+        """Run one operation in the helper; raises DocumentError as the helper reported it, or with the
+        status of a helper that missed the deadline (timeout), ran out of memory, died or broke the protocol;
+        HelperException for the parser's own exception."""
+        self.send(operation, arguments)
         return self._receive(operation, deadline)
 
 
@@ -237,11 +245,12 @@ def _log_reduced_isolation(network: str) -> None:
 _SANDBOXES = threading.local()  # each thread its own helpers: two threads never share one's pipes
 
 
-def sandbox(memory_mb: int, backend: str = "pymupdf", isolation: str = "strict") -> RenderSandbox:
-    """This thread's sandbox for a memory limit, backend and isolation, started on first use and reused
+def sandbox(memory_mb: int, backend: str = "pymupdf", isolation: str = "strict", role: str = "render") -> RenderSandbox:
+    """This thread's sandbox for a memory limit, backend, isolation and role (``render``, or ``ocr``: the
+    second helper, that reads a page's words while the first renders), started on first use and reused
     afterwards; its helper running when it is returned."""
     sandboxes = _SANDBOXES.__dict__.setdefault("by_key", {})
-    key = (memory_mb, backend if backend in EXEC_BACKENDS else "pymupdf", isolation)
+    key = (memory_mb, backend if backend in EXEC_BACKENDS else "pymupdf", isolation, role)
     if key not in sandboxes:
         sandboxes[key] = RenderSandbox(memory_mb, backend, isolation)
     sandboxes[key].ensure_running()
@@ -249,30 +258,73 @@ def sandbox(memory_mb: int, backend: str = "pymupdf", isolation: str = "strict")
 
 
 class SandboxedDocument:
-    """A document opened in the sandbox: every call runs there under one deadline for the whole document."""
+    """A document opened in the sandbox: every call runs there under one deadline for the whole document.
+
+    OCR runs in a second helper of this thread (same confinement and limits; the document opened there when
+    a page first needs it): ``start_ocr`` hands it a page and returns at once, so that the first helper can
+    render meanwhile, and ``finish_ocr`` collects the words."""
 
     def __init__(self, data: bytes, render: RenderConfig, limits: LimitsConfig):
         self.sandbox = sandbox(limits.render_memory_mb, render.backend, render.isolation)  # started: its start-up
         self.deadline = time.monotonic() + limits.document_timeout_s  # is not the document's time
-        passwords = list(render.password_values())
-        self.num_pages, self.repaired = self.sandbox.call("open", (data, render.backend, passwords), self.deadline)
+        self.opening = (data, render.backend, list(render.password_values()))
+        self.memory_mb, self.render_config = limits.render_memory_mb, render
+        self.num_pages, self.repaired, self.source_format = self.sandbox.call("open", self.opening, self.deadline)
+        self.ocr_sandbox: RenderSandbox | None = None
+        self.ocr_pending = False
+
+    def page_info(self, page_number: int) -> dict[str, Any]:
+        return self.sandbox.call("page_info", (page_number,), self.deadline)
 
     def page_size(self, page_number: int) -> tuple[float, float]:
-        return tuple(self.sandbox.call("page_size", (page_number,), self.deadline))
+        info = self.page_info(page_number)
+        return info["width"], info["height"]
 
     def text_layer(self, page_number: int) -> TextLayer:
         text, words, boxes = self.sandbox.call("text_layer", (page_number,), self.deadline)
         return TextLayer(text, words, boxes)
+
+    def start_ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> None:
+        """Hand the page to the OCR helper; ``finish_ocr`` must follow."""
+        if self.ocr_sandbox is None:
+            render = self.render_config
+            ocr_sandbox = sandbox(self.memory_mb, render.backend, render.isolation, role="ocr")
+            ocr_sandbox.call("open", self.opening, self.deadline)
+            self.ocr_sandbox = ocr_sandbox
+        self.ocr_sandbox.send("ocr", (page_number, language, dpi, tessdata))
+        self.ocr_pending = True
+
+    def finish_ocr(self) -> TextLayer:
+        """The words of the page handed over by ``start_ocr``."""
+        assert self.ocr_sandbox is not None and self.ocr_pending
+        self.ocr_pending = False
+        text, words, boxes = self.ocr_sandbox.receive("ocr", self.deadline)
+        return TextLayer(text, words, boxes)
+
+    def drop_ocr(self) -> None:
+        """Read and drop an OCR answer never collected (the page failed meanwhile), so that the OCR helper's
+        next answer is the next page's."""
+        if self.ocr_pending:
+            try:
+                self.finish_ocr()
+            except (DocumentError, HelperException):
+                pass
 
     def render(self, page_number: int, longest_edge: int) -> np.ndarray:
         shape = self.sandbox.call("render", (page_number, longest_edge), self.deadline)
         return self.sandbox.pixels[: int(np.prod(shape))].reshape(shape).copy()  # the next render reuses the buffer
 
     def close(self) -> None:
-        try:
-            self.sandbox.call("close", (), time.monotonic() + CLOSE_TIMEOUT_S)
-        except DocumentError:
-            pass  # the helper was replaced; nothing is left open
+        """Close the document in its helpers (an OCR answer never collected is read and dropped first, so the
+        helper's next answer is the next call's)."""
+        self.drop_ocr()
+        for helper in (self.sandbox, self.ocr_sandbox):
+            if helper is None:
+                continue
+            try:
+                helper.call("close", (), time.monotonic() + CLOSE_TIMEOUT_S)
+            except (DocumentError, HelperException):
+                pass  # the helper was replaced; nothing is left open
 
 
 def open_document(

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import TextLayerConfig
 
-TEXT_LAYER, NO_EVIDENCE = "text_layer", "none"
+TEXT_LAYER, OCR, NO_EVIDENCE = "text_layer", "ocr", "none"  # where a page's words come from, or none
 NO_EVIDENCE_COLUMNS = {"evidence": NO_EVIDENCE, "evidence_text": None, "evidence_bbox": None}
 
 
@@ -37,9 +37,10 @@ def normalized(text: str) -> str:
     return "".join(character for character in text.casefold() if character.isalnum())
 
 
-def find_evidence(answer: str | None, words: list[str], boxes: list[float]) -> dict[str, Any]:
-    """The evidence columns of ``answer`` on a page with these words (boxes: 4 fractions per word): the
-    first run of consecutive words, in reading order, that reads as the answer once normalized.
+def find_evidence(answer: str | None, words: list[str], boxes: list[float], source: str = TEXT_LAYER) -> dict[str, Any]:
+    """The evidence columns of ``answer`` on a page with these words (boxes: 4 fractions per word) read from
+    ``source`` (the text layer, or OCR): the first run of consecutive words, in reading order, that reads as
+    the answer once normalized.
 
     The words' normalized forms are joined into one string and the answer is looked for in it (``str.find``,
     linear in the page), keeping only a match that starts at the start of a word and ends at the end of one:
@@ -68,6 +69,6 @@ def find_evidence(answer: str | None, words: list[str], boxes: list[float]) -> d
                 "x1": max(box[2] for box in corners),
                 "y1": max(box[3] for box in corners),
             }
-            return {"evidence": TEXT_LAYER, "evidence_text": " ".join(words[first : last + 1]), "evidence_bbox": bbox}
+            return {"evidence": source, "evidence_text": " ".join(words[first : last + 1]), "evidence_bbox": bbox}
         found = joined.find(target, found + 1)
     return dict(NO_EVIDENCE_COLUMNS)

@@ -43,7 +43,7 @@ def incomplete_document_rows(waiting: pa.Table) -> pa.Table:
     identity and run fields from its first row, no page or answer, status ``model_error`` (retryable) and
     how many of its (page, question) keys arrived."""
     kept = {"run_id", *IDENTITY, "config_fingerprint", "model_id", "model_revision"}
-    kept |= {"num_pages", "repaired"}  # the rest (page, question, answer and its values, timings) are nulls
+    kept |= {"num_pages", "repaired", "source_format"}  # the rest (page, question, answer, values, timings): nulls
     columns = waiting.select(["document", "page_number", "question_id"]).to_pydict()
     keys: dict[str, set[tuple[Any, Any]]] = {}
     first: dict[str, int] = {}

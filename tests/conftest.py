@@ -74,7 +74,7 @@ def s3_endpoint():
 
 
 # What the sample folder's documents end as under the default backend: its bad files fail, the rest answer.
-SAMPLE_FAILURES = {"empty.pdf": "empty", "not-a-pdf.pdf": "not_pdf"}
+SAMPLE_FAILURES = {"empty.pdf": "empty", "not-a-pdf.pdf": "unsupported_format"}
 
 
 def assert_sample_statuses(rows: list[dict], inputs: Path) -> None:

@@ -62,7 +62,7 @@ def test_a_fixed_setting_takes_again_what_it_fixes_and_reprocess_forces_the_rest
         "invoice.pdf": "ok",
         "locked.pdf": "encrypted",
         "long.pdf": "too_many_pages",
-        "notes.pdf": "not_pdf",
+        "notes.pdf": "unsupported_format",
     }
     # The run record says where the input was (made absolute), and the summary's wall time is the runs row's.
     row = _runs(output)["first"]
@@ -79,8 +79,8 @@ def test_a_fixed_setting_takes_again_what_it_fixes_and_reprocess_forces_the_rest
     # A plain rerun with the same settings takes nothing.
     same = ["--set", "render.passwords=[s3cret]", "--set", "limits.max_pages_per_document=5"]
     assert run("fourth", *same)["processed"] == {}
-    # Forced: `failed` takes the final failures again (not_pdf); `all` takes every document.
-    assert run("fifth", *same, "--reprocess", "failed")["processed"] == {"notes.pdf": "not_pdf"}
+    # Forced: `failed` takes the final failures again (unsupported_format); `all` takes every document.
+    assert run("fifth", *same, "--reprocess", "failed")["processed"] == {"notes.pdf": "unsupported_format"}
     assert set(run("sixth", *same, "--reprocess", "all")["processed"]) == {p.name for p in inputs.iterdir()}
 
 

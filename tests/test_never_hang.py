@@ -113,7 +113,11 @@ def test_a_run_whose_model_fails_on_every_page_is_degraded_and_exits_3(
     whole = {Path(row["document"]).name: row["status"] for row in rows if row["page_number"] is None}
     # empty.pdf and not-a-pdf.pdf are bad input, counted neither for nor against the run; the unreadable
     # file counts as one failed page.
-    assert whole == {"empty.pdf": Status.EMPTY, "not-a-pdf.pdf": Status.NOT_PDF, later.name: Status.READ_ERROR}
+    assert whole == {
+        "empty.pdf": Status.EMPTY,
+        "not-a-pdf.pdf": Status.UNSUPPORTED_FORMAT,
+        later.name: Status.READ_ERROR,
+    }
     failed = len(pages) + 1
     assert f"run broken committed DEGRADED: {failed} of {failed} pages failed" in out
     [record] = committed_runs(str(tmp_path / "out"))

@@ -70,8 +70,8 @@ def _expected_rows(job_file: Path, inputs: Path) -> dict[str, int]:
 
 # MuPDF repairs the truncated sample (its first page survives); poppler refuses it.
 BACKEND_DOCUMENTS = {
-    "pymupdf": {"empty": 1, "not_pdf": 1, "ok": 5},
-    "pdf2image": {"corrupt": 1, "empty": 1, "not_pdf": 1, "ok": 4},
+    "pymupdf": {"empty": 1, "unsupported_format": 1, "ok": 5},
+    "pdf2image": {"corrupt": 1, "empty": 1, "unsupported_format": 1, "ok": 4},
 }
 
 
@@ -101,7 +101,7 @@ def test_run_writes_one_row_per_page_question_and_one_per_failed_document(
     assert rows_per_document == expected
     rows = table.to_pylist()
     status_of = {Path(row["document"]).name: row["status"] for row in rows}
-    assert status_of["empty.pdf"] == Status.EMPTY and status_of["not-a-pdf.pdf"] == Status.NOT_PDF
+    assert status_of["empty.pdf"] == Status.EMPTY and status_of["not-a-pdf.pdf"] == Status.UNSUPPORTED_FORMAT
     for row in rows:
         assert row["run_id"] == "r1" and row["model_id"] == str(tiny_model)
         if row["status"] == Status.OK:

@@ -99,7 +99,7 @@ def test_runs_table_failures_and_answers_of_a_document(outputs):
     assert len(first_answers) == 5 * 2  # 4 invoices and the repaired truncated one, 2 questions each
     for (document, question_id), answer in first_answers.items():
         assert table[document][question_id] == answer
-    assert table[next(d for d in table if d.endswith("not-a-pdf.pdf"))]["status"] == "not_pdf"
+    assert table[next(d for d in table if d.endswith("not-a-pdf.pdf"))]["status"] == "unsupported_format"
     joined = query.table(outputs, ["total"], all_pages=True).to_pylist()
     assert list(joined[0]) == ["document", "num_pages", "status", "total", "total_page"]
     three_pages = next(row for row in joined if row["num_pages"] == 3)
@@ -108,7 +108,7 @@ def test_runs_table_failures_and_answers_of_a_document(outputs):
 
     failures = query.failures(outputs).to_pylist()
     assert {(Path(row["document"]).name, row["status"]) for row in failures} == {
-        ("not-a-pdf.pdf", "not_pdf"),
+        ("not-a-pdf.pdf", "unsupported_format"),
         ("empty.pdf", "empty"),
     }
     assert all(row["error"] for row in failures)
@@ -157,7 +157,7 @@ def test_cli_prints_a_table_and_explains_bad_sql(outputs):
     shown = subprocess.run(
         [*docqa, "failures", "--output", outputs], capture_output=True, text=True, check=True, timeout=120
     )
-    assert "not_pdf" in shown.stdout and "no %PDF- header" in shown.stdout and "(2 rows)" in shown.stdout
+    assert "unsupported_format" in shown.stdout and "detected text" in shown.stdout and "(2 rows)" in shown.stdout
     bad = subprocess.run(
         [*docqa, "query", "--output", outputs, "SELECT anwser FROM answers"],
         capture_output=True,

@@ -88,7 +88,7 @@ def _encrypted() -> bytes:
     ("make", "status"),
     [
         (lambda: b"", Status.EMPTY),
-        (lambda: b"<html>not a pdf</html>", Status.NOT_PDF),
+        (lambda: b"<html>not a pdf</html>", Status.UNSUPPORTED_FORMAT),
         (lambda: b"%PDF-1.7\n" + bytes(range(256)) * 8, Status.CORRUPT),
         (_encrypted, Status.ENCRYPTED),
     ],

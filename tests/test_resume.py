@@ -102,7 +102,7 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
         f"missing {missing}"
     )
     assert (duplicates, missing, after.num_rows) == (0, 0, sum(expected.values()))
-    bad = {"empty.pdf": "empty", "not-a-pdf.pdf": "not_pdf"}  # MuPDF repairs truncated.pdf: answered
+    bad = {"empty.pdf": "empty", "not-a-pdf.pdf": "unsupported_format"}  # MuPDF repairs truncated.pdf: answered
     assert {(Path(row["document"]).name, row["status"]) for row in after.to_pylist()} == {
         (path.name, bad.get(path.name, "ok")) for path in inputs.iterdir()
     }

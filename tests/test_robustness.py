@@ -74,7 +74,11 @@ def test_sandbox_deadline_memory_cap_and_crash_each_cost_one_document_only() -> 
     died = sandbox.process_id
     os.kill(sandbox.helper_pid, signal.SIGKILL)
     sandbox._process.wait(timeout=30)
-    assert sandbox.call("open", (invoice_pdf(4, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30) == (1, False)
+    assert sandbox.call("open", (invoice_pdf(4, 1, (612, 792)), "pymupdf", ()), time.monotonic() + 30) == (
+        1,
+        False,
+        "pdf",
+    )
     assert sandbox.process_id != died
 
 
@@ -167,7 +171,7 @@ def test_generated_hostile_documents(backend: str) -> None:
     [image] = unpack_images(huge.sub_images, huge.sub_image_shapes)  # no splitting: the page as rendered
     assert huge.status == Status.OK and max(image.shape[:2]) <= GEOMETRY.render_longest_edge
     assert results["5000 pages"][0] == [Status.TOO_MANY_PAGES]
-    assert results["not a pdf"][0] == [Status.NOT_PDF] and results["empty"][0] == [Status.EMPTY]
+    assert results["not a pdf"][0] == [Status.UNSUPPORTED_FORMAT] and results["empty"][0] == [Status.EMPTY]
     assert results["password"][0] == [Status.ENCRYPTED]
     assert results["password known"][0] == [Status.OK]
     assert results["slow"][0] == [Status.TIMEOUT]  # it would be ok had the render run to its end
@@ -234,7 +238,7 @@ KNOWN_CORPUS_STATUSES = {
     "pdfCabinetOfHorrors/encryption_nocopy.pdf": Status.OK,  # owner password only: opens and renders
     "pdf-handbuilt-test-corpus/T02-02_001_no-page-tree-node.pdf": Status.EMPTY,
     "pdf-handbuilt-test-corpus/T02-01_001_document-catalog-No-document-catalog.pdf": Status.EMPTY,
-    "pdf-handbuilt-test-corpus/T01_006_header-invalid-syntax-no-pdf.pdf": Status.NOT_PDF,
+    "pdf-handbuilt-test-corpus/T01_006_header-invalid-syntax-no-pdf.pdf": Status.UNSUPPORTED_FORMAT,
     "pdf-handbuilt-test-corpus/T02-02_002_page-tree-kids-links-recursive.pdf": Status.RENDER_ERROR,
     "pdf-handbuilt-test-corpus/T02-02_007_page-tree-wrong-count.pdf": Status.CORRUPT,
     "pdf-handbuilt-test-corpus/minimal_test.pdf": Status.CORRUPT,

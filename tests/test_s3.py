@@ -88,7 +88,7 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
     documents = [row["document"] for row in rows]
     assert len(documents) == len(set(documents)) == len(pdf_keys) + len(other_keys)
     assert {row["document"] for row in rows if row["status"] == Status.OK} == pdf_keys
-    assert {row["document"] for row in rows if row["status"] == Status.NOT_PDF} == other_keys
+    assert {row["document"] for row in rows if row["status"] == Status.UNSUPPORTED_FORMAT} == other_keys
     client = _client(s3_endpoint)
     for row in rows[:: len(rows) // 15]:
         key = row["document"].removeprefix("s3://bulk/")

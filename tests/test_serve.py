@@ -14,7 +14,7 @@ import yaml
 
 from bench import free_port
 from jobs.cli import main
-from jobs.devtools.samples import invoice_pdf, write_job
+from jobs.devtools.samples import invoice_pdf, multipage_tiff, page_images, write_job
 from jobs.run import run_job
 from jobs.serve import TOKEN_ENV
 from pipeline.config import ConfigError
@@ -279,6 +279,12 @@ def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
     for row in texts:  # born-digital pages: their own text, and where it is
         assert (row["answer_source"], row["evidence"], row["value_status"]) == ("text_layer", "text_layer", None)
         assert row["answer"].startswith("ACME Supplies Ltd.") and set(row["evidence_bbox"]) == {"x0", "y0", "x1", "y1"}
+    # A scanned page as a TIFF: answered, its text read by OCR.
+    [scan] = page_images(invoice_pdf(8, 1, (612, 792)), 200)
+    scanned = _post(endpoint, data=multipage_tiff([(scan, "group4")]), questions=yaml.safe_dump(typed)).json()
+    [text] = [row for row in scanned["answers"] if row["question_id"] == "text"]
+    assert (text["source_format"], text["answer_source"], text["status"]) == ("tiff", "ocr", "ok")
+    assert "ACME" in text["answer"]
     many = yaml.safe_dump([{"id": f"q{i}", "text": "Total?"} for i in range(4)])
     too_many = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=many)
     assert too_many.status_code == 422 and "over serve.max_questions=3" in too_many.json()["error"]
@@ -301,7 +307,7 @@ def test_refusals_say_why(endpoint, sample_pdfs):
     assert corrupt.status_code == 422 and corrupt.json()["status"] == "corrupt"
     assert "cannot open it" in corrupt.json()["error"]
     not_pdf = _post(endpoint, sample_pdfs / "not-a-pdf.pdf")
-    assert not_pdf.status_code == 422 and not_pdf.json()["status"] == "not_pdf"
+    assert not_pdf.status_code == 422 and not_pdf.json()["status"] == "unsupported_format"
     no_file = requests.post(
         f"{endpoint}/v1/answers", data={"x": "1"}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
     )

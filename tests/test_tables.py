@@ -191,7 +191,14 @@ def test_two_runs_at_once_into_one_output_both_commit_with_nothing_lost_or_dupli
             storage={"endpoint_url": storage.endpoint_url},
         )
         command = ["run", "--config", str(job), "--output", output, "--run-id", f"run-{name}"]
-        command += ["--set", "commit_rows=2", "--set", "actors.num_cpus_per_actor=0.5"]
+        command += [
+            "--set",
+            "commit_rows=2",
+            "--set",
+            "actors.num_cpus_per_actor=0.5",
+            "--set",
+            "input_follow_links=true",
+        ]
         drivers[name] = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", *command],
             env=environment,

@@ -44,6 +44,39 @@ def scanned_pdf(data: bytes, dpi: int = 100) -> bytes:
     return scanned
 
 
+def page_images(data: bytes, dpi: int, grayscale: bool = False) -> list:
+    """The pages of a PDF as Pillow images at ``dpi`` (what a scanner would give, without its noise), each
+    carrying its resolution in ``info["dpi"]``."""
+    from PIL import Image
+
+    source = pymupdf.open(stream=data, filetype="pdf")
+    images = []
+    for page in source:
+        pixmap = page.get_pixmap(dpi=dpi, colorspace=pymupdf.csGRAY if grayscale else pymupdf.csRGB)
+        image = Image.frombytes("L" if grayscale else "RGB", (pixmap.width, pixmap.height), pixmap.samples)
+        image.info["dpi"] = (dpi, dpi)
+        images.append(image)
+    source.close()
+    return images
+
+
+def multipage_tiff(frames: list[tuple[object, str]]) -> bytes:
+    """A TIFF with one frame per (Pillow image, compression) pair, each compressed its own way (Pillow's
+    ``save_all`` compresses every frame alike): ``group4`` (bilevel), ``tiff_lzw``, ``tiff_adobe_deflate``,
+    ``jpeg``, ``raw``..."""
+    import io
+
+    from PIL import TiffImagePlugin
+
+    written = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(written, new=True) as tiff:
+        for image, compression in frames:
+            frame = image.convert("1") if compression in ("group3", "group4") else image
+            frame.save(tiff, format="TIFF", compression=compression, dpi=image.info.get("dpi", (72, 72)))
+            tiff.newFrame()
+    return written.getvalue()
+
+
 def report_pdf(pages: int, page_size: tuple[float, float] = PAGE_SIZES["a4"]) -> bytes:
     """A long text report, one numbered section a page; deterministic for a given page count."""
     rng = random.Random(pages)
