@@ -39,8 +39,10 @@ test-latest: system-packages
 
 # Debian packages docqa runs with, each found by a program it provides: poppler-utils (the pdf2image backend),
 # bubblewrap (the render helper's namespaces, render.isolation: strict), tesseract-ocr (its English language
-# data: the OCR word layer on scans, read through PyMuPDF; more languages are tesseract-ocr-LANG packages).
-SYSTEM_PACKAGES := pdftoppm:poppler-utils bwrap:bubblewrap tesseract:tesseract-ocr
+# data: the OCR word layer on scans, read through PyMuPDF; more languages are tesseract-ocr-LANG packages);
+# and that the tests drive the review page with: chromium and chromium-driver (headless, through Selenium).
+SYSTEM_PACKAGES := pdftoppm:poppler-utils bwrap:bubblewrap tesseract:tesseract-ocr chromium:chromium \
+	chromedriver:chromium-driver
 system-packages:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \

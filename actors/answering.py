@@ -4,9 +4,10 @@ interface (``actors.adapters``).
 
 Each question of a page is answered by the model or from the page's text layer, as the rendering stage
 decided (``Page.by_model``); then typed (``type``: pipeline/values.py) and looked up in the page's words
-(its evidence: pipeline/text_layer.py). A page that failed upstream becomes rows that say why. If the model
-fails on a batch, each page is retried alone so one bad page cannot fail its neighbours; a page that still
-fails gets ``model_error``."""
+(its evidence: pipeline/text_layer.py). A list or object answer is read into its records
+(pipeline/structured.py), and each field of each record is typed and looked up on its own. A page that
+failed upstream becomes rows that say why. If the model fails on a batch, each page is retried alone so one
+bad page cannot fail its neighbours; a page that still fails gets ``model_error``."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from actors.families import load_adapter
 from pipeline.config import JobConfig
 from pipeline.fingerprints import config_fingerprint
 from pipeline.images import unpack_images
-from pipeline.questions import QuestionTemplate
+from pipeline.questions import QuestionTemplate, RecordField
 from pipeline.records import DOCUMENT, IDENTITY, AnswerRow, Page, Status, file_name_of, from_table, rows_to_table
-from pipeline.text_layer import TEXT_LAYER, find_evidence
-from pipeline.values import ValueParser
+from pipeline.structured import TRUNCATED, is_header, read_records
+from pipeline.text_layer import NO_EVIDENCE_COLUMNS, TEXT_LAYER, find_evidence
+from pipeline.values import PARSED, UNPARSED, ValueParser
 
 MODEL = "model"  # answer_source of an answer the model gave
 
@@ -112,11 +114,38 @@ class PageAnswerer:
         for page, asked, page_rows in zip(pages, templates, rows, strict=True):
             for row in page_rows:
                 template = asked[row.question_id]
+                if template.has_records:
+                    _set(row, self._records(template, row.answer, page))
+                    continue
                 _set(row, self.values.parse(template, row.answer))
-                # A label (yes, invoice) printed somewhere on the page is no evidence for it.
-                words = [] if template.allowed_answers else page.words
-                _set(row, find_evidence(row.answer, words, page.word_boxes, page.text_source or TEXT_LAYER))
+                _set(row, self._evidence(template, row.answer, page))
         return rows
+
+    @staticmethod
+    def _evidence(typed: QuestionTemplate | RecordField, answer: str | None, page: Page) -> dict[str, Any]:
+        """Where ``answer`` (to a question, or a record's field) is among the page's words. A label (yes,
+        invoice) printed somewhere on the page is no evidence for it."""
+        words = [] if typed.allowed_answers else page.words
+        return find_evidence(answer, words, page.word_boxes, page.text_source or TEXT_LAYER)
+
+    def _records(self, template: QuestionTemplate, answer: str | None, page: Page) -> dict[str, Any]:
+        """A list or object answer's columns: its records field by field (``items``: each value typed and
+        looked up on the page; a record that is the table's header row repeated, left out), and whether it
+        was read whole (``parsed``), cut by max_new_tokens (``truncated``: the complete records kept) or not
+        JSON (``unparsed``)."""
+        fields = template.fields or []
+        records, problem = read_records(answer, template.type == "list")
+        entries = []
+        for number, record in enumerate(record for record in records if not is_header(record, fields)):
+            for field in fields:
+                value = record.get(field.name)
+                text = None if value is None else str(value)
+                entry = {"record": number, "field": field.name, "answer": text, **self.values.parse(field, text)}
+                entry.pop("error", None)
+                entries.append(entry | self._evidence(field, text, page))
+        status = PARSED if problem is None else TRUNCATED if problem.startswith(TRUNCATED) else UNPARSED
+        error = None if problem is None else f"{template.type} answer {problem}; {len(records)} complete record(s) kept"
+        return {"items": entries, "value_status": status, "error": error, **NO_EVIDENCE_COLUMNS}
 
     def rows(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:
         """For each page and the templates it may name: that page's answer rows."""

@@ -1,6 +1,7 @@
 """Constrained decoding of typed answers with xgrammar: a question's grammar (``QuestionTemplate.constraint``:
-its choices as EBNF, or the regular form of a number, amount or date) compiled once per actor against the
-model's tokenizer, one matcher per answer, and the token bitmask each decoding step applies.
+its choices as EBNF, the regular form of a number, amount or date, or the JSON Schema of a list or object
+question's records) compiled once per actor against the model's tokenizer, one matcher per answer, and the
+token bitmask each decoding step applies.
 
 Why xgrammar: its matcher fills a packed bitmask of the allowed tokens per row in C++ (microseconds a
 token, what vLLM, SGLang and TensorRT-LLM use), which fits our slot decoder (one row per slot, one mask per
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
-Constraint = tuple[str, str]  # ("ebnf" | "regex", grammar text)
+from pipeline.grammars import Constraint
+from pipeline.structured import SEPARATORS
+
 BITS = 32  # tokens per bitmask word
 
 
@@ -32,8 +35,13 @@ class Grammars:
     def compile(self, constraint: Constraint) -> Any:
         if constraint not in self.compiled:
             kind, text = constraint
-            compile = self.compiler.compile_regex if kind == "regex" else self.compiler.compile_grammar
-            self.compiled[constraint] = compile(text)
+            if kind == "json_schema":  # compact JSON, keys in the schema's order: no token spent on layout
+                compiled = self.compiler.compile_json_schema(
+                    text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
+                )
+            else:
+                compiled = (self.compiler.compile_regex if kind == "regex" else self.compiler.compile_grammar)(text)
+            self.compiled[constraint] = compiled
         return self.compiled[constraint]
 
     def matcher(self, constraint: Constraint) -> Any:

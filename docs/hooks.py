@@ -76,9 +76,12 @@ def reference(model: type[BaseModel], prefix: str = "") -> list[str]:
         section = _model_of(hints[name])
         description = " ".join((field.description or "").split()).replace("|", "\\|")
         if section is not None and section is not model:
-            kind = "list of question templates" if section.__name__ == "QuestionTemplate" else "section"
+            many = typing.get_origin(hints[name]) is list or any(
+                typing.get_origin(inner) is list for inner in typing.get_args(hints[name])
+            )
+            kind = f"list of {section.__name__}" if many else "section"
             rows.append(f"| `{path}` | {kind} | {_default_text(field)} | {description} |")
-            sections.append((section, f"{path}[]." if "list" in kind else f"{path}."))
+            sections.append((section, f"{path}[]." if many else f"{path}."))
         else:
             rows.append(f"| `{path}` | {_type_text(hints[name])} | {_default_text(field)} | {description} |")
     lines = ["| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]

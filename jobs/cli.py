@@ -16,6 +16,7 @@ from jobs import console
 from jobs.devtools.tiny_models import TINY_FAMILIES
 from jobs.formats import FORMATS, TableLayout, write_result
 from jobs.query import QueryError, parse_as_of
+from jobs.review_commands import REVIEW_COMMANDS, add_review_commands, run_review_command
 from jobs.submit import SubmitError
 from jobs.watchdog import RunInterrupted, RunStalled
 from pipeline.commits import RunExistsError
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="one row per document, one column per question")
     table.add_argument("--questions", type=_parse_list, help="question ids, comma separated (default: all)")
     table.add_argument(
+        "--items", metavar="QUESTION_ID", help="a list or object question: one row per record, its fields as columns"
+    )
+    table.add_argument(
         "--all-pages", action="store_true", help="every page's answer joined (default: the first page that answered)"
     )
     _add_query_arguments(table)
@@ -176,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override serve.port")
     _add_set(serve)
 
+    prompts = commands.add_parser(
+        "prompts", help="each question as the model is asked it, and the grammar or JSON Schema its answer takes"
+    )
+    prompts.add_argument("--config", required=True, help="job config (its questions)")
+    _add_set(prompts)
+    add_review_commands(commands)
     commands.add_parser("models", help="supported model families, their prompt formats and what each supports")
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -186,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("base", help="the checkpoint directory the adapter applies to")
     lora.add_argument("path", help="directory to save the adapter to")
     return parser
+
+
+def describe_prompts(config) -> str:
+    """Each question: its id, type and pages, the question as the model is asked it (its variables shown as
+    they are filled in for page 1 of a 1-page example.pdf), and the grammar or JSON Schema it is decoded
+    under. The model's own prompt format (chat or raw, `docqa models`) wraps the question."""
+    import json
+
+    blocks = []
+    for question in config.questions:
+        lines = [f"{question.id} ({question.type}, pages {question.pages}, at most {question.answer_tokens} tokens)"]
+        lines += [f"  {line}" for line in question.question("example.pdf", 1, 1).splitlines()]
+        constraint = question.constraint
+        if constraint is not None:
+            kind, text = constraint
+            shown = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if kind == "json_schema" else text
+            lines.append(f"  decoded under this {kind.replace('_', ' ')}:")
+            lines += [f"    {line}" for line in shown.splitlines()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _parse_list(text: str) -> list[str]:
@@ -242,7 +272,7 @@ def _query(args: argparse.Namespace) -> int:
     elif args.command == "answers":
         reader = store.answers_of(args.document)
     elif args.command == "table":
-        reader = store.table(args.questions, args.all_pages)
+        reader = store.items_of(args.items) if args.items else store.table(args.questions, args.all_pages)
     elif args.command == "failures":
         reader = store.failures()
     else:
@@ -323,6 +353,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "optimize":
         return _optimize(args)
+    if args.command in REVIEW_COMMANDS:
+        return run_review_command(args)
+    if args.command == "prompts":
+        print(describe_prompts(load_config(args.config, dict(args.assignments), require=())))
+        return 0
     if args.command == "models":
         from actors.families import describe_families
 

@@ -32,8 +32,28 @@ OWN_HANDLER_LOGGERS = ("huggingface_hub",)  # libraries whose loggers print them
 _installed: set[str] = set()
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it was when the
+    handler was made: a command run again in one process (tests, notebooks) never logs into a stream that a
+    previous caller swapped in and closed."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s docqa %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s docqa %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[CurrentStderr()],
+        force=True,
+    )
     for name in OWN_HANDLER_LOGGERS:
         logging.getLogger(name).propagate = False
 

@@ -8,6 +8,11 @@ so local folders and s3:// prefixes read the same way and only committed data is
 - ``current``: the same as ``answers`` without a run id.
 - ``all_rows``: the ``answers`` table: every row of every run (or of the selected run).
 - ``runs``: one row per run, with its state (running, committed, failed).
+- ``items``: the records of list and object answers in ``current``, one row per field; and per list or
+  object question ID a view ``items_ID``: one row per record, its fields as typed columns.
+- ``reviews``: what people decided about answers (``docqa review``); ``reviewed``: ``answers`` with the
+  latest decision over the model's answer (``review``: accepted, corrected, rejected); the ``documents``
+  view reads it.
 
 Time travel: ``version`` reads ``current`` as of that Delta version (and the other tables as of its commit
 time); ``as_of`` reads all three as of a timestamp. Results stream as Arrow record batches
@@ -30,6 +35,10 @@ from pipeline.tables import (
     ANSWER_SCHEMA,
     ANSWERS,
     CURRENT,
+    ITEM_SCHEMA,
+    ITEMS,
+    REVIEW_SCHEMA,
+    REVIEWS,
     RUN_SCHEMA,
     RUNS,
     OutputTables,
@@ -67,7 +76,12 @@ QUERYABLE_COLUMNS = {
     "current": ANSWER_SCHEMA.names,
     "all_rows": ANSWER_SCHEMA.names,
     "runs": RUN_SCHEMA.names,
+    "items": ITEM_SCHEMA.names,
+    "reviews": REVIEW_SCHEMA.names,
+    "reviewed": [*ANSWER_SCHEMA.names, "review"],
+    "reviewed_items": [*ITEM_SCHEMA.names, "review"],
     "documents": ["document", "num_pages", "status", "per question ID: ID, ID_value, ID_currency, ID_page"],
+    "items_ID": ["document", "page_number", "item", "per field F: F (typed), F_currency (money)"],
 }
 
 
@@ -129,12 +143,17 @@ class AnswerStore:
                 CURRENT: tables.files_of(current, CURRENT),
                 ANSWERS: tables.dataset(ANSWERS, as_of, asked),
                 RUNS: tables.dataset(RUNS, as_of, asked),
+                ITEMS: tables.dataset(ITEMS, as_of, asked),
+                REVIEWS: tables.dataset(REVIEWS, as_of, asked),
             }
         except TableError as error:
             raise QueryError(str(error)) from None
         self.connection = duckdb.connect()
         self.documents_view = False  # created by the first statement that names it (it reads every run record)
+        self.item_views: set[str] = set()  # the items_ID views made so far (likewise)
         self.connection.register("runs", datasets[RUNS])
+        self.connection.register("items", datasets[ITEMS])
+        self.connection.register("reviews", datasets[REVIEWS])
         self.connection.register("all_rows", datasets[ANSWERS])
         self.connection.register("current", datasets[CURRENT])
         # SQL reads the registered tables and nothing else: no file or URL is read or written (COPY,
@@ -145,6 +164,8 @@ class AnswerStore:
             self.connection.execute("CREATE VIEW answers AS SELECT * FROM current")
         else:
             self._select_run(output, run_id)
+        self.connection.execute(f"CREATE VIEW reviewed AS {REVIEWED_SQL}")
+        self.connection.execute(f"CREATE VIEW reviewed_items AS {REVIEWED_ITEMS_SQL}")
 
     def _select_run(self, output: str, run_id: str) -> None:
         """``answers`` as the rows of run ``run_id``."""
@@ -168,6 +189,8 @@ class AnswerStore:
             if not self.documents_view and re.search(r"\bdocuments\b", sql, re.IGNORECASE):
                 self.connection.execute(f"CREATE VIEW documents AS {self.documents_sql()}")
                 self.documents_view = True
+            for question_id in re.findall(r"\bitems_([A-Za-z0-9_.-]+)", sql):
+                self._item_view(question_id)
             relation = self.connection.sql(sql, params=list(parameters) if parameters else None)
         except duckdb.Error as error:
             tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in QUERYABLE_COLUMNS.items())
@@ -201,10 +224,40 @@ class AnswerStore:
             "CASE WHEN bool_and(status = 'ok') THEN 'ok' ELSE string_agg(DISTINCT status, ',' ORDER BY status)"
             " FILTER (WHERE status <> 'ok') END AS status",
         ]
+        reviewed = self.reader("SELECT DISTINCT question_id FROM reviewed WHERE review IS NOT NULL").read_all()
+        reviewed_questions = set(reviewed.column(0).to_pylist())
         for qid in wanted:
             template = templates[qid]
-            columns += reduced_columns(qid, template.get("type", "text"), reduce or template.get("reduce", "first"))
-        return f"SELECT {', '.join(columns)} FROM answers GROUP BY document"
+            how = reduce or template.get("reduce", "first")
+            columns += reduced_columns(qid, template.get("type", "text"), how, qid in reviewed_questions)
+        return f"SELECT {', '.join(columns)} FROM reviewed GROUP BY document"
+
+    def _item_view(self, question_id: str) -> None:
+        """The view ``items_ID`` of a list or object question: one row per record (document, page_number,
+        item), each field a column of its type (text and choice: the answer; number: a double; money: a
+        double and FIELD_currency; date; boolean)."""
+        if question_id in self.item_views:
+            return
+        template = self.question_templates().get(question_id, {})
+        if template.get("type") not in ("list", "object"):
+            raise QueryError(f"{question_id!r} is not a list or object question of these runs: it has no items")
+        columns = ["document", "page_number", "item"]
+        for field in template.get("fields", []):
+            name, of_field = field["name"], f"FILTER (WHERE field = {sql_string(field['name'])})"
+            typed = VALUE_COLUMN.get(field.get("type", "text"), "answer")
+            columns.append(f"any_value({typed}) {of_field} AS {sql_identifier(name)}")
+            if field.get("type") == "money":
+                columns.append(f"any_value(value_currency) {of_field} AS {sql_identifier(name + '_currency')}")
+        self.connection.execute(
+            f"CREATE VIEW {sql_identifier('items_' + question_id)} AS SELECT {', '.join(columns)} FROM reviewed_items"
+            f" WHERE question_id = {sql_string(question_id)} AND review IS DISTINCT FROM 'rejected'"
+            " GROUP BY document, page_number, item"
+        )
+        self.item_views.add(question_id)
+
+    def items_of(self, question_id: str) -> pa.RecordBatchReader:
+        """``items_ID``: one row per record of a list or object question, by document and item."""
+        return self.reader(f"SELECT * FROM {sql_identifier('items_' + question_id)} ORDER BY document, item")
 
     def answers_of(self, document: str) -> pa.RecordBatchReader:
         """All current answers of one document (a URI, or a substring matching exactly one document)."""
@@ -291,18 +344,56 @@ def runs(output: str, storage: StorageConfig | None = None, all_columns: bool = 
     return AnswerStore(output, None, storage, **snapshot).runs(all_columns).read_all()
 
 
+# Reviews that speak for an answer (or a record's field): the latest decision per key, of the document's
+# version and answer it was made on (a document reprocessed into a different answer is not covered by it).
+REVIEW_KEY = ("document", "source_version", "page_number", "question_id", "item", "field")
+LATEST_REVIEWS_SQL = (
+    "SELECT * FROM reviews QUALIFY row_number() OVER"
+    f" (PARTITION BY {', '.join(REVIEW_KEY)} ORDER BY reviewed_at DESC, review_id DESC) = 1"
+)
+REVIEWED_VALUE_COLUMNS = ("answer", "value_number", "value_currency", "value_date", "value_boolean", "value_status")
+# ``answers`` with a person's decision over the model's answer: accepted (kept), corrected (the correction
+# and its typed value), rejected (answer and value null); ``review`` says which, null where none.
+REVIEWED_SQL = (
+    "SELECT a.* REPLACE ("
+    + ", ".join(
+        f"CASE r.decision WHEN 'corrected' THEN r.{column} WHEN 'rejected' THEN NULL ELSE a.{column} END AS {column}"
+        for column in REVIEWED_VALUE_COLUMNS
+    )
+    + f"), r.decision AS review FROM answers a LEFT JOIN ({LATEST_REVIEWS_SQL}) r"
+    " ON r.item IS NULL AND r.document = a.document AND r.source_version IS NOT DISTINCT FROM a.source_version"
+    " AND r.page_number = a.page_number AND r.question_id = a.question_id"
+    " AND r.reviewed_answer IS NOT DISTINCT FROM a.answer"
+)
+
+# ``items`` likewise, field by field (a review of a field names its item and field).
+REVIEWED_ITEMS_SQL = (
+    "SELECT i.* REPLACE ("
+    + ", ".join(
+        f"CASE r.decision WHEN 'corrected' THEN r.{column} WHEN 'rejected' THEN NULL ELSE i.{column} END AS {column}"
+        for column in REVIEWED_VALUE_COLUMNS
+    )
+    + f"), r.decision AS review FROM items i JOIN answers a USING (document, page_number, question_id)"
+    f" LEFT JOIN ({LATEST_REVIEWS_SQL}) r ON r.document = i.document AND r.page_number = i.page_number"
+    " AND r.question_id = i.question_id AND r.item = i.item AND r.field = i.field"
+    " AND r.source_version IS NOT DISTINCT FROM a.source_version AND r.reviewed_answer IS NOT DISTINCT FROM i.answer"
+)
+
+
 # The typed-value column of each question type, and how a document's answers are reduced to one.
 VALUE_COLUMN = {"number": "value_number", "money": "value_number", "date": "value_date", "boolean": "value_boolean"}
 
 
-def reduced_columns(question_id: str, question_type: str, reduce: str) -> list[str]:
-    """SQL aggregates of one question's document-level answer: ``ID`` (the answer), ``ID_value`` and, for
-    money, ``ID_currency`` (typed questions), ``ID_page`` (the page it came from). Only the question's
-    answered rows (status ok; for typed questions, value parsed) take part; ``all`` gives every page's as
-    text ("p1: … | p2: …", pages "1, 2, 3"), so that every output format and engine takes it."""
+def reduced_columns(question_id: str, question_type: str, reduce: str, reviewed: bool = False) -> list[str]:
+    """SQL aggregates of one question's document-level answer (over the ``reviewed`` view: a person's
+    decision over the model's): ``ID`` (the answer), ``ID_value`` and, for money, ``ID_currency`` (typed
+    questions), ``ID_page`` (the page it came from), and with ``reviewed`` ``ID_review`` (accepted or
+    corrected, null where nobody reviewed it). Only the question's answered rows (status ok; for typed
+    questions, value parsed; not rejected by a reviewer) take part; ``all`` gives every page's as text
+    ("p1: … | p2: …", pages "1, 2, 3"), so that every output format and engine takes it."""
     answered = (
         f"FILTER (WHERE status = 'ok' AND question_id = {sql_string(question_id)}"
-        " AND coalesce(value_status, 'parsed') = 'parsed')"
+        " AND coalesce(value_status, 'parsed') = 'parsed' AND review IS DISTINCT FROM 'rejected')"
     )
     fields = {question_id: "answer"}
     if question_type in VALUE_COLUMN:
@@ -310,6 +401,8 @@ def reduced_columns(question_id: str, question_type: str, reduce: str) -> list[s
     if question_type == "money":
         fields[f"{question_id}_currency"] = "value_currency"
     fields[f"{question_id}_page"] = "page_number"
+    if reviewed:
+        fields[f"{question_id}_review"] = "review"
     # The row each field comes from: the same for all of a question's fields (``*_null``: a null value is
     # a value, not a reason to look at another row); the most confident model answer, then the first page.
     function, key = {

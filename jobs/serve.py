@@ -32,7 +32,7 @@ from pipeline.fingerprints import config_fingerprint
 from pipeline.images import ImageGeometry
 from pipeline.planning import document_of_bytes
 from pipeline.questions import QuestionList, QuestionTemplate
-from pipeline.records import BBOX, DOCUMENT, OUTPUT_SCHEMA, Page, Status
+from pipeline.records import BBOX, DOCUMENT, ITEM_ENTRY, OUTPUT_SCHEMA, Page, Status
 from pipeline.rendering import document_pages
 
 TOKEN_ENV = "DOCQA_SERVE_TOKEN"
@@ -53,6 +53,10 @@ _PYTHON_TYPES = {
     "date32[day]": datetime.date,  # value_date, as an ISO date in JSON
     str(BBOX): dict[str, float],  # evidence_bbox: {"x0": …, "y0": …, "x1": …, "y1": …}
 }
+ItemEntry = create_model(  # a field of a record of a list or object answer
+    "ItemEntry", **{field.name: (_PYTHON_TYPES[str(field.type)] | None, None) for field in ITEM_ENTRY}
+)
+_PYTHON_TYPES[str(OUTPUT_SCHEMA.field("items").type)] = list[ItemEntry]  # type: ignore[valid-type]
 AnswerRow = create_model(  # the Parquet row, field for field
     "AnswerRow", **{field.name: (_PYTHON_TYPES[str(field.type)] | None, None) for field in OUTPUT_SCHEMA}
 )

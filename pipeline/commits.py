@@ -44,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.records import OUTPUT_SCHEMA, Status
-from pipeline.tables import ANSWERS, CURRENT, RUN_SCHEMA, RUNS, OutputTables, lease_expired, sql_string
+from pipeline.structured import document_items
+from pipeline.tables import ANSWERS, CURRENT, ITEMS, RUN_SCHEMA, RUNS, OutputTables, lease_expired, sql_string
 
 log = logging.getLogger("docqa")
 PART_BITS = 32  # a commit's transaction version: attempt << PART_BITS | part
@@ -191,6 +192,7 @@ class RunFence:
 
         part, rows = self.tables.retry_commit(ANSWERS, fence_answers)
         self.replace_current(rows, part, repair=True)
+        self.replace_items(rows, part, repair=True)
         return part, rows
 
     def with_run_date(self, rows: pa.Table) -> pa.Table:
@@ -219,6 +221,38 @@ class RunFence:
             write_deltalake(table, data, commit_properties=self.properties(part), **options)
 
         self.tables.retry_commit(CURRENT, replace)
+
+    def replace_items(self, rows: pa.Table, part: int, repair: bool = False) -> None:
+        """Put the records of ``rows``' documents into ``items`` as part ``part``, in place of the documents'
+        earlier ones; with ``repair``, of those documents whose ``current`` rows are this run's (its commit
+        may have missed ``items`` after ``current``), and a commit either way (the fence)."""
+        from deltalake import write_deltalake
+
+        def replace(table) -> None:
+            if self.applied(table, part) and not repair:
+                return
+            wanted = self._ours_in_current(rows) if repair else rows
+            documents = pc.unique(wanted.column("document")).to_pylist()
+            if documents:
+                predicate = f"document IN ({', '.join(sql_string(document) for document in documents)})"
+                options = {"mode": "overwrite", "predicate": predicate}
+            else:
+                options = {"mode": "append"}
+            write_deltalake(table, document_items(wanted), commit_properties=self.properties(part), **options)
+
+        self.tables.retry_commit(ITEMS, replace)
+
+    def _ours_in_current(self, rows: pa.Table) -> pa.Table:
+        """Of ``rows``, those of documents whose rows in ``current`` are this run's."""
+        if not rows.num_rows:
+            return rows
+        there = self.tables.read(
+            CURRENT,
+            columns=["document", "run_id"],
+            filter=ds.field("document").isin(pc.unique(rows.column("document"))),
+        )
+        ours = pc.unique(there.filter(pc.equal(there.column("run_id"), self.run_id)).column("document"))
+        return rows.filter(pc.is_in(rows.column("document"), value_set=ours))
 
     def _missing(self, table, rows: pa.Table) -> pa.Table:
         """Of ``rows`` (this run's committed rows), those of documents whose rows in this snapshot of ``current``

@@ -73,8 +73,9 @@ def ocr_digest(config: JobConfig) -> str:
     return _digest(None if ocr.engine == "none" else ocr.model_dump(mode="json"))
 
 
-# Question fields added with typed answers: in a fingerprint only when set (see config_fingerprint).
-TYPED_ANSWER_FIELDS = ("type", "choices", "constrained", "source")
+# Question fields added with typed answers and with records: in a fingerprint only when set (see
+# config_fingerprint), so that the fingerprints of questions written before them do not change.
+TYPED_ANSWER_FIELDS = ("type", "choices", "constrained", "source", "fields", "max_items")
 
 
 def question_fingerprint(question: QuestionTemplate) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-Constraint = tuple[str, str]  # ("ebnf" | "regex", grammar text)
+Constraint = tuple[str, str]  # ("ebnf" | "regex" | "json_schema", grammar text)
 BOOLEAN_ANSWERS = ["yes", "no"]  # a boolean question's answers: true, false
 # The forms `constrained: true` decodes number, money and date answers under (regular grammars; the value is
 # then parsed by pipeline/values.py, in the configured locale).

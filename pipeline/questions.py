@@ -1,8 +1,10 @@
-"""A question template (``QuestionTemplate``), a config's list of them (``QuestionList``: ids unique, none
-taking a column name of the documents view), and which pages each applies to."""
+"""A question template (``QuestionTemplate``), the fields of a list or object question's records
+(``RecordField``), a config's list of templates (``QuestionList``: ids unique, none taking a column name of the
+documents view), and which pages each applies to."""
 
 from __future__ import annotations
 
+import json
 import string
 from typing import Annotated, Literal
 
@@ -10,8 +12,48 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from pipeline.grammars import BOOLEAN_ANSWERS, Constraint, choice_grammar, form_grammar
 from pipeline.pages import PageRange, parse_page_selection, selection_contains
+from pipeline.structured import record_prompt, record_schema
 
 TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
+ScalarType = Literal["text", "number", "money", "date", "boolean", "choice"]
+RECORD_TYPES = ("object", "list")
+
+
+def _check_choices(answer_type: str, choices: list[str] | None) -> None:
+    if answer_type == "choice":
+        if not choices or len(choices) < 2:
+            raise ValueError("type choice needs `choices`: at least two allowed answers")
+        if len(set(choices)) < len(choices):
+            raise ValueError(f"choices must be distinct: {choices}")
+    elif choices is not None:
+        raise ValueError(f"`choices` is for type choice, not type {answer_type}")
+
+
+class RecordField(BaseModel):
+    """One field of the records a list or object question asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The field's key in the JSON answer; a column of items views."
+    )
+    type: ScalarType = Field("text", description="The field's type, as a question's (text, number, money, ...).")
+    choices: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="With type choice: the allowed values."
+    )
+    description: str | None = Field(
+        None, max_length=200, description="What the field holds, told to the model after its name."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecordField:
+        _check_choices(self.type, self.choices)
+        return self
+
+    @property
+    def allowed_answers(self) -> list[str] | None:
+        """The only values a choice or boolean field can have."""
+        return BOOLEAN_ANSWERS if self.type == "boolean" else self.choices
 
 
 class QuestionTemplate(BaseModel):
@@ -23,10 +65,18 @@ class QuestionTemplate(BaseModel):
     text: str = Field(min_length=1, description="Question, may use {file_name}, {page_number}, {num_pages}.")
     pages: str | int | list[str | int] = Field("all", description='all, first, last, or ranges such as "1-3,-1".')
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Most tokens of one answer.")
-    type: Literal["text", "number", "money", "date", "boolean", "choice"] = Field(
+    type: Literal["text", "number", "money", "date", "boolean", "choice", "object", "list"] = Field(
         "text",
         description="What the answer is: text (as generated), number, money (amount and ISO 4217 currency), "
-        "date, boolean (yes/no), or choice (one of `choices`). Typed answers are parsed into the value_* columns.",
+        "date, boolean (yes/no), or choice (one of `choices`), parsed into the value_* columns; or records of "
+        "`fields`: object (one record per page) or list (zero or more per page, such as line items), decoded as "
+        "JSON under their schema, each field typed and boxed in the `items` table.",
+    )
+    fields: list[RecordField] | None = Field(
+        None, description="With type object or list: the fields of each record, in order (names unique)."
+    )
+    max_items: int = Field(
+        200, ge=1, le=10_000, description="With type list: the most records one page's answer holds."
     )
     choices: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description="With type choice: the allowed answers (at least two, distinct)."
@@ -67,13 +117,17 @@ class QuestionTemplate(BaseModel):
 
     @model_validator(mode="after")
     def _consistent_type(self) -> QuestionTemplate:
-        if self.type == "choice":
-            if not self.choices or len(self.choices) < 2:
-                raise ValueError("type choice needs `choices`: at least two allowed answers")
-            if len(set(self.choices)) < len(self.choices):
-                raise ValueError(f"choices must be distinct: {self.choices}")
-        elif self.choices is not None:
-            raise ValueError(f"`choices` is for type choice, not type {self.type}")
+        _check_choices(self.type, self.choices)
+        if self.type in RECORD_TYPES:
+            if not self.fields:
+                raise ValueError(f"type {self.type} needs `fields`: the fields of its records")
+            names = [field.name for field in self.fields]
+            if len(set(names)) < len(names):
+                raise ValueError(f"field names must be unique: {names}")
+            if self.constrained is False:
+                raise ValueError(f"type {self.type} is always decoded under its schema; leave `constrained` out")
+        elif self.fields is not None:
+            raise ValueError(f"`fields` is for type object or list, not type {self.type}")
         if self.constrained is False and self.type in ("choice", "boolean"):
             raise ValueError(f"type {self.type} is always constrained; leave `constrained` out")
         if self.constrained and self.type == "text":
@@ -92,8 +146,16 @@ class QuestionTemplate(BaseModel):
         return BOOLEAN_ANSWERS if self.type == "boolean" else self.choices
 
     @property
+    def has_records(self) -> bool:
+        """Whether the answers are records of fields (type object or list)."""
+        return self.type in RECORD_TYPES
+
+    @property
     def constraint(self) -> Constraint | None:
-        """The grammar answers are decoded under (pipeline/grammars.py), or None."""
+        """The grammar answers are decoded under (pipeline/grammars.py; the JSON Schema of
+        pipeline/structured.py for records), or None."""
+        if self.has_records:
+            return "json_schema", json.dumps(record_schema(self))
         allowed = self.allowed_answers
         if allowed is not None:
             return choice_grammar(allowed)
@@ -116,8 +178,12 @@ class QuestionTemplate(BaseModel):
         return selection_contains(self.page_ranges, page_number, num_pages)
 
     def question(self, file_name: str, page_number: int, num_pages: int) -> str:
-        """The question text with its variables filled in."""
-        return self.text.format(file_name=file_name, page_number=page_number, num_pages=num_pages)
+        """The question as the model is asked it: the text with its variables filled in, and for records what
+        to answer with (pipeline/structured.py ``record_prompt``)."""
+        text = self.text.format(file_name=file_name, page_number=page_number, num_pages=num_pages)
+        if self.has_records:
+            return record_prompt(self, text)
+        return text
 
 
 # Columns of the documents view (`docqa table`) beside each question's own, ID_value, ID_currency, ID_page.

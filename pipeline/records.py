@@ -78,6 +78,23 @@ def arrow(data_type: pa.DataType, nullable: bool = True, zero_copy: bool = False
 
 
 BBOX = pa.struct([(corner, pa.float64()) for corner in ("x0", "y0", "x1", "y1")])
+# A field of a record in a list or object answer (pipeline/structured.py): which record of the answer it
+# belongs to, its text, typed value and evidence, as an answer row has them.
+ITEM_ENTRY = pa.struct(
+    [
+        ("record", pa.int32()),
+        ("field", pa.string()),
+        ("answer", pa.string()),
+        ("value_number", pa.float64()),
+        ("value_currency", pa.string()),
+        ("value_date", pa.date32()),
+        ("value_boolean", pa.bool_()),
+        ("value_status", pa.string()),
+        ("evidence", pa.string()),
+        ("evidence_text", pa.string()),
+        ("evidence_bbox", BBOX),
+    ]
+)
 PYTHON_TO_ARROW: dict[Any, pa.DataType] = {
     str: pa.string(),
     int: pa.int64(),
@@ -293,12 +310,71 @@ class AnswerRow:
     source_format: str | None = None
     page_dpi: float | None = dataclasses.field(default=None, metadata=arrow(pa.float32()))
     text_source: str | None = None
+    # A list or object answer's records, field by field (empty for other questions): what the `items` table
+    # is made of (pipeline/structured.py ``document_items``).
+    items: list[dict[str, Any]] = dataclasses.field(default_factory=list, metadata=arrow(pa.list_(ITEM_ENTRY)))
+
+
+@dataclasses.dataclass(slots=True)
+class ItemRow:
+    """A row of the ``items`` table: one field of one record of a list or object answer, ``item`` its
+    record's number in the document's list (from 0, across its pages in order)."""
+
+    document: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))
+    page_number: int = dataclasses.field(metadata=arrow(pa.int32(), nullable=False))
+    question_id: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))
+    item: int = dataclasses.field(metadata=arrow(pa.int32(), nullable=False))
+    field: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))
+    answer: str | None
+    value_number: float | None
+    value_currency: str | None
+    value_date: datetime.date | None
+    value_boolean: bool | None
+    value_status: str | None
+    evidence: str | None
+    evidence_text: str | None
+    evidence_bbox: dict[str, float] | None = dataclasses.field(metadata=arrow(BBOX))
+    run_id: str | None
+    config_fingerprint: str | None
 
 
 REF_SCHEMA = schema_of(DocumentRef)
 UNIT_SCHEMA = schema_of(WorkUnit)
 PAGE_SCHEMA = schema_of(Page)
 OUTPUT_SCHEMA = schema_of(AnswerRow)
+ITEM_SCHEMA = schema_of(ItemRow)
+
+
+@dataclasses.dataclass(slots=True)
+class ReviewRow:
+    """A row of the ``reviews`` table: what a person decided about one answer (or one field of a record),
+    and what was under review. A review speaks for the document's version it was made on
+    (``source_version``): a document reprocessed into a different answer goes back to the queue."""
+
+    review_id: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))
+    document: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))
+    source_version: str | None
+    page_number: int | None = dataclasses.field(metadata=arrow(pa.int32()))
+    question_id: str | None
+    item: int | None = dataclasses.field(metadata=arrow(pa.int32()))
+    field: str | None
+    decision: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))  # accepted, corrected, rejected
+    answer: str | None  # the answer decided: the one reviewed (accepted), the correction, or null (rejected)
+    value_number: float | None
+    value_currency: str | None
+    value_date: datetime.date | None
+    value_boolean: bool | None
+    value_status: str | None  # of the answer decided: parsed, unparsed, or null (a text question)
+    reviewed_answer: str | None  # the answer as it was under review
+    reviewed_confidence: float | None
+    run_id: str | None
+    config_fingerprint: str | None
+    reviewer: str | None
+    reviewed_at: datetime.datetime = dataclasses.field(metadata=arrow(pa.timestamp("us", tz="UTC"), nullable=False))
+    origin: str = dataclasses.field(metadata=arrow(pa.string(), nullable=False))  # docqa-review, label-studio
+
+
+REVIEW_SCHEMA = schema_of(ReviewRow)
 
 
 def rows_to_table(rows: Iterable[AnswerRow | dict[str, Any]]) -> pa.Table:

@@ -5,6 +5,9 @@ Layout under the output location (local folder or s3:// prefix)::
 
     OUTPUT/answers/   every row ever committed (ANSWER_SCHEMA), partitioned by run_date, full history
     OUTPUT/current/   per document, the rows of the latest run that processed it (same schema)
+    OUTPUT/items/     per document, the records of its list and object answers in `current`, one row per
+                      field (ITEM_SCHEMA), numbered across the document's pages
+    OUTPUT/reviews/   append-only: what people decided about answers (docqa review, Label Studio imports)
     OUTPUT/runs/      one row per run (RUN_SCHEMA): its state (running, committed, failed) and record
 
 Delta's log gives what a folder of Parquet files could not: a reader sees only committed files, commits
@@ -30,13 +33,17 @@ import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
 from pipeline.config import StorageConfig
-from pipeline.records import OUTPUT_SCHEMA
+from pipeline.records import ITEM_SCHEMA, OUTPUT_SCHEMA, REVIEW_SCHEMA
 from pipeline.storage import check_writable_output, endpoint_of, filesystem_for, is_s3
 
 ANSWERS = "answers"
 CURRENT = "current"
 RUNS = "runs"
-TABLES = (ANSWERS, CURRENT, RUNS)
+ITEMS = "items"
+REVIEWS = "reviews"
+TABLES_OF_EVERY_OUTPUT = (ANSWERS, CURRENT, RUNS)
+# items (line items) and reviews (docqa review) came later: an older output gains them on its next run.
+TABLES = (*TABLES_OF_EVERY_OUTPUT, ITEMS, REVIEWS)
 ANSWER_SCHEMA = OUTPUT_SCHEMA.append(pa.field("run_date", pa.date32(), nullable=False))
 RUN_SCHEMA = pa.schema(
     [
@@ -65,8 +72,8 @@ RUN_SCHEMA = pa.schema(
         pa.field("lease_expires_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-SCHEMAS = {ANSWERS: ANSWER_SCHEMA, CURRENT: ANSWER_SCHEMA, RUNS: RUN_SCHEMA}
-PARTITIONS = {ANSWERS: ["run_date"], CURRENT: None, RUNS: None}
+SCHEMAS = {ANSWERS: ANSWER_SCHEMA, CURRENT: ANSWER_SCHEMA, RUNS: RUN_SCHEMA, ITEMS: ITEM_SCHEMA, REVIEWS: REVIEW_SCHEMA}
+PARTITIONS = {ANSWERS: ["run_date"], CURRENT: None, RUNS: None, ITEMS: None, REVIEWS: None}
 COMMIT_ATTEMPTS = 20
 SALT_FILE = "_docqa/digest_salt"
 SALT_BYTES = 16
@@ -376,7 +383,7 @@ def optimize_output(
     tables = OutputTables(output, storage or StorageConfig())
     if is_s3(output):
         check_writable_output(output, tables.storage)
-    for name in TABLES:
+    for name in TABLES_OF_EVERY_OUTPUT:
         if tables.open(name) is None:
             raise TableError(f"no docqa output under {output} (no Delta table at {tables.uri(name)})")
     writing = live_runs(tables)
@@ -389,8 +396,8 @@ def optimize_output(
     report = {}
     for name in TABLES:
         table = tables.open(name)
-        if table is None:
-            raise TableError(f"no docqa output under {output} (no Delta table at {tables.uri(name)})")
+        if table is None:  # items or reviews, of an output no run has written to since they came
+            continue
         before = len(table.file_uris())
 
         def compact(table, name: str = name) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import ValuesConfig
 from pipeline.grammars import BOOLEAN_ANSWERS
-from pipeline.questions import QuestionTemplate
+from pipeline.questions import QuestionTemplate, RecordField
 
 VALUE_COLUMNS = ("value_number", "value_currency", "value_date", "value_boolean", "value_status")
 MAX_WORDS_AROUND = 5
@@ -74,9 +74,10 @@ class ValueParser:
         codes = {**by_symbol(Locale.parse("en")), **by_symbol(self.locale)}
         return codes
 
-    def parse(self, question: QuestionTemplate, answer: str | None) -> dict[str, Any]:
-        """The value columns of ``answer`` to ``question``, plus ``error`` when it could not be read; for a
-        choice or boolean also ``answer``: the allowed answer as configured (``Yes`` → ``yes``)."""
+    def parse(self, question: QuestionTemplate | RecordField, answer: str | None) -> dict[str, Any]:
+        """The value columns of ``answer`` to ``question`` (or a record's field), plus ``error`` when it could
+        not be read; for a choice or boolean also ``answer``: the allowed answer as configured (``Yes`` →
+        ``yes``)."""
         columns: dict[str, Any] = dict.fromkeys(VALUE_COLUMNS)
         if question.type == "text" or answer is None:
             return columns

@@ -336,6 +336,7 @@ class RunWriter:
         try:
             self.tables.retry_commit(ANSWERS, append)
             self.fence.replace_current(rows, part)
+            self.fence.replace_items(rows, part)
         except RunExistsError:
             self._heartbeat.set()  # taken over: the lease is the new attempt's
             raise

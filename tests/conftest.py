@@ -44,6 +44,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def records_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Idefics2 whose greedy answers under a JSON Schema write records: strings, nulls, lists
+    closed and cut by their token cap (``tiny_model``'s, seed 0, are all ``[]`` and nulls)."""
+    return build_tiny_idefics2(tmp_path_factory.mktemp("models") / "tiny-idefics2-records", seed=2)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 
@@ -90,3 +97,18 @@ def sample_pdfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pdfs")
     write_samples(directory, count=4)
     return directory
+
+
+def run_over_invoices(folder: Path, invoices: dict[str, tuple[int, int]], model: Path, questions: list[dict]) -> Path:
+    """``docqa run`` (on the session's Ray, image splitting off) over generated invoices in ``folder/in``:
+    file name → (invoice number, pages), letter size. Its output is ``folder/out``; returns ``folder``."""
+    from jobs.cli import main
+    from jobs.devtools.samples import invoice_pdf, write_job
+
+    inputs = folder / "in"
+    inputs.mkdir(exist_ok=True)
+    for name, (number, pages) in invoices.items():
+        (inputs / name).write_bytes(invoice_pdf(number, pages, (612, 792)))
+    job = write_job(folder, inputs, model, questions, render={"image_splitting": False})
+    assert main(["run", "--config", str(job)]) == 0
+    return folder

@@ -39,6 +39,7 @@ def _statuses(output: Path, run_id: str) -> dict[str, str]:
     return {Path(row["document"]).name: row["status"] for row in rows}
 
 
+@pytest.mark.slow
 def test_a_fixed_setting_takes_again_what_it_fixes_and_reprocess_forces_the_rest(
     ray_session, tiny_model: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:

@@ -162,6 +162,7 @@ def test_submit_nightly_then_only_new_and_changed_documents(
     assert set(second.column("status").to_pylist()) == {"ok"}
 
 
+@pytest.mark.slow
 def test_a_stopped_nightly_is_resubmitted_as_attempt_2_and_its_logs_followed(
     ray_cluster: str, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
 ) -> None:
@@ -262,6 +263,7 @@ def test_a_client_without_the_clusters_token_is_told_how_to_give_it(
     assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text() not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_encrypted_pdf_job_submitted_to_the_cluster_gets_its_password_from_the_clusters_secret(
     ray_cluster: str, tiny_model: Path, tmp_path: Path, capsys
 ) -> None:

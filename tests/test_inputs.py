@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import boto3
+import pytest
 
 from jobs.cli import main
 from jobs.devtools.samples import invoice_pdf, write_job
@@ -98,6 +99,7 @@ def test_poppler_never_sees_a_password_on_its_command_line() -> None:
     assert seen == []
 
 
+@pytest.mark.slow
 def test_the_digests_of_settings_are_salted_per_output(ray_session, tiny_model: Path, tmp_path: Path) -> None:
     """Two outputs, the same password: different digests in their run records, each output with its own
     random salt, and the next night with the same password takes nothing again."""

@@ -316,6 +316,7 @@ def test_optimize_refuses_a_short_window_and_a_live_run(tmp_path: Path, capsys) 
     assert read_answers(output).num_rows == 4
 
 
+@pytest.mark.slow
 def test_reading_the_answers_in_a_fresh_interpreter_never_aborts_at_exit(tmp_path: Path) -> None:
     """delta-rs's own file handler under pyarrow aborts the interpreter at exit about one time in three;
     our readers go through pyarrow's filesystems (pipeline/tables.py OutputTables.files_of)."""

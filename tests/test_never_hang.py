@@ -95,6 +95,7 @@ def broken_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return path
 
 
+@pytest.mark.slow
 def test_a_run_whose_model_fails_on_every_page_is_degraded_and_exits_3(
     ray_session, broken_model: Path, tiny_model: Path, sample_pdfs: Path, tmp_path: Path, capsys
 ) -> None:

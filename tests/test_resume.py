@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pymupdf
+import pytest
 
 from jobs.cli import main
 from jobs.devtools.samples import write_job, write_samples
@@ -120,6 +121,7 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
     assert read_answers(out).num_rows == after.num_rows
 
 
+@pytest.mark.slow
 def test_config_change_reprocesses_and_budgets_carry_over(ray_session, tiny_model: Path, tmp_path: Path) -> None:
     inputs = tmp_path / "pdfs"
     # Two invoices a folder: the listing's shards, taken one after another in listing order under a budget.

@@ -221,7 +221,8 @@ def test_hostile_folder_through_the_pipeline(ray_session, tiny_model: Path, tmp_
         "good.pdf": "ok",
     }
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
-    allowed = ("in/", "job.yaml", "out/answers/", "out/current/", "out/runs/", "out/_docqa/digest_salt")
+    allowed = ("in/", "job.yaml", "out/answers/", "out/current/", "out/runs/", "out/items/", "out/reviews/")
+    allowed += ("out/_docqa/digest_salt",)
     assert all(path.startswith(allowed) for path in written)
     [record] = committed_runs(str(tmp_path / "out"))
     assert record["config"]["render"]["passwords"] == ["**********"]

@@ -60,6 +60,7 @@ def _assert_no_credentials(text: str | bytes) -> None:
         assert (secret.encode() if isinstance(text, bytes) else secret) not in text
 
 
+@pytest.mark.slow
 def test_bucket_of_pdfs_is_processed_exactly_once(
     ray_session, tiny_model: Path, s3_endpoint: str, tmp_path: Path, capsys
 ) -> None:
@@ -256,6 +257,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
     assert _client(s3_endpoint).list_objects_v2(Bucket="lax").get("KeyCount") == 0  # no table, no probe left
 
 
+@pytest.mark.slow
 def test_listing_pages_globs_lists_and_versions(s3_endpoint: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -89,6 +90,7 @@ def test_sigterm_shuts_the_endpoint_down_without_native_stack_frames(ray_session
     assert "SIGTERM received" not in err and "absl::" not in err and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_one_client_cannot_stall_or_confuse_the_endpoint(ray_session, tiny_model, tmp_path):
     """Its own `docqa serve` with tight limits (one request at a time, one waiting, 5 s a request): a chunked
     upload over the limit is refused while it is read; a request past its deadline gets 504 and frees the
@@ -270,8 +272,24 @@ def test_questions_from_the_request_or_a_named_set(endpoint, sample_pdfs):
     typed = [
         {"id": "kind", "text": "Kind?", "type": "choice", "choices": ["invoice", "receipt"]},
         {"id": "text", "text": "Transcribe.", "source": "auto"},
+        {
+            "id": "vendor",
+            "text": "Who issued it?",
+            "type": "object",
+            "fields": [{"name": "paid", "type": "boolean"}, {"name": "kind", "type": "choice", "choices": ["a", "b"]}],
+            "pages": "first",
+            "max_new_tokens": 32,
+        },
     ]
     body = _post(endpoint, sample_pdfs / "invoice-001.pdf", questions=yaml.safe_dump(typed)).json()
+    [vendor] = [row for row in body["answers"] if row["question_id"] == "vendor"]
+    assert vendor["value_status"] == "parsed", (vendor["answer"], vendor["error"])
+    written = json.loads(vendor["answer"])  # a JSON object of its schema, its fields as items
+    assert list(written) == ["paid", "kind"] and written["paid"] in ("yes", "no") and written["kind"] in ("a", "b")
+    assert [(entry["record"], entry["field"], entry["answer"]) for entry in vendor["items"]] == [
+        (0, "paid", written["paid"]),
+        (0, "kind", written["kind"]),
+    ]
     kinds = [row for row in body["answers"] if row["question_id"] == "kind"]
     texts = [row for row in body["answers"] if row["question_id"] == "text"]
     assert len(kinds) == len(texts) == 2

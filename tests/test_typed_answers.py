@@ -105,9 +105,10 @@ def test_question_ids_cannot_take_a_documents_view_column() -> None:
         JobConfig(input="i", output="o", questions=[{"id": "total", "text": "?"}, {"id": "total_page", "text": "?"}])
 
 
-def _pages(data: bytes, questions: list[dict]) -> list[Page]:
-    """The pages of a document through the render stage (in its sandbox), as the pipeline makes them."""
-    config = JobConfig(input="in", output="out", questions=questions)
+def _pages(data: bytes, questions: list[dict], ocr: str = "none") -> list[Page]:
+    """The pages of a document through the render stage (in its sandbox), as the pipeline makes them (OCR
+    off unless ``ocr`` names the engine: these tests are about the PDF's own text layer)."""
+    config = JobConfig(input="in", output="out", questions=questions, ocr={"engine": ocr})
     geometry = ImageGeometry(980, 378, False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pages = document_pages(config, geometry, Document("memory://invoice.pdf", len(data), data=data))
     return [page for page in pages if page.page_number is not None]
@@ -144,7 +145,9 @@ def test_a_page_answered_from_its_text_layer_is_not_rendered() -> None:
     [text_only] = _pages(data, [{"id": "t", "text": "?", "source": "auto"}])
     assert not text_only.sub_image_shapes and text_only.text == pymupdf.open(stream=data)[0].get_text(sort=True)
     [scanned] = _pages(scanned_pdf(data), [{"id": "t", "text": "?", "source": "auto"}])
-    assert scanned.sub_image_shapes and scanned.text == ""
+    assert scanned.sub_image_shapes and scanned.text == ""  # no text layer, no OCR: the model reads it
+    [read] = _pages(scanned_pdf(data), [{"id": "t", "text": "?", "source": "auto"}], ocr="tesseract")
+    assert not read.sub_image_shapes and read.text_source == "ocr" and "INV-0005" in read.text  # OCR'd, not rendered
 
 
 def test_usable_text_layer_rule() -> None:
@@ -216,8 +219,9 @@ def test_run_types_constrains_cites_and_reduces(ray_session, tiny_model: Path, t
             assert row["answer_source"] == "text_layer" and row["answer"] == page.get_text(sort=True)
             assert row["evidence"] == "text_layer" and row["text_layer_chars"] > 100
             assert row["confidence"] is None and row["generated_tokens"] is None
-        else:
-            assert row["answer_source"] == "model" and row["text_layer_chars"] == 0 and row["evidence"] == "none"
+        else:  # the scan: no text layer, its text read by OCR (not the model)
+            assert row["answer_source"] == "ocr" and row["text_source"] == "ocr" and row["text_layer_chars"] > 100
+            assert "INV-0001" in row["answer"] and row["confidence"] is None
 
     store = AnswerStore(str(tmp_path / "out"))
     documents = {row["document"]: row for row in store.reader("SELECT * FROM documents").read_all().to_pylist()}
