@@ -145,7 +145,8 @@ class PageAnswerer:
                 entries.append(entry | self._evidence(field, text, page))
         status = PARSED if problem is None else TRUNCATED if problem.startswith(TRUNCATED) else UNPARSED
         error = None if problem is None else f"{template.type} answer {problem}; {len(records)} complete record(s) kept"
-        return {"items": entries, "value_status": status, "error": error, **NO_EVIDENCE_COLUMNS}
+        # The answer as a whole has no single place on the page: each field has its own (``items``).
+        return {"items": entries, "value_status": status, "error": error, **dict.fromkeys(NO_EVIDENCE_COLUMNS)}
 
     def rows(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:
         """For each page and the templates it may name: that page's answer rows."""

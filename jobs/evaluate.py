@@ -155,7 +155,8 @@ class Evaluation:
         )
         by_page = {(row["document"], row["page_number"], row["question_id"]): row for row in answers}
         documents = sorted({row["document"] for row in answers})
-        table = {row["document"]: row for row in self.store.table().read_all().to_pylist()}
+        documents_sql = self.store.documents_sql(reviewed=False)  # the model's answers, not the reviewers'
+        table = {row["document"]: row for row in self.store.reader(documents_sql).read_all().to_pylist()}
         scored, unknown = [], []
         for truth in read_truth(path):
             document = _matching(truth["document"], documents)
@@ -171,7 +172,8 @@ class Evaluation:
                 page = table.get(document, {}).get(f"{qid}_page")
                 row = by_page.get((document, page, qid), {})
                 confidence = row.get("confidence")
-            scored.append(self.score(document, truth["page_number"], qid, answer, str(truth["answer"]), confidence))
+            expected = truth["answer"] if isinstance(truth["answer"], str) else json.dumps(truth["answer"])
+            scored.append(self.score(document, truth["page_number"], qid, answer, expected, confidence))
         if unknown and not scored:
             raise TruthError(f"no document of the truth file is in the output (e.g. {unknown[0]!r})")
         return scored

@@ -90,7 +90,7 @@ def export_tasks(book: ReviewBook, path: Path, limit: int | None = None) -> int:
     """The queue as Label Studio tasks in ``path`` (JSON), the labeling config beside it; the task count."""
     images = PageImages(book.storage)
     tasks = [
-        task(entry, images.png(entry.document, entry.page_number), number)
+        task(entry, images.png(entry.document, entry.page_number, entry.source_version), number)
         for number, entry in enumerate(book.queue(limit), start=1)
     ]
     path.write_text(json.dumps(tasks, indent=1, default=str))

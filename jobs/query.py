@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import StorageConfig
+from pipeline.questions import RECORD_TYPES
 from pipeline.storage import check_bucket, is_s3
 from pipeline.tables import (
     ANSWER_SCHEMA,
@@ -189,8 +190,11 @@ class AnswerStore:
             if not self.documents_view and re.search(r"\bdocuments\b", sql, re.IGNORECASE):
                 self.connection.execute(f"CREATE VIEW documents AS {self.documents_sql()}")
                 self.documents_view = True
-            for question_id in re.findall(r"\bitems_([A-Za-z0-9_.-]+)", sql):
-                self._item_view(question_id)
+            named = set(re.findall(r"\bitems_([A-Za-z0-9_]+)", sql))
+            if named:
+                records = {qid for qid, t in self.question_templates().items() if t.get("type") in RECORD_TYPES}
+                for question_id in named & records:
+                    self._item_view(question_id)
             relation = self.connection.sql(sql, params=list(parameters) if parameters else None)
         except duckdb.Error as error:
             tables = "\n".join(f"  {name}: {', '.join(columns)}" for name, columns in QUERYABLE_COLUMNS.items())
@@ -210,9 +214,12 @@ class AnswerStore:
             templates[question_id] = {"id": question_id}
         return templates
 
-    def documents_sql(self, questions: Sequence[str] | None = None, reduce: str | None = None) -> str:
+    def documents_sql(
+        self, questions: Sequence[str] | None = None, reduce: str | None = None, reviewed: bool = True
+    ) -> str:
         """One row per document: its page count, its status, and per question its answer reduced to one
-        (the question's ``reduce``, or ``reduce`` for all), its typed value and the page it came from."""
+        (the question's ``reduce``, or ``reduce`` for all), its typed value and the page it came from; with
+        ``reviewed`` (the default) a person's decision over the model's answer, else the model's alone."""
         templates = self.question_templates()
         wanted = list(questions) if questions else list(templates)
         unknown = [qid for qid in wanted if qid not in templates]
@@ -224,13 +231,14 @@ class AnswerStore:
             "CASE WHEN bool_and(status = 'ok') THEN 'ok' ELSE string_agg(DISTINCT status, ',' ORDER BY status)"
             " FILTER (WHERE status <> 'ok') END AS status",
         ]
-        reviewed = self.reader("SELECT DISTINCT question_id FROM reviewed WHERE review IS NOT NULL").read_all()
-        reviewed_questions = set(reviewed.column(0).to_pylist())
+        relation = "reviewed" if reviewed else "(SELECT *, NULL::VARCHAR AS review FROM answers)"
+        decided = self.reader(f"SELECT DISTINCT question_id FROM {relation} WHERE review IS NOT NULL").read_all()
+        reviewed_questions = set(decided.column(0).to_pylist())
         for qid in wanted:
             template = templates[qid]
             how = reduce or template.get("reduce", "first")
             columns += reduced_columns(qid, template.get("type", "text"), how, qid in reviewed_questions)
-        return f"SELECT {', '.join(columns)} FROM reviewed GROUP BY document"
+        return f"SELECT {', '.join(columns)} FROM {relation} GROUP BY document"
 
     def _item_view(self, question_id: str) -> None:
         """The view ``items_ID`` of a list or object question: one row per record (document, page_number,
@@ -239,7 +247,7 @@ class AnswerStore:
         if question_id in self.item_views:
             return
         template = self.question_templates().get(question_id, {})
-        if template.get("type") not in ("list", "object"):
+        if template.get("type") not in RECORD_TYPES:
             raise QueryError(f"{question_id!r} is not a list or object question of these runs: it has no items")
         columns = ["document", "page_number", "item"]
         for field in template.get("fields", []):
@@ -257,6 +265,7 @@ class AnswerStore:
 
     def items_of(self, question_id: str) -> pa.RecordBatchReader:
         """``items_ID``: one row per record of a list or object question, by document and item."""
+        self._item_view(question_id)  # or the reason there is none
         return self.reader(f"SELECT * FROM {sql_identifier('items_' + question_id)} ORDER BY document, item")
 
     def answers_of(self, document: str) -> pa.RecordBatchReader:
@@ -349,7 +358,7 @@ def runs(output: str, storage: StorageConfig | None = None, all_columns: bool = 
 REVIEW_KEY = ("document", "source_version", "page_number", "question_id", "item", "field")
 LATEST_REVIEWS_SQL = (
     "SELECT * FROM reviews QUALIFY row_number() OVER"
-    f" (PARTITION BY {', '.join(REVIEW_KEY)} ORDER BY reviewed_at DESC, review_id DESC) = 1"
+    f" (PARTITION BY {', '.join(REVIEW_KEY)}, reviewed_answer ORDER BY reviewed_at DESC, review_id DESC) = 1"
 )
 REVIEWED_VALUE_COLUMNS = ("answer", "value_number", "value_currency", "value_date", "value_boolean", "value_status")
 # ``answers`` with a person's decision over the model's answer: accepted (kept), corrected (the correction
@@ -360,6 +369,7 @@ REVIEWED_SQL = (
         f"CASE r.decision WHEN 'corrected' THEN r.{column} WHEN 'rejected' THEN NULL ELSE a.{column} END AS {column}"
         for column in REVIEWED_VALUE_COLUMNS
     )
+    + ", CASE r.decision WHEN 'corrected' THEN 'ok' ELSE a.status END AS status"
     + f"), r.decision AS review FROM answers a LEFT JOIN ({LATEST_REVIEWS_SQL}) r"
     " ON r.item IS NULL AND r.document = a.document AND r.source_version IS NOT DISTINCT FROM a.source_version"
     " AND r.page_number = a.page_number AND r.question_id = a.question_id"

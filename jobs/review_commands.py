@@ -14,17 +14,24 @@ from pipeline.config_loading import load_config
 REVIEW_COMMANDS = ("review", "evaluate")
 
 
-def _add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", help="the output to review (a folder or s3:// prefix)")
-    parser.add_argument("--config", help="job config: its output and storage settings")
+def _add_output(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """``nested``: on a subcommand of ``review``, whose own options may also come before it (the
+    subcommand's unset ones must not overwrite them)."""
+    unset = argparse.SUPPRESS if nested else None
+    parser.add_argument("--output", default=unset, help="the output to review (a folder or s3:// prefix)")
+    parser.add_argument("--config", default=unset, help="job config: its output and storage settings")
 
 
-def _add_queue(parser: argparse.ArgumentParser) -> None:
+def _add_queue(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    unset = argparse.SUPPRESS if nested else None
     parser.add_argument(
-        "--below", type=float, default=None, help="confidence under which an answer is checked (default 0.5)"
+        "--below", type=float, default=unset, help="confidence under which an answer is checked (default 0.5)"
     )
     parser.add_argument(
-        "--thresholds", type=Path, help="per-question thresholds: the JSON `docqa evaluate --write-thresholds` writes"
+        "--thresholds",
+        type=Path,
+        default=unset,
+        help="per-question thresholds: the JSON `docqa evaluate --write-thresholds` writes",
     )
 
 
@@ -41,11 +48,11 @@ def add_review_commands(commands: Any) -> None:
     export.add_argument("file", type=Path, help="the tasks file to write (the labeling config goes beside it)")
     export.add_argument("--format", choices=["label-studio"], default="label-studio")
     export.add_argument("--limit", type=int, help="at most this many tasks")
-    _add_output(export)
-    _add_queue(export)
+    _add_output(export, nested=True)
+    _add_queue(export, nested=True)
     imported = actions.add_parser("import", help="a Label Studio JSON export into the reviews table")
     imported.add_argument("file", type=Path, help="the export file (JSON)")
-    _add_output(imported)
+    _add_output(imported, nested=True)
 
     evaluate = commands.add_parser(
         "evaluate", help="accuracy per question against the reviews or a truth file, and the confidence to trust"

@@ -65,13 +65,15 @@ class PageImages:
 
     def __init__(self, storage: StorageConfig) -> None:
         self.storage, self.render, self.limits = storage, RenderConfig(), LimitsConfig()
-        self.cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.cache: OrderedDict[tuple[str, int, str | None], bytes] = OrderedDict()
         self.lock = threading.Lock()
 
-    def png(self, document: str, page_number: int) -> bytes:
+    def png(self, document: str, page_number: int, version: str | None = None) -> bytes:
+        """The page as PNG; ``version`` (the document's source_version) keys the cache, so a replaced
+        file is rendered anew."""
         from PIL import Image
 
-        key = (document, page_number)
+        key = (document, page_number, version)
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
@@ -175,7 +177,7 @@ def build_app(book: ReviewBook, token: str) -> FastAPI:
     def page_image(identity: str, reviewer: Reviewer) -> Response:
         entry = known(identity)
         try:
-            png = images.png(entry.document, entry.page_number)
+            png = images.png(entry.document, entry.page_number, entry.source_version)
         except (DocumentError, OSError) as error:
             return JSONResponse({"error": f"the page cannot be shown: {error}"}, status_code=422)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
@@ -183,7 +185,10 @@ def build_app(book: ReviewBook, token: str) -> FastAPI:
     @app.get("/api/parse")
     def parse(identity: Annotated[str, Query(alias="id")], answer: str, reviewer: Reviewer) -> dict[str, Any]:
         """How a correction would be read: its typed value, or why it is not one."""
-        columns = book.typed(known(identity), answer)
+        try:
+            columns = book.typed(known(identity), answer)
+        except ValueError as error:
+            return {"value": None, "value_status": None, "error": str(error)}
         return {
             "value": value_text(columns),
             "value_status": columns.get("value_status"),
@@ -195,7 +200,8 @@ def build_app(book: ReviewBook, token: str) -> FastAPI:
         entry = known(decision.id)
         try:
             with decide_lock:  # one process: the book's listing cache is not for two threads at once
-                row = book.decide(entry, decision.decision, decision.answer, decision.reviewer or reviewer)
+                who = (decision.reviewer or reviewer) if reviewer == "api" else reviewer  # a session is its login
+                row = book.decide(entry, decision.decision, decision.answer, who)
         except ValueError as error:
             return JSONResponse({"error": str(error)}, status_code=422)
         return JSONResponse({"review_id": row.review_id, "decision": row.decision, "answer": row.answer})

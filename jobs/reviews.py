@@ -86,6 +86,7 @@ def _reason_sql(threshold: str, row: str, value: str) -> str:
     return (
         f"CASE WHEN {row}status = 'model_error' THEN 'model error: ' || coalesce({row}error, '')"
         f" WHEN {value}value_status = 'unparsed' THEN 'typed value did not parse'"
+        f" WHEN {value}value_status = 'truncated' THEN 'answer cut by max_new_tokens'"
         f" WHEN {value}value_status = 'parsed' AND {value}evidence = 'none' THEN 'typed value without evidence'"
         f" WHEN {row}confidence < {threshold}"
         f" THEN 'confidence ' || round({row}confidence, 2) || ' below ' || {threshold} END"
@@ -100,7 +101,8 @@ def queue_sql(below: float, thresholds: dict[str, float]) -> str:
         f" question, answer, {_value_text('')} AS value, value_status, confidence,"
         f" {_reason_sql(_threshold_sql(below, thresholds, 'question_id'), '', '')} AS reason,"
         " evidence_bbox, run_id, config_fingerprint FROM reviewed"
-        " WHERE question_id IS NOT NULL AND review IS NULL AND len(items) = 0 AND status IN ('ok', 'model_error')"
+        " WHERE question_id IS NOT NULL AND review IS NULL AND coalesce(len(items), 0) = 0"
+        " AND status IN ('ok', 'model_error')"
     )
     fields = (
         "SELECT i.document, a.source_version, i.page_number, i.question_id, i.item, i.field,"
@@ -134,6 +136,7 @@ class ReviewBook:
     ) -> None:
         self.output, self.storage = output, storage or StorageConfig()
         self.below, self.thresholds = below, dict(thresholds or {})
+        AnswerStore(output, storage=self.storage)  # a docqa output, or QueryError (never a new empty one)
         self.tables = OutputTables(output, self.storage)
         self.tables.create()  # reviews (and any table an older output lacks), before the first decision
         self.known: dict[str, QueueEntry] = {}  # entries listed so far, by id: what the API may name
@@ -174,8 +177,13 @@ class ReviewBook:
             {key: value for key, value in template.items() if key in QuestionTemplate.model_fields}
             | {"text": template.get("text") or "?"}
         )
+        if question.has_records and entry.field is None:  # a whole list or object answer: its JSON as it is
+            return {"answer": answer}
         if entry.field is not None:
-            question = next(field for field in question.fields or [] if field.name == entry.field)
+            fields = [field for field in question.fields or [] if field.name == entry.field]
+            if not fields:
+                raise ValueError(f"question {entry.question_id} has no field {entry.field} any more")
+            question = fields[0]
         columns = ValueParser(self.values_config(store)).parse(question, answer)
         columns.setdefault("answer", answer)
         return columns
@@ -199,6 +207,8 @@ class ReviewBook:
             if not (answer or "").strip():
                 raise ValueError("a correction needs the right answer")
             typed = self.typed(entry, answer.strip())
+            if typed.get("value_status") == "unparsed":
+                raise ValueError(f"the correction is not a value of its type: {typed.get('error')}")
         elif decision == "accept":
             typed = self.typed(entry, entry.answer)
             typed["answer"] = entry.answer

@@ -188,7 +188,7 @@ class QuestionTemplate(BaseModel):
 
 # Columns of the documents view (`docqa table`) beside each question's own, ID_value, ID_currency, ID_page.
 DOCUMENT_COLUMNS = ("document", "num_pages", "status")
-DERIVED_SUFFIXES = ("_value", "_currency", "_page")
+DERIVED_SUFFIXES = ("_value", "_currency", "_page", "_review")
 
 
 def check_unique_ids(questions: list[QuestionTemplate]) -> list[QuestionTemplate]:

@@ -227,6 +227,8 @@ def test_views_and_the_table_command_show_the_items_with_typed_columns(line_item
     ).fetch_arrow_table()
     assert sorted(pivoted.column_names) == ["amount", "description", "document", "item", "quantity", "unit_price"]
     assert pivoted.num_rows == view.num_rows
+    everything = DeltaTable(f"{output}/items").to_pyarrow_table().num_rows
+    assert query(output, "SELECT count(*) AS items_count FROM items").column(0).to_pylist() == [everything]
     vendor = query(output, "SELECT * FROM items_vendor")
     assert str(vendor.schema.field("issued").type) == "date32[day]" and str(vendor.schema.field("paid").type) == "bool"
     assert main(["table", "--output", output, "--items", "line_items", "--format", "csv"]) == 0

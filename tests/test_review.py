@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from deltalake import DeltaTable
 
 from bench import free_port
 from jobs.cli import main
@@ -121,6 +122,10 @@ def test_an_image_url_reaches_only_the_queue_s_pages(server: Server, output: str
     assert server.api("POST", "/api/reviews", json={"id": elsewhere, "decision": "accept"}).status_code == 404
     bad = server.api("POST", "/api/reviews", json={"id": entry["id"], "decision": "maybe"})
     assert bad.status_code == 422 and "decision must be one of" in bad.json()["error"]
+    total = next(item for item in server.api("GET", "/api/queue").json()["items"] if item["question_id"] == "total")
+    wrong = server.api("POST", "/api/reviews", json={"id": total["id"], "decision": "correct", "answer": "soon"})
+    assert wrong.status_code == 422 and "not a value of its type" in wrong.json()["error"]
+    assert query(output, "SELECT count(*) AS n FROM reviews").column("n").to_pylist() == [0]
 
 
 def test_two_reviewers_at_once_lose_nothing(output: str) -> None:
@@ -361,8 +366,13 @@ def test_evaluate_scores_a_truth_file_as_computed_by_hand(output: str, tmp_path:
     assert who["anls"] == pytest.approx(expected_anls)
     assert who["exact_match"] == pytest.approx(1 / 3) and who["accuracy"] == pytest.approx(1 / 3)
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert main(["evaluate", "--output", output, "--truth", str(truth)]) == 0
+    thresholds = tmp_path / "thresholds.json"
+    saved = ["evaluate", "--output", output, "--truth", str(truth), "--save", "--write-thresholds", str(thresholds)]
+    assert main(saved) == 0
     assert "who" in capsys.readouterr().out
+    evaluations = DeltaTable(f"{output}/evaluations").to_pyarrow_table().to_pylist()  # deltalake alone
+    assert [(row["question_id"], row["answers"], row["target"]) for row in evaluations] == [("who", 3, 0.98)]
+    assert set(json.loads(thresholds.read_text())) <= {"who"}
 
     # From the reviews: accepted is right, corrected and rejected are wrong.
     book = ReviewBook(output, below=0.9)
