@@ -21,9 +21,9 @@ from actors.families import load_adapter
 from pipeline.config import JobConfig
 from pipeline.fingerprints import config_fingerprint
 from pipeline.images import unpack_images
-from pipeline.questions import QuestionTemplate, RecordField
+from pipeline.questions import QuestionTemplate
 from pipeline.records import DOCUMENT, IDENTITY, AnswerRow, Page, Status, file_name_of, from_table, rows_to_table
-from pipeline.structured import TRUNCATED, is_header, read_records
+from pipeline.structured import TRUNCATED, RecordField, is_header, read_records
 from pipeline.text_layer import NO_EVIDENCE_COLUMNS, TEXT_LAYER, find_evidence
 from pipeline.values import PARSED, UNPARSED, ValueParser
 

@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.query import LATEST_REVIEWS_SQL, AnswerStore
-from jobs.reviews import ReviewBook
+from jobs.query import LATEST_REVIEWS_SQL, AnswerStore, template_question
 from pipeline.config import StorageConfig
 from pipeline.questions import QuestionTemplate
 from pipeline.values import ValueParser
@@ -114,12 +113,10 @@ class Evaluation:
     def __init__(self, output: str, storage: StorageConfig | None = None) -> None:
         self.store = AnswerStore(output, storage=storage)
         self.templates = self.store.question_templates()
-        self.parser = ValueParser(ReviewBook.values_config(self.store))
+        self.parser = ValueParser(self.store.values_config())
 
     def question(self, question_id: str) -> QuestionTemplate:
-        template = self.templates.get(question_id, {"id": question_id})
-        known = {key: value for key, value in template.items() if key in QuestionTemplate.model_fields}
-        return QuestionTemplate.model_validate(known | {"text": template.get("text") or "?"})
+        return template_question(self.templates, question_id)
 
     def from_reviews(self) -> list[Scored]:
         """Each reviewed answer (the latest decision per answer) scored against what the reviewer decided."""

@@ -11,6 +11,7 @@ fits the tasks is written beside them (``LABEL_CONFIG``).
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,11 @@ def task(entry: QueueEntry, png: bytes, number: int) -> dict[str, Any]:
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk."""
-    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    """Width and height of a PNG (Pillow reads its header only)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.size
 
 
 def export_tasks(book: ReviewBook, path: Path, limit: int | None = None) -> int:

@@ -29,8 +29,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import StorageConfig
-from pipeline.questions import RECORD_TYPES
+from pipeline.config import StorageConfig, ValuesConfig
+from pipeline.questions import RECORD_TYPES, QuestionTemplate
 from pipeline.storage import check_bucket, is_s3
 from pipeline.tables import (
     ANSWER_SCHEMA,
@@ -214,6 +214,13 @@ class AnswerStore:
             templates[question_id] = {"id": question_id}
         return templates
 
+    def values_config(self) -> ValuesConfig:
+        """How the latest committed run read typed answers (its locale)."""
+        latest = self.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at DESC LIMIT 1")
+        records = latest.read_all().column(0).to_pylist()
+        values = json.loads(records[0]).get("config", {}).get("values", {}) if records else {}
+        return ValuesConfig.model_validate(values)
+
     def documents_sql(
         self, questions: Sequence[str] | None = None, reduce: str | None = None, reviewed: bool = True
     ) -> str:
@@ -318,6 +325,14 @@ class AnswerStore:
             cut = min((location.index(char) for char in "*?[" if char in location), default=len(location))
             roots.add(location[:cut].rsplit("/", 1)[0] if cut < len(location) else location.rstrip("/"))
         return sorted(roots, key=len, reverse=True)
+
+
+def template_question(templates: dict[str, dict[str, Any]], question_id: str) -> QuestionTemplate:
+    """The question ``question_id`` as the runs recorded it (``AnswerStore.question_templates``); a question
+    known only from its rows is a text question."""
+    template = templates.get(question_id, {"id": question_id})
+    known = {key: value for key, value in template.items() if key in QuestionTemplate.model_fields}
+    return QuestionTemplate.model_validate(known | {"text": template.get("text") or "?"})
 
 
 # The same operations as whole tables, for notebooks: ``query(...).to_pandas()`` for a DataFrame. Each takes

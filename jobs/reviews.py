@@ -19,10 +19,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.query import LATEST_REVIEWS_SQL, AnswerStore
-from pipeline.config import StorageConfig, ValuesConfig
-from pipeline.questions import QuestionTemplate, RecordField
+from jobs.query import LATEST_REVIEWS_SQL, AnswerStore, template_question
+from pipeline.config import StorageConfig
+from pipeline.questions import QuestionTemplate
 from pipeline.records import ReviewRow, to_table
+from pipeline.structured import RecordField
 from pipeline.tables import REVIEWS, OutputTables
 from pipeline.values import ValueParser
 
@@ -140,6 +141,8 @@ class ReviewBook:
         self.tables = OutputTables(output, self.storage)
         self.tables.create()  # reviews (and any table an older output lacks), before the first decision
         self.known: dict[str, QueueEntry] = {}  # entries listed so far, by id: what the API may name
+        self.templates: dict[str, dict[str, Any]] = {}
+        self.parser: ValueParser | None = None
 
     def store(self) -> AnswerStore:
         return AnswerStore(self.output, storage=self.storage)
@@ -147,8 +150,9 @@ class ReviewBook:
     def queue(self, limit: int | None = None) -> list[QueueEntry]:
         """The entries waiting, at most ``limit`` (all when None), in document, page and question order."""
         sql = queue_sql(self.below, self.thresholds) + (f" LIMIT {int(limit)}" if limit is not None else "")
-        entries = []
-        for row in self.store().reader(sql).read_all().to_pylist():
+        entries, store = [], self.store()
+        self._read_runs(store)
+        for row in store.reader(sql).read_all().to_pylist():
             identity = entry_id(
                 row["document"],
                 row["source_version"],
@@ -169,14 +173,16 @@ class ReviewBook:
             self.queue()
         return self.known.get(identity)
 
+    def _read_runs(self, store: AnswerStore) -> None:
+        """The questions and the locale of the runs, as the latest listing saw them (a correction typed
+        key by key is read without going back to the tables)."""
+        self.templates, self.parser = store.question_templates(), ValueParser(store.values_config())
+
     def typed(self, entry: QueueEntry, answer: str | None) -> dict[str, Any]:
         """The value columns of ``answer`` read as ``entry``'s question (or field) reads answers."""
-        store = self.store()
-        template = store.question_templates().get(entry.question_id, {"id": entry.question_id})
-        question: QuestionTemplate | RecordField = QuestionTemplate.model_validate(
-            {key: value for key, value in template.items() if key in QuestionTemplate.model_fields}
-            | {"text": template.get("text") or "?"}
-        )
+        if self.parser is None:
+            self._read_runs(self.store())
+        question: QuestionTemplate | RecordField = template_question(self.templates, entry.question_id)
         if question.has_records and entry.field is None:  # a whole list or object answer: its JSON as it is
             return {"answer": answer}
         if entry.field is not None:
@@ -184,17 +190,9 @@ class ReviewBook:
             if not fields:
                 raise ValueError(f"question {entry.question_id} has no field {entry.field} any more")
             question = fields[0]
-        columns = ValueParser(self.values_config(store)).parse(question, answer)
+        columns = self.parser.parse(question, answer)
         columns.setdefault("answer", answer)
         return columns
-
-    @staticmethod
-    def values_config(store: AnswerStore) -> ValuesConfig:
-        """The locale of the latest committed run (how its answers were read)."""
-        latest = store.reader("SELECT record FROM runs WHERE state = 'committed' ORDER BY started_at DESC LIMIT 1")
-        records = latest.read_all().column(0).to_pylist()
-        values = json.loads(records[0]).get("config", {}).get("values", {}) if records else {}
-        return ValuesConfig.model_validate(values)
 
     def decide(
         self, entry: QueueEntry, decision: str, answer: str | None, reviewer: str | None, origin: str = REVIEW_ORIGIN

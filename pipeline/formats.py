@@ -79,16 +79,3 @@ def _unrecognized(data: bytes) -> str:
 def source_format_of(detected: str) -> str:
     """The name a detected format has in the rows."""
     return PDF if detected == PDF else IMAGE_FORMATS[detected].name
-
-
-def open_source(data: bytes, backend: str, passwords: tuple[str, ...] = ()):
-    """The document in ``data`` opened in this process (the render helper) as a ``SourceDocument``
-    (pipeline/pdf.py): PDFs with the configured backend, images with Pillow. Raises DocumentError."""
-    detected = detect_format(data)
-    if detected == PDF:
-        from pipeline.pdf import open_pdf
-
-        return open_pdf(data, backend, passwords)
-    from pipeline.image_files import ImageDocument
-
-    return ImageDocument(data, IMAGE_FORMATS[detected])

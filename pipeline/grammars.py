@@ -38,3 +38,14 @@ def choice_grammar(allowed: list[str]) -> Constraint:
 def form_grammar(answer_type: str) -> Constraint:
     """An answer in the regular form of ``answer_type`` (number, money, date), after an optional space."""
     return "regex", f" ?({CONSTRAINED_FORMS[answer_type]})"
+
+
+def check_choices(answer_type: str, choices: list[str] | None) -> None:
+    """Raise unless ``choices`` fit ``answer_type``: at least two distinct for choice, none for any other."""
+    if answer_type == "choice":
+        if not choices or len(choices) < 2:
+            raise ValueError("type choice needs `choices`: at least two allowed answers")
+        if len(set(choices)) < len(choices):
+            raise ValueError(f"choices must be distinct: {choices}")
+    elif choices is not None:
+        raise ValueError(f"`choices` is for type choice, not type {answer_type}")

@@ -20,8 +20,9 @@ import numpy as np
 
 from pipeline.formats import ImageFormat
 from pipeline.ocr import ocr_pixels
-from pipeline.pdf import NO_TEXT_LAYER, TextLayer, rendered_size
+from pipeline.pdf import rendered_size
 from pipeline.records import DocumentError, Status
+from pipeline.words import NO_TEXT_LAYER, TextLayer
 
 DEFAULT_DPI = 72.0  # a header without a resolution: one pixel per point
 PLAUSIBLE_DPI = (36.0, 4800.0)  # outside this, a header's resolution is taken as absent (some write 1 or 0)

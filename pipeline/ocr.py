@@ -12,7 +12,7 @@ and that page's words are read as any PDF page's are.
 
 from __future__ import annotations
 
-from pipeline.pdf import TextLayer, pymupdf_text_layer
+from pipeline.words import TextLayer, pymupdf_text_layer
 
 A4_LONG_SIDE_INCHES = 11.7  # an image without a resolution is read as if its long side were this long at most
 

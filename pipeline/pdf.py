@@ -6,12 +6,13 @@ status. Nothing here knows of Ray or of the helper."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from pipeline.ocr import ocr_pdf_page, ocr_pixels
 from pipeline.records import DocumentError, Status
+from pipeline.words import NO_TEXT_LAYER, TextLayer, pymupdf_text_layer
 
 ENCRYPTED_REASON = "the PDF is encrypted and needs a password (none of render.passwords opened it)"
 
@@ -44,37 +45,6 @@ class SourceDocument(Protocol):
 
 def pdf_page_info(width: float, height: float) -> dict[str, float | int | None]:
     return {"width": width, "height": height, "pixels": None, "dpi": None}
-
-
-@dataclass(frozen=True)
-class TextLayer:
-    """A page's text layer: its text and its words in reading order (MuPDF's ``sort=True``: blocks top to
-    bottom, left to right), each word's box as fractions of the page (x0, y0, x1, y1, rotation applied)."""
-
-    text: str
-    words: list[str]
-    boxes: list[float]  # 4 per word
-
-    @property
-    def chars(self) -> int:
-        """Non-space characters: 0 for a scanned page."""
-        return sum(not character.isspace() for character in self.text)
-
-
-NO_TEXT_LAYER = TextLayer("", [], [])
-
-
-def pymupdf_text_layer(page) -> TextLayer:
-    """A PyMuPDF page's text layer."""
-    import pymupdf
-
-    width, height = page.rect.width, page.rect.height
-    words, boxes = [], []
-    for x0, y0, x1, y1, word, *_ in page.get_text("words", sort=True):
-        rect = pymupdf.Rect(x0, y0, x1, y1) * page.rotation_matrix
-        words.append(word)
-        boxes += [rect.x0 / width, rect.y0 / height, rect.x1 / width, rect.y1 / height]
-    return TextLayer(page.get_text("text", sort=True), words, boxes)
 
 
 class PyMuPdfDocument:
@@ -118,8 +88,6 @@ class PyMuPdfDocument:
         return pymupdf_text_layer(self.document[page_number - 1])
 
     def ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> TextLayer:
-        from pipeline.ocr import ocr_pdf_page
-
         return ocr_pdf_page(self.document[page_number - 1], language, dpi, tessdata)
 
     def close(self) -> None:
@@ -199,8 +167,6 @@ class PopplerDocument:
 
     def ocr(self, page_number: int, language: str, dpi: int, tessdata: str) -> TextLayer:
         """Poppler renders the page at ``dpi``, Tesseract reads it (MuPDF need not open the file)."""
-        from pipeline.ocr import ocr_pixels
-
         return ocr_pixels(self._pdftoppm(page_number, dpi=dpi).convert("RGB"), dpi, language, dpi, tessdata)
 
     def text_layer(self, page_number: int) -> TextLayer:

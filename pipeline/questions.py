@@ -1,6 +1,6 @@
-"""A question template (``QuestionTemplate``), the fields of a list or object question's records
-(``RecordField``), a config's list of templates (``QuestionList``: ids unique, none taking a column name of the
-documents view), and which pages each applies to."""
+"""A question template (``QuestionTemplate``; the fields of a list or object question's records are
+pipeline/structured.py's ``RecordField``), a config's list of templates (``QuestionList``: ids unique, none
+taking a column name of the documents view), and which pages each applies to."""
 
 from __future__ import annotations
 
@@ -10,50 +10,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.grammars import BOOLEAN_ANSWERS, Constraint, choice_grammar, form_grammar
+from pipeline.grammars import BOOLEAN_ANSWERS, Constraint, check_choices, choice_grammar, form_grammar
 from pipeline.pages import PageRange, parse_page_selection, selection_contains
-from pipeline.structured import record_prompt, record_schema
+from pipeline.structured import RecordField, record_prompt, record_schema
 
 TEMPLATE_VARIABLES = ("file_name", "page_number", "num_pages")
-ScalarType = Literal["text", "number", "money", "date", "boolean", "choice"]
 RECORD_TYPES = ("object", "list")
-
-
-def _check_choices(answer_type: str, choices: list[str] | None) -> None:
-    if answer_type == "choice":
-        if not choices or len(choices) < 2:
-            raise ValueError("type choice needs `choices`: at least two allowed answers")
-        if len(set(choices)) < len(choices):
-            raise ValueError(f"choices must be distinct: {choices}")
-    elif choices is not None:
-        raise ValueError(f"`choices` is for type choice, not type {answer_type}")
-
-
-class RecordField(BaseModel):
-    """One field of the records a list or object question asks for."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The field's key in the JSON answer; a column of items views."
-    )
-    type: ScalarType = Field("text", description="The field's type, as a question's (text, number, money, ...).")
-    choices: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="With type choice: the allowed values."
-    )
-    description: str | None = Field(
-        None, max_length=200, description="What the field holds, told to the model after its name."
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RecordField:
-        _check_choices(self.type, self.choices)
-        return self
-
-    @property
-    def allowed_answers(self) -> list[str] | None:
-        """The only values a choice or boolean field can have."""
-        return BOOLEAN_ANSWERS if self.type == "boolean" else self.choices
 
 
 class QuestionTemplate(BaseModel):
@@ -117,7 +79,7 @@ class QuestionTemplate(BaseModel):
 
     @model_validator(mode="after")
     def _consistent_type(self) -> QuestionTemplate:
-        _check_choices(self.type, self.choices)
+        check_choices(self.type, self.choices)
         if self.type in RECORD_TYPES:
             if not self.fields:
                 raise ValueError(f"type {self.type} needs `fields`: the fields of its records")

@@ -157,11 +157,25 @@ def _text_layer(layer) -> dict[str, Any]:
     }
 
 
+def open_source(data: bytes, backend: str, passwords: tuple[str, ...] = ()):
+    """The document in ``data`` opened in this process (the render helper) as a ``SourceDocument``
+    (pipeline/pdf.py): PDFs with the configured backend, images with Pillow. Raises DocumentError. The
+    parsers are imported here, after ``confine``: their own memory counts against the caps."""
+    from pipeline.formats import IMAGE_FORMATS, PDF, detect_format
+
+    detected = detect_format(data)
+    if detected == PDF:
+        from pipeline.pdf import open_pdf
+
+        return open_pdf(data, backend, passwords)
+    from pipeline.image_files import ImageDocument
+
+    return ImageDocument(data, IMAGE_FORMATS[detected])
+
+
 def serve(read_fd: int, write_fd: int, memory_bytes: int, pixels_fd: int, exec_allowed: bool) -> None:
     """The helper's loop. The first answer, before any request, is the isolation report."""
     confined = confine(memory_bytes, exec_allowed)
-    from pipeline.formats import open_source  # after the caps: the parsers' own memory counts against them
-
     pixels = np.frombuffer(mmap.mmap(pixels_fd, PIXEL_BUFFER_BYTES), dtype=np.uint8)
     try:
         write_frame(write_fd, {"ok": True, "value": isolation_report(confined)})

@@ -30,7 +30,7 @@ from pipeline.confinement import OcrUnavailable, tessdata_directory
 from pipeline.helper_protocol import HelperException
 from pipeline.images import ImageGeometry, pack_images, split_page
 from pipeline.ledger import report_isolation
-from pipeline.pdf import NO_TEXT_LAYER, rendered_size
+from pipeline.pdf import rendered_size
 from pipeline.planning import Planner, ReadDocument
 from pipeline.questions import QuestionTemplate
 from pipeline.records import (
@@ -48,6 +48,7 @@ from pipeline.records import (
 )
 from pipeline.sandbox import SandboxedDocument, open_document
 from pipeline.text_layer import OCR, TEXT_LAYER, is_usable
+from pipeline.words import NO_TEXT_LAYER
 
 TYPED_EVIDENCE = ("number", "money", "date")  # types whose answers OCR is run for, to find their evidence
 

@@ -46,9 +46,9 @@ from pipeline.helper_protocol import (
     read_frame,
     write_frame,
 )
-from pipeline.pdf import TextLayer
 from pipeline.records import DocumentError, Status
 from pipeline.render_helper import PIXEL_BUFFER_BYTES
+from pipeline.words import TextLayer
 
 # The only variables of the worker's environment the helper gets (poppler's pdftoppm is found on PATH).
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH")

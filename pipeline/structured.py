@@ -13,21 +13,58 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.grammars import BOOLEAN_ANSWERS, CONSTRAINED_FORMS
+from pipeline.grammars import BOOLEAN_ANSWERS, CONSTRAINED_FORMS, check_choices
 from pipeline.records import ITEM_SCHEMA
-
-if TYPE_CHECKING:
-    from pipeline.questions import QuestionTemplate, RecordField
 
 TRUNCATED = "truncated"  # value_status of a list answer cut by max_new_tokens: its complete records are kept
 # The JSON the model writes: no whitespace between tokens, keys in the fields' order (xgrammar's
 # ``any_whitespace=False`` and these separators), so that no token is spent on layout.
 SEPARATORS = (",", ":")
+
+
+ScalarType = Literal["text", "number", "money", "date", "boolean", "choice"]
+
+
+class RecordField(BaseModel):
+    """One field of the records a list or object question asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The field's key in the JSON answer; a column of items views."
+    )
+    type: ScalarType = Field("text", description="The field's type, as a question's (text, number, money, ...).")
+    choices: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="With type choice: the allowed values."
+    )
+    description: str | None = Field(
+        None, max_length=200, description="What the field holds, told to the model after its name."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecordField:
+        check_choices(self.type, self.choices)
+        return self
+
+    @property
+    def allowed_answers(self) -> list[str] | None:
+        """The only values a choice or boolean field can have."""
+        return BOOLEAN_ANSWERS if self.type == "boolean" else self.choices
+
+
+class RecordQuestion(Protocol):
+    """What of a list or object question (pipeline/questions.py ``QuestionTemplate``) its schema and prompt
+    are made of."""
+
+    type: str
+    fields: list[RecordField] | None
+    max_items: int
 
 
 def field_schema(field: RecordField) -> dict[str, Any]:
@@ -43,7 +80,7 @@ def field_schema(field: RecordField) -> dict[str, Any]:
     return {"anyOf": [value, {"type": "null"}]}
 
 
-def record_schema(question: QuestionTemplate) -> dict[str, Any]:
+def record_schema(question: RecordQuestion) -> dict[str, Any]:
     """The JSON Schema of the question's answer: one record (object), or an array of at most ``max_items``
     records (list); every field present, no other key."""
     fields = question.fields or []
@@ -58,7 +95,7 @@ def record_schema(question: QuestionTemplate) -> dict[str, Any]:
     return {"type": "array", "items": record, "maxItems": question.max_items}
 
 
-def record_prompt(question: QuestionTemplate, text: str) -> str:
+def record_prompt(question: RecordQuestion, text: str) -> str:
     """The question as the model is asked it: ``text`` (the template filled in), then what to answer with.
     E.g. "List every line item of this invoice.\\nAnswer with a JSON list of objects with the keys
     description (text), quantity (number), amount (money). Use null for a value the page does not show.\""""

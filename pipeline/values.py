@@ -21,7 +21,8 @@ from typing import Any
 
 from pipeline.config import ValuesConfig
 from pipeline.grammars import BOOLEAN_ANSWERS
-from pipeline.questions import QuestionTemplate, RecordField
+from pipeline.questions import QuestionTemplate
+from pipeline.structured import RecordField
 
 VALUE_COLUMNS = ("value_number", "value_currency", "value_date", "value_boolean", "value_status")
 MAX_WORDS_AROUND = 5
