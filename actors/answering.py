@@ -15,9 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from actors.adapters import Prompt, resolve_device
 from actors.checkpoint import CheckpointInfo
-from actors.families import load_adapter
 from pipeline.config import JobConfig
 from pipeline.fingerprints import config_fingerprint
 from pipeline.images import unpack_images
@@ -61,12 +59,18 @@ def _set(row: AnswerRow, values: dict[str, Any]) -> None:
 class PageAnswerer:
     """Answer rows for pages, each asked the questions its ``question_ids`` name (see the module's docstring)."""
 
-    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo, run_id: str) -> None:
+    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo | None, run_id: str) -> None:
         self.model_config = config.model
         self.run_id = run_id
         self.fingerprint = config_fingerprint(config)
-        device = resolve_device(config.actors.num_gpus_per_actor)
-        self.adapter = load_adapter(config.model, checkpoint.model_type, checkpoint.geometry, device)
+        self.adapter = None
+        if config.model_answers:  # else no model, and no torch: a text-only run answers from the pages' text
+            assert checkpoint is not None
+            from actors.adapters import resolve_device
+            from actors.families import load_adapter
+
+            device = resolve_device(config.actors.num_gpus_per_actor)
+            self.adapter = load_adapter(config.model, checkpoint.model_type, checkpoint.geometry, device)
         self.values = ValueParser(config.values)
 
     def _rows(self, page: Page, templates: Templates, **fields: Any) -> list[AnswerRow]:
@@ -97,10 +101,9 @@ class PageAnswerer:
                 images.append(unpack_images(page.sub_images, page.sub_image_shapes))
             for row in model_rows:
                 template = asked[row.question_id]
-                prompt = self.adapter.prompt(row.question)
-                prompts.append(Prompt(len(images) - 1, prompt, template.answer_tokens, template.constraint))
+                prompts.append((len(images) - 1, row.question, template))
                 by_model.append(row)
-        for row, answer in zip(by_model, self.adapter.answer(images, prompts), strict=True):
+        for row, answer in zip(by_model, self._model_answers(images, prompts), strict=True):
             _set(
                 row,
                 {
@@ -120,6 +123,19 @@ class PageAnswerer:
                 _set(row, self.values.parse(template, row.answer))
                 _set(row, self._evidence(template, row.answer, page))
         return rows
+
+    def _model_answers(self, images: list, asked: list[tuple[int, str, QuestionTemplate]]) -> list:
+        """The model's answers to ``asked`` (the image each is about, the question's text, its template)."""
+        if not asked:
+            return []
+        from actors.adapters import Prompt
+
+        assert self.adapter is not None  # a question the model may answer loads it (``model_answers``)
+        prompts = [
+            Prompt(image, self.adapter.prompt(question), template.answer_tokens, template.constraint)
+            for image, question, template in asked
+        ]
+        return self.adapter.answer(images, prompts)
 
     @staticmethod
     def _evidence(typed: QuestionTemplate | RecordField, answer: str | None, page: Page) -> dict[str, Any]:
@@ -175,7 +191,7 @@ class AnswerPages:
     """The answering stage: the actor of the ``map_batches`` operator on the actor pool (a block of pages in,
     their answer rows out)."""
 
-    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo, run_id: str) -> None:
+    def __init__(self, config: JobConfig, checkpoint: CheckpointInfo | None, run_id: str) -> None:
         self.templates = {question.id: question for question in config.questions}
         self.answerer = PageAnswerer(config, checkpoint, run_id)
 
@@ -183,3 +199,14 @@ class AnswerPages:
         pages = from_table(batch, Page)
         rows = self.answerer.rows(pages, [self.templates] * len(pages))
         return rows_to_table([row for page_rows in rows for row in page_rows])
+
+
+_TEXT_ANSWERERS: dict[str, AnswerPages] = {}  # per run id: one in each worker process, made at its first block
+
+
+def answer_from_text(pages: pa.Table, config: JobConfig, run_id: str) -> pa.Table:
+    """The answering stage of a run whose questions are all answered from the pages' text (no model is
+    loaded): a function, not an actor, so that Ray Data fuses it into the render task that read the pages."""
+    if run_id not in _TEXT_ANSWERERS:
+        _TEXT_ANSWERERS[run_id] = AnswerPages(config, None, run_id)
+    return _TEXT_ANSWERERS[run_id](pages)

@@ -66,7 +66,8 @@ def raw_pymupdf_loop(paths: list[Path], pages_per_document: int, geometry, split
 
 def stage_functions(config, geometry) -> int:
     """Our stages in this process: the listing, then the tasks each listed document gets in Ray (read → plan
-    its units; each unit: render → split → Arrow tables; the render sandbox is their helper process)."""
+    its units into render batches; each batch: render → split → Arrow tables; the render sandbox is their
+    helper process)."""
     from pipeline.locations import iter_documents
     from pipeline.planning import PlanDocuments
     from pipeline.records import DocumentRef, Status, to_table
@@ -75,9 +76,9 @@ def stage_functions(config, geometry) -> int:
     plan, render = PlanDocuments(config), RenderPages(config, geometry)
     pages = 0
     for ref in iter_documents(config.input, config.storage):
-        units = plan(to_table([ref], DocumentRef))
-        for unit in range(units.num_rows):
-            for table in render(units.slice(unit, 1)):
+        batches = plan(to_table([ref], DocumentRef))
+        for batch in range(batches.num_rows):
+            for table in render(batches.slice(batch, 1)):
                 pages += table["status"].to_pylist().count(Status.OK.value)
     return pages
 

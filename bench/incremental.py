@@ -1,16 +1,17 @@
-"""Incremental at scale: a nightly run over an output whose `current` table already holds a million committed
-documents, with a listing in which a thousand documents are new or changed.
+"""Incremental at scale: a nightly run over an output whose `current` table already holds a million (or ten
+million) committed documents, with a listing in which a thousand documents are new or changed.
 
 `prepare` (its own process, so that building the synthetic tables does not count against the driver):
-1,000,000 empty files in 1,000 folders, and `answers`/`current` tables holding 3 committed rows for each of
-them (3 questions, 1 page) under the benchmark config's fingerprint and each file's real version, as a
-year of nightly runs would leave them; then ``--changed`` of those files get new contents (a sample
-invoice: a new size and time, so a new version), spread evenly over the folders, and ``--new`` new
-documents (sample invoices) go into a folder whose name sorts last, so the listing must get through every
-unchanged file before it reaches them (the worst case).
+``--documents`` empty files in folders of 1,000, and `answers`/`current` tables holding 3 committed rows for
+each of them (3 questions, 1 page) under the benchmark config's fingerprint and each file's real version, as
+nightly runs would leave them (committed 100,000 documents at a time, in listing order); then ``--changed``
+of those files get new contents (a sample invoice: a new size and time, so a new version), spread evenly
+over the folders, and ``--new`` new documents (sample invoices) go into a folder whose name sorts last, so
+the listing must get through every unchanged file before it reaches them (the worst case).
 `run` (a fresh process): `docqa nightly`'s run with the tiny model, taking every new and changed document
-(``--max-documents`` to take fewer); reports the time from the start of the run to its first result row,
-the skip decision's share, what was taken, and the peak memory of the driver and of the whole process tree.
+(``--max-documents`` to take fewer); reports the time from the start of the run to the start of rendering
+and to its first result row, what was taken, and the peak memory of the driver, of the largest Ray worker
+(a listing task deciding its batches) and of the whole process tree.
 
     python -m bench.incremental [--documents 1000000] [--new 500] [--changed 500] [--workdir DIR]
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 
 QUESTIONS = [{"id": f"q{n}", "text": f"Question {n}?", "pages": "first", "max_new_tokens": 2} for n in (1, 2, 3)]
 FOLDER_SIZE = 1000
+CHUNK_DOCUMENTS = 100_000
 
 
 def _config(workdir: Path, model: str | None = None, max_documents: int | None = None):
@@ -50,34 +52,55 @@ def _config(workdir: Path, model: str | None = None, max_documents: int | None =
 
 
 def prepare(workdir: Path, documents: int, new: int, changed: int) -> None:
-    import pyarrow as pa
     from deltalake import write_deltalake
 
     from jobs.devtools.samples import invoice_pdf
     from jobs.devtools.tiny_models import build_tiny_idefics2
     from pipeline.fingerprints import config_fingerprint
     from pipeline.locations import iter_documents
-    from pipeline.tables import ANSWER_SCHEMA, ANSWERS, CURRENT, OutputTables
+    from pipeline.tables import ANSWERS, CURRENT, OutputTables
 
     build_tiny_idefics2(workdir / "tiny")
-    started = time.perf_counter()
-    for number in range(documents):
-        folder = workdir / "docs" / f"f{number // FOLDER_SIZE:04d}"
-        if number % FOLDER_SIZE == 0:
-            folder.mkdir(parents=True)
-        (folder / f"doc-{number:07d}.pdf").touch()
     config = _config(workdir)
-    refs = list(iter_documents(config.input, config.storage))  # the URIs and versions a listing reports
-    print(f"prepare: {documents} files in {time.perf_counter() - started:.0f} s", flush=True)
-
     tables = OutputTables(config.output, config.storage)
     tables.create()
+    started = time.perf_counter()
+    # A chunk of folders at a time, each its own commit of `answers` and `current` (as nightly runs commit
+    # documents in listing order): the files' statistics on `document` then cover few folders each.
+    for first in range(0, documents, CHUNK_DOCUMENTS):
+        numbers = range(first, min(first + CHUNK_DOCUMENTS, documents))
+        folders = sorted({workdir / "docs" / f"f{number // FOLDER_SIZE:05d}" for number in numbers})
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        for number in numbers:
+            (workdir / "docs" / f"f{number // FOLDER_SIZE:05d}" / f"doc-{number:08d}.pdf").touch()
+        # The URIs and versions a listing reports
+        refs = [ref for folder in folders for ref in iter_documents(str(folder), config.storage)]
+        table = _committed_rows(refs, config_fingerprint(config))
+        write_deltalake(tables.uri(ANSWERS), table, mode="append", partition_by=["run_date"])
+        write_deltalake(tables.uri(CURRENT), table, mode="append")
+        print(f"prepare: {numbers.stop} documents, {time.perf_counter() - started:.0f} s", flush=True)
+    for number in range(0, documents, max(documents // changed, 1))[:changed] if changed else []:
+        folder = workdir / "docs" / f"f{number // FOLDER_SIZE:05d}"
+        (folder / f"doc-{number:08d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
+    for number in range(new):
+        folder = workdir / "docs" / "zz-new"
+        folder.mkdir(exist_ok=True)
+        (folder / f"new-{number:05d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
+
+
+def _committed_rows(refs: list, fingerprint: str):
+    """Three committed `ok` rows (one page, three questions) for each of ``refs``, as a run leaves them."""
+    import pyarrow as pa
+
+    from pipeline.tables import ANSWER_SCHEMA
+
     rows = len(refs) * len(QUESTIONS)
     columns = {
         "run_id": pa.array(["seed"] * rows),
         "document": pa.array([ref.document for ref in refs for _ in QUESTIONS]),
         "source_version": pa.array([ref.source_version for ref in refs for _ in QUESTIONS]),
-        "config_fingerprint": pa.array([config_fingerprint(config)] * rows),
+        "config_fingerprint": pa.array([fingerprint] * rows),
         "document_rows": pa.array([len(QUESTIONS)] * rows, pa.int32()),
         "page_number": pa.array([1] * rows, pa.int32()),
         "num_pages": pa.array([1] * rows, pa.int32()),
@@ -92,28 +115,18 @@ def prepare(workdir: Path, documents: int, new: int, changed: int) -> None:
             if field.name != "run_date"
         }
     ).append_column("run_date", pa.array([date(2026, 1, 1)] * rows, pa.date32()))
-    table = table.cast(ANSWER_SCHEMA)
-    write_deltalake(tables.uri(ANSWERS), table, mode="append", partition_by=["run_date"])
-    write_deltalake(tables.uri(CURRENT), table, mode="append")
-    print(f"prepare: {rows} committed rows ({documents} documents) written", flush=True)
-    for number in range(0, documents, max(documents // changed, 1))[:changed] if changed else []:
-        folder = workdir / "docs" / f"f{number // FOLDER_SIZE:04d}"
-        (folder / f"doc-{number:07d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
-    for number in range(new):
-        folder = workdir / "docs" / "zz-new"
-        folder.mkdir(exist_ok=True)
-        (folder / f"new-{number:05d}.pdf").write_bytes(invoice_pdf(number, 1, (300, 400)))
+    return table.cast(ANSWER_SCHEMA)
 
 
 def run(workdir: Path, max_documents: int | None) -> None:
     import psutil
     import ray
 
-    from jobs.incremental import completed_documents
     from jobs.run import run_job
-    from pipeline.tables import OutputTables, read_answers
+    from pipeline.tables import read_answers
 
-    peak = {"driver": 0, "tree": 0}
+    peak = {"driver": 0, "tree": 0, "worker": 0}
+    largest: list[str] = [""]
     done = threading.Event()
 
     def sample() -> None:
@@ -123,9 +136,13 @@ def run(workdir: Path, max_documents: int | None) -> None:
             tree = driver
             for process in me.children(recursive=True):
                 try:
-                    tree += process.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
+                    rss = process.memory_info().rss
+                    title = " ".join(process.cmdline())
+                except psutil.Error:
+                    continue
+                tree += rss
+                if title.startswith("ray::") and rss > peak["worker"]:  # a Ray worker, titled by its task
+                    peak["worker"], largest[0] = rss, title.split()[0]
             peak["driver"] = max(peak["driver"], driver)
             peak["tree"] = max(peak["tree"], tree)
             time.sleep(0.05)
@@ -135,23 +152,20 @@ def run(workdir: Path, max_documents: int | None) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
-    decision = completed_documents(config, OutputTables(config.output, config.storage))
-    decision_s = time.perf_counter() - started
     summary = run_job(config, progress_interval_s=30)
     done.set()
     taken = read_answers(config.output, run_id, columns=["document"]).column("document").to_pylist()
     new = sum("/zz-new/" in uri for uri in set(taken))
-    print("# bench.incremental  nightly over 1,000,000 committed documents + new and changed ones")
-    print(f"committed documents known to the skip decision: {len(decision)}")
-    print(f"skip decision alone (read current's 5 columns, group in Arrow, hash): {decision_s:.1f} s")
+    committed = summary.ledger["unchanged_documents"]
+    print(f"# bench.incremental  nightly over {committed:,} unchanged committed documents + new and changed ones")
     print(f"time from run start to the start of rendering: {summary.first_render_s:.1f} s")
     print(f"time from run start to its first result row: {summary.first_row_s:.1f} s")
-    print(f"run wall time: {summary.wall_s:.1f} s; skipped unchanged {summary.ledger['unchanged_documents']}")
+    print(f"run wall time: {summary.wall_s:.1f} s; skipped unchanged {committed}")
     print(f"documents taken {len(set(taken))}: {new} new, {len(set(taken)) - new} changed")
     statuses = read_answers(config.output, run_id, columns=["status"]).column("status").to_pylist()
     print(f"statuses: {dict(Counter(statuses))}")
     print(f"peak RSS: driver {peak['driver'] / 2**30:.2f} GiB; whole process tree {peak['tree'] / 2**30:.2f} GiB")
+    print(f"largest Ray worker: {peak['worker'] / 2**30:.2f} GiB ({largest[0]})")
 
 
 def main() -> None:

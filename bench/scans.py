@@ -67,9 +67,9 @@ def stage_pages_per_second(folder: Path, questions: list[dict], ocr: str) -> tup
     plan(to_table([next(iter_documents(config.input, config.storage))], DocumentRef))  # start the helpers
     started, pages = time.perf_counter(), 0
     for ref in iter_documents(config.input, config.storage):
-        units = plan(to_table([ref], DocumentRef))
-        for unit in range(units.num_rows):
-            for table in render(units.slice(unit, 1)):
+        batches = plan(to_table([ref], DocumentRef))
+        for batch in range(batches.num_rows):
+            for table in render(batches.slice(batch, 1)):
                 pages += table["status"].to_pylist().count(Status.OK.value)
     return pages, time.perf_counter() - started
 

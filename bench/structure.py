@@ -39,9 +39,9 @@ DECISIONS = {
 
 
 def _record_types() -> dict[type, str]:
-    from pipeline.records import AnswerRow, Document, DocumentRef, Page, WorkUnit
+    from pipeline.records import AnswerRow, Document, DocumentRef, Page, RenderBatch, WorkUnit
 
-    return {record: record.__name__ for record in (DocumentRef, Document, WorkUnit, Page, AnswerRow)}
+    return {record: record.__name__ for record in (DocumentRef, Document, WorkUnit, RenderBatch, Page, AnswerRow)}
 
 
 def _shape_of(value, records: dict[type, str], schemas: dict[pa.Schema, str]) -> str | None:
@@ -67,12 +67,21 @@ def follow_a_page() -> tuple[Counter, set[str]]:
     from pipeline.config_loading import load_config
     from pipeline.locations import iter_documents
     from pipeline.planning import PlanDocuments
-    from pipeline.records import OUTPUT_SCHEMA, PAGE_SCHEMA, REF_SCHEMA, UNIT_SCHEMA, DocumentRef, to_table
+    from pipeline.records import (
+        BATCH_SCHEMA,
+        OUTPUT_SCHEMA,
+        PAGE_SCHEMA,
+        REF_SCHEMA,
+        UNIT_SCHEMA,
+        DocumentRef,
+        to_table,
+    )
     from pipeline.rendering import RenderPages
     from pipeline.writing import RunWriter
 
     records = _record_types()
     schemas = {OUTPUT_SCHEMA: "AnswerRow", PAGE_SCHEMA: "Page", UNIT_SCHEMA: "WorkUnit", REF_SCHEMA: "DocumentRef"}
+    schemas[BATCH_SCHEMA] = "RenderBatch"
     modules: Counter = Counter()
     shapes: set[str] = set()
 
@@ -106,9 +115,9 @@ def follow_a_page() -> tuple[Counter, set[str]]:
         try:
             plan, render = PlanDocuments(config), RenderPages(config, checkpoint.geometry)
             for ref in iter_documents(config.input, config.storage):
-                units = plan(to_table([ref], DocumentRef))
-                for unit in range(units.num_rows):
-                    for pages in render(units.slice(unit, 1)):
+                batches = plan(to_table([ref], DocumentRef))
+                for batch in range(batches.num_rows):
+                    for pages in render(batches.slice(batch, 1)):
                         rows = answer(pages)
                         stats.arrived(rows)
                         stats.add(writer.write(rows))

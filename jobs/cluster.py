@@ -39,7 +39,7 @@ def check_gpus(config: JobConfig) -> None:
     joined through RAY_ADDRESS may start GPU workers on demand (autoscaling), so there it is a warning."""
     import ray
 
-    wanted = config.actors.num_gpus_per_actor
+    wanted = config.actors.num_gpus_per_actor if config.model_answers else 0  # no model, no actor: no GPU
     available = ray.cluster_resources().get("GPU", 0)
     if wanted == 0 or available >= wanted:
         return
@@ -58,7 +58,7 @@ def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
     """Before any work: the actor pool at its largest must leave a CPU for a read/render task, or those
     tasks wait forever behind actors that wait for pages."""
     pool = config.actors
-    actor_cpus = pool.max_actors * pool.num_cpus_per_actor
+    actor_cpus = pool.max_actors * pool.num_cpus_per_actor if config.model_answers else 0  # no model: no actor
     if actor_cpus + RENDER_TASK_CPUS <= cluster_cpus:
         return
     fit = int((cluster_cpus - RENDER_TASK_CPUS) // pool.num_cpus_per_actor) if cluster_cpus > RENDER_TASK_CPUS else 0

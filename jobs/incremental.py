@@ -1,7 +1,7 @@
-"""What a run takes on, against what the output holds: the documents a committed run finished for this config
-(skipped), those an earlier attempt of this run committed (resumed), and the final statuses a changed
-setting reopens. Decided in Arrow over the columns it needs, on the driver; the listing tasks get the
-result as ``KnownVersions`` (64-bit hashes of (URI, version))."""
+"""What a run takes on, against what the output holds, as far as the driver decides it: the final statuses
+a changed setting reopens (per run, from the `runs` table), and the documents an earlier attempt of this run
+committed (resumed). Which documents a committed run finished for this config (skipped) the listing tasks
+decide, a batch of listed documents at a time (pipeline/skipping.py)."""
 
 from __future__ import annotations
 
@@ -9,62 +9,30 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from pipeline.config import JobConfig
 from pipeline.fingerprints import LEGACY_SALT, OCR_SETTING, config_fingerprint, setting_digests
-from pipeline.listing import KnownVersions
-from pipeline.records import RETIRED_STATUSES, RETRYABLE, Status
+from pipeline.skipping import KnownVersions, SkipDecision
 from pipeline.tables import CURRENT, RUNS, OutputTables
-from pipeline.text_layer import OCR
 
 
-def completed_documents(config: JobConfig, tables: OutputTables) -> KnownVersions:
-    """(URI, version) of the documents not to process again: those whose rows in ``current`` are complete
-    and final for this config's fingerprint. Not final: a retryable status, or one of an earlier version
-    (``not_pdf``); a status that a setting decides when that setting changed since the run that gave it
-    (``pipeline.fingerprints.setting_digests``); a page read without a usable text layer when the OCR
-    settings changed since; with ``reprocess: failed`` any status but ok; with ``reprocess: all``
-    everything. Reads only the columns the decision needs, and decides in Arrow, not row by row."""
-    if config.reprocess == "all":
-        return KnownVersions()
-    rows = tables.read(
-        CURRENT,
-        columns=["document", "source_version", "document_rows", "status", "run_id", "text_source", "text_layer_chars"],
-        filter=(ds.field("config_fingerprint") == config_fingerprint(config)) & ds.field("source_version").is_valid(),
+def skip_decision(config: JobConfig, tables: OutputTables) -> SkipDecision:
+    """What the listing tasks need to skip the documents whose rows in ``current`` are complete and final for
+    this config's fingerprint (pipeline/skipping.py): ``current``'s version now, and what is per run. Not
+    final: a retryable status, or one of an earlier version (``not_pdf``); a status that a setting decides
+    when that setting changed since the run that gave it (``pipeline.fingerprints.setting_digests``); a page
+    read without a usable text layer when the OCR settings changed since; with ``reprocess: failed`` any
+    status but ok; with ``reprocess: all`` everything (no version: nothing is read)."""
+    table = None if config.reprocess == "all" else tables.open(CURRENT)
+    return SkipDecision(
+        config.output,
+        config.storage,
+        None if table is None else table.version(),
+        config_fingerprint(config),
+        retake_all_but_ok=config.reprocess == "failed",
+        reopened=runs_with_changed_settings(config, tables) if table is not None else {},
+        min_chars=config.text_layer.min_chars,
     )
-    status = rows.column("status")
-    if config.reprocess == "failed":
-        retake = pc.not_equal(status, Status.OK.value)
-    else:
-        retake = pc.is_in(status, value_set=pa.array(sorted(RETRYABLE | RETIRED_STATUSES), pa.string()))
-    for decided, run_ids in runs_with_changed_settings(config, tables).items():
-        by_run = pc.is_in(rows.column("run_id"), pa.array(run_ids, pa.string()))
-        if decided == OCR_SETTING:
-            retake = pc.or_(retake, pc.and_(_read_without_text_layer(rows, config.text_layer.min_chars), by_run))
-        else:
-            retake = pc.or_(retake, pc.and_(pc.equal(status, decided), by_run))
-    groups = (
-        rows.append_column("retake", pc.cast(retake, pa.int8()))
-        .group_by(["document", "source_version"])
-        .aggregate([("status", "count"), ("document_rows", "max"), ("retake", "max")])
-    )
-    final = groups.filter(
-        pc.and_(
-            pc.greater_equal(groups.column("status_count"), groups.column("document_rows_max")),
-            pc.equal(groups.column("retake_max"), 0),
-        )
-    )
-    return KnownVersions(final.column("document").to_pylist(), final.column("source_version").to_pylist())
-
-
-def _read_without_text_layer(rows: pa.Table, min_chars: int) -> pa.ChunkedArray:
-    """Rows of pages whose words are not a PDF's own usable text layer: OCR'd, or without words (rows written
-    before ``text_source`` existed: fewer than ``min_chars`` characters of text)."""
-    source = rows.column("text_source")
-    few_characters = pc.less(pc.fill_null(rows.column("text_layer_chars"), 0), min_chars)
-    unknown = pc.and_(pc.is_null(source), few_characters)
-    return pc.and_(pc.equal(rows.column("status"), Status.OK.value), pc.or_(pc.equal(source, OCR), unknown))
 
 
 def resumed_documents(recovered: pa.Table) -> KnownVersions:

@@ -1,7 +1,10 @@
 """The run's Ray Data plan: the stages chained, each with the resources it asks for.
 
-read_datasource(DocumentListing) → map_batches(PlanDocuments) → repartition(1 unit a block)
+read_datasource(DocumentListing) → map_batches(PlanDocuments) → repartition(1 render batch a block)
     → map_batches(RenderPages) → map_batches(AnswerPages, actor pool) → the driver's RunWriter
+
+A run whose questions are all answered from the pages' text (``source: text_layer``) loads no model: its
+answers are made by ``answer_from_text``, fused into the render task.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ from actors.checkpoint import CheckpointInfo
 from jobs.cluster import RENDER_TASK_CPUS
 from pipeline.config import JobConfig
 from pipeline.images import ImageGeometry
-from pipeline.listing import DocumentListing, KnownVersions
+from pipeline.listing import DocumentListing
 from pipeline.planning import PlanDocuments
 from pipeline.rendering import RenderPages
+from pipeline.skipping import KnownVersions, SkipDecision
 
 # Beside its sub-images, a page record's other columns (identity, question ids, shapes, its text layer's text,
 # words and boxes) take at most this for any ordinary page (a dense page of 10,000 words takes ~300 KiB).
 PAGE_ROW_ALLOWANCE = 1024 * 1024
+# Listed documents a planning task reads and plans per batch: a Ray task costs tens of milliseconds on a
+# small node, planning a one-page document a few (bench/small_documents.py).
+PLAN_BATCH_DOCUMENTS = 32
 
 
 def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:
@@ -28,23 +35,32 @@ def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:
     return max(1, config.render.block_mb * 1024 * 1024 - largest_page)
 
 
+def render_task_resources(config: JobConfig) -> dict[str, float]:
+    """What a render task asks Ray for. A CPU bounds the concurrent renders per node, and keeps Ray from
+    fusing these tasks into the actor, where they would hold up the GPU."""
+    return {"num_cpus": RENDER_TASK_CPUS, "memory": config.render.task_memory_mb * 1024 * 1024}
+
+
 def build_page_dataset(
     config: JobConfig,
     geometry: ImageGeometry,
-    completed: KnownVersions | None = None,
+    skip: SkipDecision | None = None,
     ledger=None,
     resumed: KnownVersions | None = None,
 ):
     """The CPU part of the plan: list (one task per listing shard, or per group of them); read and plan the
-    documents of each listing block (one task per block); render and split each work unit (one task per
-    unit, its pages handed on in blocks within ``render.block_mb``)."""
+    documents in batches (one task per batch); render and split each render batch's units (one task per
+    batch, its pages handed on in blocks within ``render.block_mb``)."""
     import ray.data
 
-    ray.data.DataContext.get_current().target_max_block_size = block_threshold(config, geometry)
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = block_threshold(config, geometry)
+    # Ray Data reserves each operator at least one task's resources: on a small node the repartition's CPU
+    # kept a model-free run at one render task at a time (bench/small_documents.py: 13.3 s -> 10.8 s on 2
+    # CPUs without). A run with a model keeps the reservation: it is what holds the actor pool its CPUs.
+    context.op_resource_reservation_enabled = config.model_answers
     memory = config.render.task_memory_mb * 1024 * 1024
-    # Bounds the concurrent renders per node, and keeps Ray from fusing these tasks into the actor, where they
-    # would hold up the GPU.
-    render = {"num_cpus": RENDER_TASK_CPUS, "memory": memory}
+    render = render_task_resources(config)
     # Planning a document (open it, count its pages) takes milliseconds: holding a CPU, it took the one left
     # beside the model actor on a 2-CPU node and, ranked before rendering by Ray Data (the stage holding less
     # of the object store goes first), planned every listed document before the first page was rendered
@@ -55,16 +71,18 @@ def build_page_dataset(
     warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(PlanDocuments")
     plan = {"num_cpus": 0, "memory": memory, "compute": planners}
     listing = DocumentListing(
-        config.input, config.storage, completed, config.budget.max_documents, ledger, resumed, config.input_follow_links
+        config.input, config.storage, skip, config.budget.max_documents, ledger, resumed, config.input_follow_links
     )
     return (
         # The listing waits on directory and object-store pages, not on a CPU: holding one (Ray's default for a
         # read task) beside the model actor took the only CPU left on a 2-CPU node, so no document was opened
         # before the whole listing was done (bench/incremental.py: first row 47 s -> 31 s over 200,000 files).
         ray.data.read_datasource(listing, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=listing.tasks_at_once))
-        # One planning task per listing block (a shard's documents taken: a few in a nightly run).
-        .map_batches(PlanDocuments(config, ledger), batch_format="pyarrow", batch_size=1, **plan)
-        .repartition(target_num_rows_per_block=1)  # each unit its own render task, a long document's in parallel
+        # A planning task takes listing blocks until it has PLAN_BATCH_DOCUMENTS documents (or the listing
+        # is done), and hands on their units a render task's worth a row (pipeline/planning.py).
+        .map_batches(PlanDocuments(config, ledger), batch_format="pyarrow", batch_size=PLAN_BATCH_DOCUMENTS, **plan)
+        # Each render batch its own render task: a long document's ranges in parallel, small documents together.
+        .repartition(target_num_rows_per_block=1)
         .map_batches(RenderPages(config, geometry, ledger), batch_format="pyarrow", batch_size=None, **render)
     )
 
@@ -73,7 +91,7 @@ def build_dataset(
     config: JobConfig,
     checkpoint: CheckpointInfo,
     run_id: str,
-    completed: KnownVersions,
+    skip: SkipDecision,
     ledger,
     resumed: KnownVersions,
 ):
@@ -81,10 +99,19 @@ def build_dataset(
     learnt of the checkpoint (its family and image geometry), not the checkpoint to inspect again."""
     from ray.data import ActorPoolStrategy
 
-    from actors.answering import AnswerPages
+    from actors.answering import AnswerPages, answer_from_text
 
     pool = config.actors
-    return build_page_dataset(config, checkpoint.geometry, completed, ledger, resumed).map_batches(
+    pages = build_page_dataset(config, checkpoint.geometry, skip, ledger, resumed)
+    if not config.model_answers:  # no model to load: the answers are made in the task that read the pages
+        return pages.map_batches(
+            answer_from_text,
+            fn_kwargs={"config": config, "run_id": run_id},
+            batch_format="pyarrow",
+            batch_size=None,
+            **render_task_resources(config),  # the render task's own: Ray Data fuses the two into one task
+        )
+    return pages.map_batches(
         AnswerPages,
         fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "run_id": run_id},
         # The floor is one actor, not min_actors: after a lost node Ray restarts the lost actors on the nodes

@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.checkpoint import CheckpointInfo
 from jobs.cluster import check_cpus, check_gpus, check_render_helper, ensure_ray
-from jobs.incremental import completed_documents, resumed_documents
+from jobs.incremental import resumed_documents, skip_decision
 from jobs.plan import build_dataset
 from jobs.progress import ProgressReporter, ProgressSnapshot
 from jobs.stats import RunStats, RunSummary
@@ -136,10 +136,10 @@ def _stream(
     if writer.recovered.num_rows:
         log.info("resuming run %s: %d rows of an earlier attempt kept", writer.run_id, writer.recovered.num_rows)
         stats.add(writer.recovered)
-    completed = completed_documents(config, writer.tables)
+    skip = skip_decision(config, writer.tables)
     ledger = start_ledger(config.budget.max_pages, config.budget.max_documents)
     done_at_start = writer.documents_complete  # committed by an earlier attempt of this run
-    dataset = build_dataset(config, checkpoint, writer.run_id, completed, ledger, resumed_documents(writer.recovered))
+    dataset = build_dataset(config, checkpoint, writer.run_id, skip, ledger, resumed_documents(writer.recovered))
     watchdog = StallWatchdog(config.limits.stall_timeout_s)
     counting = threading.Lock()
 

@@ -427,6 +427,12 @@ class JobConfig(_Strict):
             )
         return self
 
+    @property
+    def model_answers(self) -> bool:
+        """Whether the model may answer some question (``source`` model or auto). When none can, a run loads
+        no model and asks for no GPU: every answer comes from the pages' text."""
+        return any(question.source != "text_layer" for question in self.questions)
+
     def questions_for_page(self, page_number: int, num_pages: int) -> list[QuestionTemplate]:
         return [question for question in self.questions if question.applies_to(page_number, num_pages)]
 

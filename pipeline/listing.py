@@ -1,23 +1,22 @@
 """The listing stage: the input's documents as ``DocumentRef`` records, found as the listing goes.
 
 ``DocumentListing`` is the Ray Data source (``read_datasource``): the input cut into shards (a folder's
-subfolders, a prefix's subprefixes: pipeline/locations.py), one read task each, a few at a time, each
-yielding the documents it takes; those whose (URI, version) has committed results already are skipped
-(``KnownVersions``), and a run's ``max_documents`` is counted by the run's ledger. Reading bytes is the
-planning stage's.
+subfolders, a prefix's subprefixes: pipeline/locations.py), one read task each, a few at a time, each yielding
+the documents it takes; those whose (URI, version) has committed results already are skipped
+(pipeline/skipping.py: decided in the task, a batch of listed documents at a time), and a run's
+``max_documents`` is counted by the run's ledger. Reading bytes is the planning stage's.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -25,33 +24,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.config import StorageConfig
 from pipeline.locations import ListingShard, first_time, iter_shard, listing_shards, never
 from pipeline.records import REF_SCHEMA, DocumentRef, to_table
-
-
-class KnownVersions:
-    """The (URI, version) pairs that need no processing, as a sorted array of 64-bit hashes: 8 bytes a
-    document, so a million of them pickle to the listing task in milliseconds (a set of string pairs would
-    take ~300 MB). A false match needs a 64-bit collision among them: about 1 in 10^13 for a million."""
-
-    def __init__(self, documents: Sequence[str] = (), versions: Sequence[str] = ()) -> None:
-        hashes = np.fromiter(
-            (self._hash(uri, version) for uri, version in zip(documents, versions, strict=True)),
-            dtype=np.uint64,
-            count=len(documents),
-        )
-        self.hashes = np.unique(hashes)
-
-    @staticmethod
-    def _hash(uri: str, version: str) -> int:
-        return int.from_bytes(hashlib.blake2b(f"{uri}\0{version}".encode(), digest_size=8).digest(), "little")
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def __contains__(self, pair: tuple[str, str]) -> bool:
-        value = np.uint64(self._hash(*pair))
-        index = int(np.searchsorted(self.hashes, value))
-        return index < len(self.hashes) and self.hashes[index] == value
-
+from pipeline.skipping import SKIP_BATCH_DOCUMENTS, KnownVersions, SkipDecision
 
 # Listing tasks that run at once: a shard's task waits on directory or object-store pages, and holds no CPU
 # (jobs/run.py), so a few of them overlap those waits without taking much from the render tasks.
@@ -62,14 +35,15 @@ MAX_LISTING_TASKS = 2000
 
 @dataclass(frozen=True)
 class ListingTask:
-    """What one listing task needs: its shards and the run's settings; the known versions travel through
-    the object store once (``known``), not in every task."""
+    """What one listing task needs: its shards and the run's settings; the versions an earlier attempt of
+    the run committed travel through the object store once (``resumed``), not in every task."""
 
     number: int
     tasks: int
     shards: list[ListingShard]
     storage: StorageConfig
-    known: Any  # ObjectRef of (completed, resumed) KnownVersions
+    skip: SkipDecision | None  # None: nothing is skipped (no output yet, or a run without one)
+    resumed: Any  # ObjectRef of KnownVersions
     max_documents: int | None
     ledger: Any
     follow_links: bool = False
@@ -77,21 +51,27 @@ class ListingTask:
     def __call__(self) -> Iterator[pa.Table]:
         import ray
 
-        completed, resumed = ray.get(self.known)
+        resumed = ray.get(self.resumed)
         counts = {"taken": 0, "resumed": 0, "unchanged": 0, "left": 0}
         claim, take = self._claim(), self._take()
         reported = time.monotonic()
-        for ref in (ref for shard in self.shards for ref in iter_shard(shard, self.storage, claim)):
-            known = ref.source_version is not None
-            if known and (ref.document, ref.source_version) in resumed:
-                counts["resumed"] += 1
-            elif known and (ref.document, ref.source_version) in completed:
-                counts["unchanged"] += 1
-            elif not take(ref.document):
-                counts["left"] += 1
-            else:
-                counts["taken"] += 1
-                yield to_table([ref], DocumentRef)
+        listed = (ref for shard in self.shards for ref in iter_shard(shard, self.storage, claim))
+        # Ray Data hands a read task's small rows on when the task ends, so deciding a batch at a time delays
+        # none of them.
+        while batch := list(itertools.islice(listed, SKIP_BATCH_DOCUMENTS)):
+            versioned = [ref.document for ref in batch if ref.source_version is not None]
+            completed = self.skip.completed(versioned) if self.skip is not None else KnownVersions()
+            for ref in batch:
+                known = ref.source_version is not None
+                if known and (ref.document, ref.source_version) in resumed:
+                    counts["resumed"] += 1
+                elif known and (ref.document, ref.source_version) in completed:
+                    counts["unchanged"] += 1
+                elif not take(ref.document):
+                    counts["left"] += 1
+                else:
+                    counts["taken"] += 1
+                    yield to_table([ref], DocumentRef)
             if self.ledger is not None and time.monotonic() - reported >= 1.0:
                 self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=False)
                 reported = time.monotonic()
@@ -138,8 +118,9 @@ class DocumentListing(Datasource):
     whole listing held every document back until the last file was listed (bench/incremental.py). The
     driver never holds the listing.
 
-    Documents whose (URI, version) already has committed results are skipped (``completed``: a committed
-    run's; ``resumed``: an earlier attempt of this run's, which count as done by this run); past
+    Documents whose (URI, version) already has committed results are skipped (``skip``: a committed run's,
+    decided by each task for its own documents; ``resumed``: an earlier attempt of this run's, which count
+    as done by this run); past
     ``max_documents`` (counted by the ledger) the rest are only counted: then the tasks run one at a time,
     in listing order, so the documents taken are the first ones listed. The counts go to the run's ledger
     as the listing grows (at most once a second per task) and once more when a task is done: the driver's
@@ -149,7 +130,7 @@ class DocumentListing(Datasource):
         self,
         input_uri: str,
         storage: StorageConfig,
-        completed: KnownVersions | None = None,
+        skip: SkipDecision | None = None,
         max_documents: int | None = None,
         ledger=None,
         resumed: KnownVersions | None = None,
@@ -159,7 +140,8 @@ class DocumentListing(Datasource):
         self.follow_links = follow_links
         self.input_uri = input_uri
         self.storage = storage
-        self.known = (completed or KnownVersions(), resumed or KnownVersions())
+        self.skip = skip
+        self.resumed = resumed or KnownVersions()
         self.max_documents = max_documents
         self.ledger = ledger
 
@@ -182,10 +164,18 @@ class DocumentListing(Datasource):
             shards = listing_shards(self.input_uri, self.storage)
         per_task = -(-len(shards) // MAX_LISTING_TASKS)
         groups = [shards[start : start + per_task] for start in range(0, len(shards), per_task)]
-        known = ray.put(self.known)
+        resumed = ray.put(self.resumed)
         return [
             ListingTask(
-                number, len(groups), group, self.storage, known, self.max_documents, self.ledger, self.follow_links
+                number,
+                len(groups),
+                group,
+                self.storage,
+                self.skip,
+                resumed,
+                self.max_documents,
+                self.ledger,
+                self.follow_links,
             )
             for number, group in enumerate(groups)
         ]

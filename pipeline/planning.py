@@ -1,4 +1,5 @@
-"""The planning stage: listed documents → their work units (``PlanDocuments``, one task per listing block).
+"""The planning stage: listed documents → their work units, a render task's worth at a time
+(``PlanDocuments``, one task per batch of listed documents).
 
 Each document is read (``ReadDocument``: its bytes and their hash, refused over ``limits.max_file_bytes``
 without being read), opened in the render helper to count its pages, and planned: the questions that apply
@@ -15,12 +16,23 @@ so that a 2,000-page document is not copied once per range through the object st
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import pyarrow as pa
 
 from pipeline.config import JobConfig, LimitsConfig, StorageConfig
 from pipeline.ledger import report_isolation
-from pipeline.records import IDENTITY, Document, DocumentError, DocumentRef, Status, WorkUnit, from_table, to_table
+from pipeline.records import (
+    IDENTITY,
+    Document,
+    DocumentError,
+    DocumentRef,
+    RenderBatch,
+    Status,
+    WorkUnit,
+    from_table,
+    to_table,
+)
 from pipeline.sandbox import open_document
 from pipeline.storage import describe_client_error, read_object
 
@@ -134,19 +146,44 @@ class Planner:
         ]
 
 
+def render_batches(documents: Iterable[list[WorkUnit]], range_pages: int) -> list[RenderBatch]:
+    """Documents' work units as render tasks' worth: each range of a document of several its own batch; the
+    documents of one unit together, up to ``range_pages`` pages a batch (a failed unit, no page to render,
+    weighs one), so that a render task renders about as much for a bucket of one-page invoices as for a
+    range of a long report."""
+    batches: list[RenderBatch] = []
+    small: list[WorkUnit] = []
+    weight = 0
+    for units in documents:
+        if len(units) > 1:
+            batches += [RenderBatch([unit], len(unit.pages)) for unit in units]
+            continue
+        for unit in units:
+            if small and weight + max(1, len(unit.pages)) > range_pages:
+                batches.append(RenderBatch(small, sum(len(unit.pages) for unit in small)))
+                small, weight = [], 0
+            small.append(unit)
+            weight += max(1, len(unit.pages))
+    if small:
+        batches.append(RenderBatch(small, sum(len(unit.pages) for unit in small)))
+    return batches
+
+
 class PlanDocuments:
-    """The planning stage: a block of listed documents (DocumentRef) → their work units (WorkUnit)."""
+    """The planning stage: a batch of listed documents (DocumentRef) → their work units, a render task's
+    worth a row (RenderBatch, ``render_batches``)."""
 
     def __init__(self, config: JobConfig, ledger=None) -> None:
         self.read = ReadDocument(config.limits, config.storage)
         self.planner = Planner(config, ledger)
+        self.range_pages = config.render.range_pages
 
     def __call__(self, listed: pa.Table) -> pa.Table:
-        units: list[WorkUnit] = []
+        documents: list[list[WorkUnit]] = []
         for ref in from_table(listed, DocumentRef):
             planned = self.planner.plan(self.read(ref))
             if len(planned) > 1:  # each range reads the document again (see the module's docstring)
                 for unit in planned:
                     unit.data = None
-            units += planned
-        return to_table(units, WorkUnit)
+            documents.append(planned)
+        return to_table(render_batches(documents, self.range_pages), RenderBatch)

@@ -1,8 +1,10 @@
 """The records that cross the stage boundaries, one per boundary, and their Arrow schemas, derived from the
 records' fields (never written beside them):
 
-    listing ──DocumentRef──▶ planning ──WorkUnit──▶ rendering ──Page──▶ answering ──AnswerRow──▶ writing
-                             (reads it into a Document: what an upload to `docqa serve` also becomes)
+    listing ──DocumentRef──▶ planning ──RenderBatch──▶ rendering ──Page──▶ answering ──AnswerRow──▶ writing
+                             (reads it into a Document: what an upload to `docqa serve` also becomes; plans
+                             it into WorkUnits, a long document's page ranges or a small document whole, and
+                             hands them on a render task's worth at a time)
 
 One name per field from end to end: the names of the output columns (``document``, ``file_size``,
 ``source_version`` ...). A row's ``scope`` says whether it answers a question on a page (``page``) or speaks
@@ -122,9 +124,19 @@ def schema_of(record: type) -> pa.Schema:
         base = next(argument for argument in arguments if argument is not type(None)) if optional else hint
         if "arrow" in item.metadata:
             fields.append(pa.field(item.name, item.metadata["arrow"], nullable=item.metadata["nullable"]))
+        elif nested := _nested_record(base):
+            fields.append(pa.field(item.name, pa.list_(pa.struct(list(schema_of(nested)))), nullable=optional))
         else:
             fields.append(pa.field(item.name, PYTHON_TO_ARROW[base], nullable=optional))
     return pa.schema(fields)
+
+
+def _nested_record(hint: Any) -> type | None:
+    """The record of a ``list[Record]`` field (a list of structs in Arrow), or None."""
+    arguments = typing.get_args(hint)
+    if typing.get_origin(hint) is list and arguments and dataclasses.is_dataclass(arguments[0]):
+        return arguments[0]
+    return None
 
 
 R = TypeVar("R")
@@ -144,6 +156,9 @@ def to_table(records: Sequence[Any], record: type) -> pa.Table:
     columns = []
     for item, schema_field in zip(dataclasses.fields(record), schema, strict=True):
         values = [getattr(value, item.name) for value in records]
+        if nested := _nested_fields(record).get(item.name):
+            names = [inner.name for inner in dataclasses.fields(nested)]
+            values = [[{name: getattr(inner, name) for name in names} for inner in value] for value in values]
         if item.metadata.get("zero_copy"):
             columns.append(pa.chunked_array([_wrapped(value) for value in values], type=schema_field.type))
         else:
@@ -155,7 +170,17 @@ def from_table(table: pa.Table | pa.RecordBatch, record: type[R]) -> list[R]:
     """The records of a table written by ``to_table`` (its columns by name; extra columns are ignored)."""
     names = [item.name for item in dataclasses.fields(record)]
     columns = [table.column(name).to_pylist() for name in names]
+    for position, name in enumerate(names):
+        if nested := _nested_fields(record).get(name):
+            columns[position] = [[nested(**inner) for inner in value] for value in columns[position]]
     return [record(*values) for values in zip(*columns, strict=True)]
+
+
+@functools.cache
+def _nested_fields(record: type) -> dict[str, type]:
+    """A record's ``list[Record]`` fields, by name."""
+    hints = typing.get_type_hints(record)
+    return {item.name: nested for item in dataclasses.fields(record) if (nested := _nested_record(hints[item.name]))}
 
 
 # The fields that identify a document and its version, carried from the listing to every output row.
@@ -221,6 +246,17 @@ class WorkUnit:
     def span(self) -> str:
         """Which part of its document a unit is, in a failure's reason ("pages 65-128: "), when it has several."""
         return f"pages {self.pages[0]}-{self.pages[-1]}: " if self.ranges > 1 and self.pages else ""
+
+
+@dataclasses.dataclass(slots=True)
+class RenderBatch:
+    """Planning → rendering: what one render task takes. One range of a long document (its ranges render in
+    parallel, each in a task of its own), or the units of several documents of one range each, together at
+    most ``render.range_pages`` pages: a Ray task costs tens of milliseconds, a one-page document a few, so
+    small documents share their tasks."""
+
+    units: list[WorkUnit]
+    pages: int  # the pages to render, all units together
 
 
 @dataclasses.dataclass(slots=True)
@@ -340,6 +376,7 @@ class ItemRow:
 
 REF_SCHEMA = schema_of(DocumentRef)
 UNIT_SCHEMA = schema_of(WorkUnit)
+BATCH_SCHEMA = schema_of(RenderBatch)
 PAGE_SCHEMA = schema_of(Page)
 OUTPUT_SCHEMA = schema_of(AnswerRow)
 ITEM_SCHEMA = schema_of(ItemRow)

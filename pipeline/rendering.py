@@ -1,6 +1,6 @@
-"""The rendering stage: work units → their pages (``RenderPages``, one task per unit), one page handed on at
-a time, so that Ray closes a block at the run's byte budget (``render.block_mb``) and a task's memory does
-not grow with the document.
+"""The rendering stage: work units → their pages (``RenderPages``, one task per render batch: a range of a
+long document, or several small documents), one page handed on at a time, so that Ray closes a block at the
+run's byte budget (``render.block_mb``) and a task's memory does not grow with the document.
 
 For each page of its unit the helper reads the page's text layer (a PDF's own; an image has none). Where it
 is not usable and a question needs the page's words (to answer from text, or to find a typed answer's
@@ -41,6 +41,7 @@ from pipeline.records import (
     DocumentError,
     DocumentRef,
     Page,
+    RenderBatch,
     Status,
     WorkUnit,
     from_table,
@@ -225,20 +226,22 @@ def _failed(page: Page, status: Status, reason: str) -> Page:
 
 
 class RenderPages:
-    """The rendering stage: a block of work units → their pages, one page per table handed on."""
+    """The rendering stage: a block of render batches (one, after the repartition) → their units' pages,
+    one page per table handed on."""
 
     def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
         self.renderer = Renderer(config, geometry, ledger, reread=ReadDocument(config.limits, config.storage))
         self.ledger = ledger
         self.start_reported = False
 
-    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+    def __call__(self, batches: pa.Table) -> Iterator[pa.Table]:
         if self.ledger is not None and not self.start_reported:  # the run's "time to start rendering"
             self.ledger.record_render_start.remote(time.time())
             self.start_reported = True
-        for unit in from_table(units, WorkUnit):
-            for page in self.renderer.render(unit):
-                yield to_table([page], Page)
+        for batch in from_table(batches, RenderBatch):
+            for unit in batch.units:
+                for page in self.renderer.render(unit):
+                    yield to_table([page], Page)
 
 
 def document_pages(config: JobConfig, geometry: ImageGeometry, document: Document) -> list[Page]:

@@ -275,13 +275,18 @@ class OutputTables:
         prefix = self.uri(name).rstrip("/") + "/"
         return all(uri.removeprefix(prefix).removeprefix("file://" + prefix) in present for uri in table.file_uris())
 
-    def files_of(self, table, name: str) -> ds.Dataset:
+    def files_of(self, table, name: str, pruning: list[tuple[str, str, Any]] | None = None) -> ds.Dataset:
         """The files of ``table`` (a loaded version of table ``name``) as a pyarrow dataset, read through
-        pyarrow's own local or S3 filesystem. delta-rs's default is a Python file handler that Arrow's I/O
+        pyarrow's own local or S3 filesystem; with ``pruning`` (delta-rs tuple filters), only the files whose
+        statistics may hold matching rows. delta-rs's default is a Python file handler that Arrow's I/O
         threads call into, which aborts the interpreter at exit about one time in three ("terminate called
         without an active exception"; delta-rs #2184): never for a read of ours."""
         filesystem, root = filesystem_for(self.uri(name), self.storage)
-        return table.to_pyarrow_dataset(schema=SCHEMAS[name], filesystem=pafs.SubTreeFileSystem(root, filesystem))
+        return table.to_pyarrow_dataset(
+            schema=SCHEMAS[name],
+            filesystem=pafs.SubTreeFileSystem(root, filesystem),
+            file_pruning_predicate=pruning,
+        )
 
     def read(self, name: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """The latest version's rows of table ``name`` (only ``columns``, only rows matching ``filter``)."""

@@ -31,8 +31,11 @@ def pymupdf_text_layer(page) -> TextLayer:
 
     width, height = page.rect.width, page.rect.height
     words, boxes = [], []
-    for x0, y0, x1, y1, word, *_ in page.get_text("words", sort=True):
-        rect = pymupdf.Rect(x0, y0, x1, y1) * page.rotation_matrix
+    text_page = page.get_textpage()  # extracted once for both readings (a third of the time of a small page)
+    rotation = page.rotation_matrix if page.rotation else None
+    for x0, y0, x1, y1, word, *_ in page.get_text("words", sort=True, textpage=text_page):
+        if rotation is not None:
+            x0, y0, x1, y1 = pymupdf.Rect(x0, y0, x1, y1) * rotation
         words.append(word)
-        boxes += [rect.x0 / width, rect.y0 / height, rect.x1 / width, rect.y1 / height]
-    return TextLayer(page.get_text("text", sort=True), words, boxes)
+        boxes += [x0 / width, y0 / height, x1 / width, y1 / height]
+    return TextLayer(page.get_text("text", sort=True, textpage=text_page), words, boxes)

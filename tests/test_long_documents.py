@@ -1,5 +1,6 @@
 """Long documents (#20): page ranges rendered by separate tasks, pages handed on in blocks within a byte
-budget, and the same rows as the path that renders a document whole."""
+budget, and the same rows as the path that renders a document whole; small documents (#36) sharing their
+render tasks."""
 
 from pathlib import Path
 
@@ -138,3 +139,45 @@ def test_the_writer_keeps_a_whole_document_row_alone_whatever_arrives_before_or_
         (None, "pages 3-4: late")
     ]
     assert sorted(row["page_number"] for row in rows if row["document"] == "b.pdf") == [1, 2, 3, 4]
+
+
+def test_render_batches_give_each_range_a_task_and_share_tasks_among_small_documents() -> None:
+    from pipeline.planning import failed_unit, render_batches, unit_of
+    from pipeline.records import Document
+
+    def units(name: str, ranges: list[int]) -> list:
+        document = Document(name, 1)
+        return [unit_of(document, pages=list(range(1, pages + 1)), ranges=len(ranges)) for pages in ranges]
+
+    failed = [failed_unit(Document("broken.pdf", 1), Status.CORRUPT, "cannot open")]
+    documents = [units("a.pdf", [2]), units("long.pdf", [4, 4, 1]), units("b.pdf", [3]), failed, units("c.pdf", [1])]
+    batches = render_batches(documents, range_pages=4)
+    shapes = [[(Path(unit.document).stem, len(unit.pages)) for unit in batch.units] for batch in batches]
+    assert shapes == [
+        [("long", 4)],
+        [("long", 4)],
+        [("long", 1)],
+        [("a", 2)],  # b's 3 pages would take the batch past 4
+        [("b", 3), ("broken", 0)],  # a failed unit renders nothing, and weighs one
+        [("c", 1)],
+    ]
+    assert [batch.pages for batch in batches] == [4, 4, 1, 2, 3, 1]
+
+
+def test_small_documents_share_render_tasks(ray_session, tiny_model: Path, tmp_path: Path) -> None:
+    from jobs.plan import build_page_dataset
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for number in range(12):
+        (inputs / f"invoice-{number:02d}.pdf").write_bytes(invoice_pdf(number, 1, (612, 792)))
+    config = load_config(write_job(tmp_path, inputs, tiny_model, QUESTIONS[:1], render=SPLIT))
+    geometry = inspect_checkpoint(config.model, config.render).geometry
+    pages_of_task: dict[int, int] = {}
+    for bundle in build_page_dataset(config, geometry).iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            task = entry.metadata.exec_stats.task_idx
+            pages_of_task[task] = pages_of_task.get(task, 0) + entry.metadata.num_rows
+    assert sum(pages_of_task.values()) == 12
+    assert max(pages_of_task.values()) <= SPLIT["range_pages"]
+    assert len(pages_of_task) < 12 / 2  # not a task per document: at least ceil(12 / 7) = 2
