@@ -156,16 +156,16 @@ def render_batches(documents: Iterable[list[WorkUnit]], range_pages: int) -> lis
     weight = 0
     for units in documents:
         if len(units) > 1:
-            batches += [RenderBatch([unit], len(unit.pages)) for unit in units]
+            batches += [RenderBatch([unit]) for unit in units]
             continue
         for unit in units:
             if small and weight + max(1, len(unit.pages)) > range_pages:
-                batches.append(RenderBatch(small, sum(len(unit.pages) for unit in small)))
+                batches.append(RenderBatch(small))
                 small, weight = [], 0
             small.append(unit)
             weight += max(1, len(unit.pages))
     if small:
-        batches.append(RenderBatch(small, sum(len(unit.pages) for unit in small)))
+        batches.append(RenderBatch(small))
     return batches
 
 

@@ -256,7 +256,6 @@ class RenderBatch:
     small documents share their tasks."""
 
     units: list[WorkUnit]
-    pages: int  # the pages to render, all units together
 
 
 @dataclasses.dataclass(slots=True)

@@ -161,7 +161,6 @@ def test_render_batches_give_each_range_a_task_and_share_tasks_among_small_docum
         [("b", 3), ("broken", 0)],  # a failed unit renders nothing, and weighs one
         [("c", 1)],
     ]
-    assert [batch.pages for batch in batches] == [4, 4, 1, 2, 3, 1]
 
 
 def test_small_documents_share_render_tasks(ray_session, tiny_model: Path, tmp_path: Path) -> None:

@@ -61,7 +61,8 @@ def test_kill_9_midway_then_rerun_gives_every_answer_exactly_once(
 ) -> None:
     inputs = tmp_path / "pdfs"
     write_samples(inputs, count=12)
-    job = _job(tmp_path, inputs, tiny_model, commit_rows=4)
+    # A render task per page (small documents would share one), so that parts commit while the run goes on.
+    job = _job(tmp_path, inputs, tiny_model, commit_rows=4, render={"image_splitting": False, "range_pages": 1})
     nightly = ["nightly", "--config", str(job), "--date", "2026-11-22"]
     out = str(tmp_path / "out")
 
