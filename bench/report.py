@@ -15,6 +15,7 @@ CPU_BENCHMARKS = [
     ("Model stage vs the naive per-question generate (tiny Idefics2)", "bench.model_stage"),
     ("End to end: `docqa run` with Ray Data's per-stage times", "bench.end_to_end"),
     ("Online endpoint: one request, 8 concurrent vs 8 sequential", "bench.serve"),
+    ("Many small documents: `docqa run` vs a plain PyMuPDF loop per core", "bench.small_documents"),
 ]
 
 

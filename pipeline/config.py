@@ -131,7 +131,8 @@ class RenderConfig(_Strict):
         64,
         ge=1,
         description="A document with more pages to answer than this is rendered in page ranges of this many, each "
-        "by its own task (in parallel, each under limits.document_timeout_s and limits.render_memory_mb).",
+        "by its own task (in parallel, each under limits.document_timeout_s and limits.render_memory_mb); smaller "
+        "documents share a render task, up to this many pages together.",
     )
     block_mb: int = Field(
         32,

@@ -122,13 +122,13 @@ class SkipDecision:
         if table is None:
             return None
         low, high = min(documents), max(documents)
-        dataset = tables.files_of(table, CURRENT, [("document", ">=", low), ("document", "<=", high)])
-        wanted = (
-            (ds.field("config_fingerprint") == self.fingerprint)
-            & ds.field("source_version").is_valid()
-            & ds.field("document").isin(pa.array(documents, pa.string()))
-        )
-        return dataset.to_table(columns=DECISION_COLUMNS, filter=wanted)
+        dataset = tables.pruned_files_of(table, CURRENT, [("document", ">=", low), ("document", "<=", high)])
+        # The batch's documents are picked after the read, not in the scan's filter: Arrow checks a filter on a
+        # column against each row group's statistics, and files rewritten by delta-rs keep theirs as string_view,
+        # which Arrow cannot compare with a string (an error, not a slow read).
+        wanted = (ds.field("config_fingerprint") == self.fingerprint) & ds.field("source_version").is_valid()
+        rows = dataset.to_table(columns=DECISION_COLUMNS, filter=wanted)
+        return rows.filter(pc.is_in(rows.column("document"), value_set=pa.array(documents, pa.string())))
 
 
 def _read_without_text_layer(rows: pa.Table, min_chars: int) -> pa.ChunkedArray:

@@ -275,17 +275,26 @@ class OutputTables:
         prefix = self.uri(name).rstrip("/") + "/"
         return all(uri.removeprefix(prefix).removeprefix("file://" + prefix) in present for uri in table.file_uris())
 
-    def files_of(self, table, name: str, pruning: list[tuple[str, str, Any]] | None = None) -> ds.Dataset:
+    def files_of(self, table, name: str) -> ds.Dataset:
         """The files of ``table`` (a loaded version of table ``name``) as a pyarrow dataset, read through
-        pyarrow's own local or S3 filesystem; with ``pruning`` (delta-rs tuple filters), only the files whose
-        statistics may hold matching rows. delta-rs's default is a Python file handler that Arrow's I/O
+        pyarrow's own local or S3 filesystem. delta-rs's default is a Python file handler that Arrow's I/O
         threads call into, which aborts the interpreter at exit about one time in three ("terminate called
         without an active exception"; delta-rs #2184): never for a read of ours."""
         filesystem, root = filesystem_for(self.uri(name), self.storage)
-        return table.to_pyarrow_dataset(
-            schema=SCHEMAS[name],
-            filesystem=pafs.SubTreeFileSystem(root, filesystem),
-            file_pruning_predicate=pruning,
+        return table.to_pyarrow_dataset(schema=SCHEMAS[name], filesystem=pafs.SubTreeFileSystem(root, filesystem))
+
+    def pruned_files_of(self, table, name: str, pruning: list[tuple[str, str, Any]]) -> ds.Dataset:
+        """Of ``table`` (a loaded version of table ``name``, without partition columns), only the files whose
+        statistics may hold rows matching ``pruning`` (delta-rs tuple filters, decided from the log), as a
+        plain Parquet dataset (delta-rs's own gives each file its statistics as an expression: string_view
+        literals, for files it rewrote, that Arrow cannot compare with a string)."""
+        filesystem, root = filesystem_for(self.uri(name), self.storage)
+        prefix = self.uri(name).rstrip("/") + "/"
+        paths = [
+            uri.removeprefix("file://").removeprefix(prefix) for uri in table.file_uris(file_pruning_predicate=pruning)
+        ]
+        return ds.dataset(
+            paths, schema=SCHEMAS[name], format="parquet", filesystem=pafs.SubTreeFileSystem(root, filesystem)
         )
 
     def read(self, name: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:

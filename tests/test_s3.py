@@ -157,8 +157,10 @@ def test_a_run_killed_after_its_first_commit_resumes_with_nothing_lost_or_duplic
     good = read_answers("s3://crash/out/", "good", storage)
 
     environment = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    # Another question: a new config fingerprint, so every document is processed again.
+    # Another question: a new config fingerprint, so every document is processed again; a render task per page
+    # (small documents would share one), so that its parts commit while it goes on.
     killed = ["run", *args, "--run-id", "killed", "--set", "questions.0.text=Total due?"]
+    killed += ["--set", "render.range_pages=1"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", *killed], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -187,7 +187,8 @@ def test_two_runs_at_once_into_one_output_both_commit_with_nothing_lost_or_dupli
             directory,
             tiny_model,
             QUESTIONS,
-            render={"image_splitting": False},
+            # A render task per page (small documents would share one), so that each run commits in parts.
+            render={"image_splitting": False, "range_pages": 1},
             storage={"endpoint_url": storage.endpoint_url},
         )
         command = ["run", "--config", str(job), "--output", output, "--run-id", f"run-{name}"]
