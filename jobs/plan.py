@@ -59,7 +59,6 @@ def build_page_dataset(
     # kept a model-free run at one render task at a time (bench/small_documents.py: 13.3 s -> 10.8 s on 2
     # CPUs without). A run with a model keeps the reservation: it is what holds the actor pool its CPUs.
     context.op_resource_reservation_enabled = config.model_answers
-    memory = config.render.task_memory_mb * 1024 * 1024
     render = render_task_resources(config)
     # Planning a document (open it, count its pages) takes milliseconds: holding a CPU, it took the one left
     # beside the model actor on a 2-CPU node and, ranked before rendering by Ray Data (the stage holding less
@@ -69,7 +68,7 @@ def build_page_dataset(
     # A limit on planning tasks, not a wish for as many blocks: Ray Data's warning that a run of fewer listing
     # blocks cannot use it all would only puzzle the user.
     warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(PlanDocuments")
-    plan = {"num_cpus": 0, "memory": memory, "compute": planners}
+    plan = {"num_cpus": 0, "memory": render["memory"], "compute": planners}
     listing = DocumentListing(
         config.input, config.storage, skip, config.budget.max_documents, ledger, resumed, config.input_follow_links
     )
