@@ -120,11 +120,10 @@ class DocumentListing(Datasource):
 
     Documents whose (URI, version) already has committed results are skipped (``skip``: a committed run's,
     decided by each task for its own documents; ``resumed``: an earlier attempt of this run's, which count
-    as done by this run); past
-    ``max_documents`` (counted by the ledger) the rest are only counted: then the tasks run one at a time,
-    in listing order, so the documents taken are the first ones listed. The counts go to the run's ledger
-    as the listing grows (at most once a second per task) and once more when a task is done: the driver's
-    progress line shows them. Without a ledger the listing is one task."""
+    as done by this run); past ``max_documents`` (counted by the ledger) the rest are only counted: then the
+    tasks run one at a time, in listing order, so the documents taken are the first ones listed. The counts
+    go to the run's ledger as the listing grows (at most once a second per task) and once more when a task is
+    done: the driver's progress line shows them. Without a ledger the listing is one task."""
 
     def __init__(
         self,

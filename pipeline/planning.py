@@ -159,11 +159,12 @@ def render_batches(documents: Iterable[list[WorkUnit]], range_pages: int) -> lis
             batches += [RenderBatch([unit]) for unit in units]
             continue
         for unit in units:
-            if small and weight + max(1, len(unit.pages)) > range_pages:
+            unit_weight = max(1, len(unit.pages))
+            if small and weight + unit_weight > range_pages:
                 batches.append(RenderBatch(small))
                 small, weight = [], 0
             small.append(unit)
-            weight += max(1, len(unit.pages))
+            weight += unit_weight
     if small:
         batches.append(RenderBatch(small))
     return batches

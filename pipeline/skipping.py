@@ -11,9 +11,11 @@ order (listing shards are walked a few at a time, in order), and ``docqa optimiz
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -114,11 +116,17 @@ class SkipDecision:
         )
         return KnownVersions(final.column("document").to_pylist(), final.column("source_version").to_pylist())
 
+    @functools.cached_property
+    def _current(self) -> tuple[OutputTables, Any]:
+        """The output's tables and ``current`` at the run's starting version (None: no such table), loaded
+        once per listing task: its log is replayed once, not once per batch."""
+        tables = OutputTables(self.output, self.storage)
+        return tables, tables.open(CURRENT, self.version)
+
     def _rows(self, documents: Sequence[str]) -> pa.Table | None:
         """The decision's columns of ``documents``' rows in ``current`` under this fingerprint (None: no such
         table); only the files whose statistics on ``document`` overlap the batch's range are opened."""
-        tables = OutputTables(self.output, self.storage)
-        table = tables.open(CURRENT, self.version)
+        tables, table = self._current
         if table is None:
             return None
         low, high = min(documents), max(documents)

@@ -272,8 +272,11 @@ class OutputTables:
         filesystem, root = filesystem_for(self.uri(name), self.storage)
         listed = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         present = {info.path[len(root) :].lstrip("/") for info in listed}
-        prefix = self.uri(name).rstrip("/") + "/"
-        return all(uri.removeprefix(prefix).removeprefix("file://" + prefix) in present for uri in table.file_uris())
+        return all(self._path_in_table(name, uri) in present for uri in table.file_uris())
+
+    def _path_in_table(self, name: str, uri: str) -> str:
+        """A file of table ``name`` (an absolute URI from delta-rs) as a path under the table's root."""
+        return uri.removeprefix("file://").removeprefix(self.uri(name).rstrip("/") + "/")
 
     def files_of(self, table, name: str) -> ds.Dataset:
         """The files of ``table`` (a loaded version of table ``name``) as a pyarrow dataset, read through
@@ -289,10 +292,7 @@ class OutputTables:
         plain Parquet dataset (delta-rs's own gives each file its statistics as an expression: string_view
         literals, for files it rewrote, that Arrow cannot compare with a string)."""
         filesystem, root = filesystem_for(self.uri(name), self.storage)
-        prefix = self.uri(name).rstrip("/") + "/"
-        paths = [
-            uri.removeprefix("file://").removeprefix(prefix) for uri in table.file_uris(file_pruning_predicate=pruning)
-        ]
+        paths = [self._path_in_table(name, uri) for uri in table.file_uris(file_pruning_predicate=pruning)]
         return ds.dataset(
             paths, schema=SCHEMAS[name], format="parquet", filesystem=pafs.SubTreeFileSystem(root, filesystem)
         )
