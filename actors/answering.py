@@ -20,8 +20,9 @@ from pipeline.config import JobConfig
 from pipeline.fingerprints import config_fingerprint
 from pipeline.images import unpack_images
 from pipeline.questions import QuestionTemplate
-from pipeline.records import DOCUMENT, IDENTITY, AnswerRow, Page, Status, file_name_of, from_table, rows_to_table
-from pipeline.structured import TRUNCATED, RecordField, is_header, read_records
+from pipeline.record_schema import from_table
+from pipeline.records import DOCUMENT, IDENTITY, AnswerRow, Page, Status, file_name_of, rows_to_table
+from pipeline.structured import TRUNCATED, RecordField, closed_list, is_header, read_records
 from pipeline.text_layer import NO_EVIDENCE_COLUMNS, TEXT_LAYER, find_evidence
 from pipeline.values import PARSED, UNPARSED, ValueParser
 
@@ -147,22 +148,30 @@ class PageAnswerer:
     def _records(self, template: QuestionTemplate, answer: str | None, page: Page) -> dict[str, Any]:
         """A list or object answer's columns: its records field by field (``items``: each value typed and
         looked up on the page; a record that is the table's header row repeated, left out), and whether it
-        was read whole (``parsed``), cut by max_new_tokens (``truncated``: the complete records kept) or not
-        JSON (``unparsed``)."""
+        was read whole (``parsed``), cut by max_new_tokens (``truncated``: a list's complete records kept, and
+        its answer closed after them, so that it stays JSON; a cut object has none) or not JSON
+        (``unparsed``: the answer as written)."""
         fields = template.fields or []
-        records, problem = read_records(answer, template.type == "list")
+        many = template.type == "list"
+        records, problem = read_records(answer, many)
+        kept = [record for record in records if not is_header(record, fields)]
         entries = []
-        for number, record in enumerate(record for record in records if not is_header(record, fields)):
+        for number, record in enumerate(kept):
             for field in fields:
                 value = record.get(field.name)
                 text = None if value is None else str(value)
                 entry = {"record": number, "field": field.name, "answer": text, **self.values.parse(field, text)}
                 entry.pop("error", None)
                 entries.append(entry | self._evidence(field, text, page))
-        status = PARSED if problem is None else TRUNCATED if problem.startswith(TRUNCATED) else UNPARSED
-        error = None if problem is None else f"{template.type} answer {problem}; {len(records)} complete record(s) kept"
+        columns: dict[str, Any] = {"items": entries, "value_status": PARSED, "error": None}
+        if problem is not None:
+            cut = problem.startswith(TRUNCATED)
+            columns["value_status"] = TRUNCATED if cut else UNPARSED
+            columns["error"] = f"{template.type} answer {problem}; {len(kept)} complete record(s) kept"
+            if cut:
+                columns["answer"] = closed_list(records) if many else None
         # The answer as a whole has no single place on the page: each field has its own (``items``).
-        return {"items": entries, "value_status": status, "error": error, **dict.fromkeys(NO_EVIDENCE_COLUMNS)}
+        return columns | dict.fromkeys(NO_EVIDENCE_COLUMNS)
 
     def rows(self, pages: list[Page], templates: list[Templates]) -> list[list[AnswerRow]]:
         """For each page and the templates it may name: that page's answer rows."""

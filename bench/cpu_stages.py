@@ -70,7 +70,8 @@ def stage_functions(config, geometry) -> int:
     helper process)."""
     from pipeline.locations import iter_documents
     from pipeline.planning import PlanDocuments
-    from pipeline.records import DocumentRef, Status, to_table
+    from pipeline.record_schema import to_table
+    from pipeline.records import DocumentRef, Status
     from pipeline.rendering import RenderPages
 
     plan, render = PlanDocuments(config), RenderPages(config, geometry)

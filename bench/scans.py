@@ -5,12 +5,12 @@ phototest.tif against its ground truth).
     .venv/bin/python -m bench.scans [--pages 24] [--dpi 300]
 
 The pages are one-page invoices (jobs/devtools/samples.py). As PDFs they are rendered from vector text; as
-images they are the same pages scanned at ``--dpi`` (rendered to pixels), saved as PNG, JPEG, TIFF (LZW) and
-TIFF (CCITT G4, bilevel). Each set goes through docqa's planning and rendering stages in this process (read,
-open in the render helper, render at Idefics2-8B's resolution with splitting, split), one core, same run:
-pages/s and the ratio to the PDFs. Then the same image pages with OCR: a question answered from text (OCR
-only), one for the model with a typed answer (render and OCR at once, in the task's two helpers), against
-rendering alone.
+images they are the same pages scanned at ``--dpi`` (rendered to pixels), saved as PNG, JPEG, TIFF (LZW),
+TIFF (CCITT G4, bilevel), WebP (lossy), BMP, GIF (256 colours) and JPEG 2000. Each set goes through docqa's
+planning and rendering stages in this process (read, open in the render helper, render at Idefics2-8B's
+resolution with splitting, split), one core, same run: pages/s and the ratio to the PDFs. Then the PNG
+pages with OCR: a question answered from text (OCR only), one for the model with a typed answer (render and
+OCR at once, in the task's two helpers), against rendering alone.
 """
 
 from __future__ import annotations
@@ -27,20 +27,31 @@ from pathlib import Path
 from bench.cpu_stages import IDEFICS2_8B_GEOMETRY
 
 SCANS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "scans"
+# The image sets Pillow writes whole: set (and suffix) -> (Pillow's format, its save options). Pillow writes
+# no resolution into WebP, GIF or JPEG 2000, so those pages are sized at 72 dpi; every set renders to the same
+# 1960 px all the same.
+PILLOW_SETS = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+    "webp": ("WEBP", {"quality": 90}),
+    "bmp": ("BMP", {}),
+    "gif": ("GIF", {}),
+    "jp2": ("JPEG2000", {}),
+}
 
 
 def write_sets(folder: Path, pages: int, dpi: int) -> dict[str, Path]:
     """The same ``pages`` invoices as PDFs and as image files of each format, a folder per set."""
     from jobs.devtools.samples import invoice_pdf, multipage_tiff, page_images
 
-    sets = {name: folder / name for name in ("pdf", "png", "jpeg", "tiff-lzw", "tiff-g4")}
+    sets = {name: folder / name for name in ("pdf", "tiff-lzw", "tiff-g4", *PILLOW_SETS)}
     for path in sets.values():
         path.mkdir(parents=True)
     for number in range(pages):
         pdf = invoice_pdf(number, 1, (612, 792))
         (sets["pdf"] / f"{number:03d}.pdf").write_bytes(pdf)
         [image] = page_images(pdf, dpi)
-        for name, format, options in [("png", "PNG", {}), ("jpeg", "JPEG", {"quality": 90})]:
+        for name, (format, options) in PILLOW_SETS.items():
             written = io.BytesIO()
             image.save(written, format=format, dpi=(dpi, dpi), **options)
             (sets[name] / f"{number:03d}.{name}").write_bytes(written.getvalue())
@@ -55,7 +66,8 @@ def stage_pages_per_second(folder: Path, questions: list[dict], ocr: str) -> tup
     from pipeline.images import ImageGeometry
     from pipeline.locations import iter_documents
     from pipeline.planning import PlanDocuments
-    from pipeline.records import DocumentRef, Status, to_table
+    from pipeline.record_schema import to_table
+    from pipeline.records import DocumentRef, Status
     from pipeline.rendering import RenderPages
 
     config = load_config(
@@ -105,11 +117,11 @@ def corpus_ocr() -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=24)
     parser.add_argument("--dpi", type=int, default=300)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = [{"id": "q", "text": "What is this?"}]
     from_text = [{"id": "t", "text": "Transcribe.", "source": "text_layer"}]
     typed = [{"id": "n", "text": "Total?", "type": "money"}]
@@ -119,7 +131,8 @@ def main() -> None:
         ocr_only = stage_pages_per_second(sets["png"], from_text, "tesseract")
         render_and_ocr = stage_pages_per_second(sets["png"], typed, "tesseract")
     print(f"# bench.scans  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")
-    print(f"{args.pages} one-page invoices; images scanned at {args.dpi} dpi (2550x3300 px); rendered at longest")
+    size = f"{round(8.5 * args.dpi)}x{round(11 * args.dpi)} px"  # a letter page
+    print(f"{args.pages} one-page invoices; images scanned at {args.dpi} dpi ({size}); rendered at longest")
     print("edge 1960 px and split (Idefics2-8B); planning + rendering stages in one process")
     pdf_rate = rendering["pdf"][0] / rendering["pdf"][1]
     for name, (pages, seconds) in rendering.items():

@@ -4,10 +4,12 @@ current tree and for a baseline commit, one after the other in one invocation.
 
 Each document has ``--questions`` rows (one per question) and its rows are spread at random over a window
 of ``--window`` documents, as results of many render tasks and actors interleave: so documents wait for
-their last row, and the writer holds thousands of rows at a time. Reports the driver's peak RSS and the
-time per batch (mean, p99, and the last tenth's mean against the first tenth's: growth with the run).
+their last row, and the writer holds thousands of rows at a time. Reports the driver's peak RSS, the total
+time, and the time per batch: the median over the batches that closed no part, the same over the first
+and the last tenth of them (growth with the run), and the batches that closed a part (their Delta
+commits), in all.
 
-    python -m bench.writer_memory [--documents 100000] [--baseline COMMIT]
+    python -m bench.writer_memory [--documents 100000] [--window 20000] [--baseline COMMIT]
 """
 
 from __future__ import annotations
@@ -27,15 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # The measurement, run in a fresh interpreter against whichever tree is first on its path. It uses only what
 # both trees have: RunWriter(output, run_id, date, storage, record, commit_rows, commit_interval_s), write,
 # commit, and RunStats (``add`` on raw batches before; ``arrived`` on them and ``add`` on what write returns now),
-# under either tree's module names.
+# under either tree's module names (8c9d826: pipeline.rows, pipeline.sink and jobs.run; now pipeline.records,
+# pipeline.writing and jobs.stats), chosen by the tree's files: an import that fails in the baseline tree
+# would be found in the editable install's tree instead.
 MEASURE = r"""
-import json, random, resource, sys, time
+import json, os, random, resource, sys, time
 from datetime import UTC, datetime
 import pyarrow as pa
-from jobs.run import RunStats
 from pipeline.config import StorageConfig
-from pipeline.records import rows_to_table
-from pipeline.writing import RunWriter
+if os.path.exists("pipeline/writing.py"):
+    from jobs.stats import RunStats
+    from pipeline.records import rows_to_table
+    from pipeline.writing import RunWriter
+else:
+    from jobs.run import RunStats
+    from pipeline.rows import rows_to_table
+    from pipeline.sink import RunWriter
 
 documents, questions, window, batch_rows = (int(value) for value in sys.argv[1:5])
 output = sys.argv[5]
@@ -75,7 +84,7 @@ print(json.dumps({
     "batches": len(times), "total_s": sum(times), "rss_before_mib": rss_before / 1024,
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "times": times, "committed": committed, "documents_ok": counts["documents"].get("ok", 0),
-    "rows": counts["rows"], "commits": writer.part,
+    "rows": counts["rows"], "commits": writer.part, "writer": sys.modules[RunWriter.__module__].__file__,
 }))
 """
 
@@ -93,6 +102,8 @@ def measure(tree: Path, documents: int, questions: int, window: int, batch_rows:
     if done.returncode != 0:
         raise SystemExit(f"measurement in {tree} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result.pop("writer")).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"the measurement in {tree} imported another tree's RunWriter")
     # Batches that closed a part include its two Delta commits: counted apart, they would hide the buffer's cost.
     plain = [t for t, committed in zip(result["times"], result.pop("committed"), strict=True) if not committed]
     commit_s = result["total_s"] - sum(plain)

@@ -1,6 +1,6 @@
 """MkDocs hook: the config reference, generated at build time from the pydantic models' field descriptions
-(pipeline/config.py, pipeline/questions.py), so it can never go stale. A page holds the marker
-``<!-- config-reference -->`` where the tables go; a build without the marker on some page fails."""
+(pipeline/config.py, pipeline/config_sections.py, pipeline/questions.py), so it can never go stale. A page
+holds the marker ``<!-- config-reference -->`` where the tables go; a build where no page holds it fails."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pydantic_core import PydanticUndefined
 
 MARKER = "<!-- config-reference -->"
 _seen: set[str] = set()
+_written: list[str] = []  # the pages the reference was written into, this build
 
 
 def _type_text(annotation: Any) -> str:
@@ -101,4 +102,16 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     from pipeline.config import JobConfig
 
     _seen.clear()
+    _written.append(page.file.src_path)
     return markdown.replace(MARKER, "\n".join(reference(JobConfig)))
+
+
+def on_pre_build(config) -> None:
+    _written.clear()
+
+
+def on_post_build(config) -> None:
+    if not _written:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(f"no page holds {MARKER}: the config reference was not written")

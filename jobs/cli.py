@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
@@ -14,8 +13,8 @@ import yaml
 from actors.checkpoint import ModelLoadError
 from jobs import console
 from jobs.devtools.tiny_models import TINY_FAMILIES
-from jobs.formats import FORMATS, TableLayout, write_result
-from jobs.query import QueryError, parse_as_of
+from jobs.query import QueryError
+from jobs.query_commands import QUERY_COMMANDS, add_query_commands, run_query_command
 from jobs.review_commands import REVIEW_COMMANDS, add_review_commands, run_review_command
 from jobs.submit import SubmitError
 from jobs.watchdog import RunInterrupted, RunStalled
@@ -26,7 +25,6 @@ from pipeline.locations import InputError
 from pipeline.storage import StorageError
 from pipeline.tables import TableError
 
-QUERY_COMMANDS = ("query", "answers", "table", "failures", "runs")
 RAY_COMMANDS = ("run", "nightly", "serve")  # the commands that start or join Ray in this process
 # Exit codes (README, "Exit codes"); 3 (committed but degraded) is RunSummary.exit_code.
 EXIT_FAILED = 1  # could not start, failed or stalled
@@ -86,34 +84,12 @@ def _add_job_id(parser: argparse.ArgumentParser) -> None:
     _add_address(parser)
 
 
-def _add_query_arguments(parser: argparse.ArgumentParser, run: bool = True) -> None:
-    parser.add_argument("--output", help="a job's output: folder or s3:// prefix (default: the --config's output)")
-    parser.add_argument("--config", help="job config to take the output and the storage settings from")
-    if run:
-        parser.add_argument(
-            "--run", help="one run's rows (default: the `current` table: each document's rows of its latest run)"
-        )
-    snapshot = parser.add_mutually_exclusive_group()
-    snapshot.add_argument(
-        "--version", type=int, help="time travel: read `current` as of this Delta version (the rest as of its commit)"
-    )
-    snapshot.add_argument(
-        "--as-of", metavar="TIMESTAMP", help="time travel: read the tables as of an ISO 8601 time (UTC if no zone)"
-    )
-    parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json lines, parquet")
-    parser.add_argument(
-        "--wide",
-        action="store_true",
-        help="table format: every cell whole and documents as full URIs (default: fit the terminal's width)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docqa", description="Document OCR and question answering on Ray.")
     parser.add_argument("--version", action="version", version=f"docqa {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a job: PDFs → answers in Parquet")
+    run = commands.add_parser("run", help="run a job: documents (PDFs, images) → answers in Delta tables")
     _add_config_arguments(run)
     _add_gcs_address(run)
 
@@ -135,45 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             command.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
 
-    query = commands.add_parser(
-        "query", help="SQL over the output's tables (answers = current, all_rows = every run's rows, runs)"
-    )
-    query.add_argument("sql", help='a SELECT statement, e.g. "SELECT document, answer FROM answers LIMIT 5"')
-    _add_query_arguments(query)
-    answers = commands.add_parser("answers", help="all answers of one document, by page and question")
-    answers.add_argument("--document", required=True, help="the document's URI, or a substring naming one document")
-    _add_query_arguments(answers)
-    table = commands.add_parser("table", help="one row per document, one column per question")
-    table.add_argument("--questions", type=_parse_list, help="question ids, comma separated (default: all)")
-    table.add_argument(
-        "--items", metavar="QUESTION_ID", help="a list or object question: one row per record, its fields as columns"
-    )
-    table.add_argument(
-        "--all-pages", action="store_true", help="every page's answer joined (default: the first page that answered)"
-    )
-    _add_query_arguments(table)
-    failures = commands.add_parser("failures", help="documents and pages without answers, and why")
-    _add_query_arguments(failures)
-    runs = commands.add_parser("runs", help="runs: id, state, date, documents, pages, failures, duration")
-    _add_query_arguments(runs, run=False)
-    runs.add_argument("--all", action="store_true", help="every column of the runs table but the record")
-    optimize = commands.add_parser("optimize", help="compact the output tables' small files, then vacuum old ones")
-    optimize.add_argument("--output", required=True, help="a job's output: folder or s3:// prefix")
-    optimize.add_argument("--config", help="job config to take the storage settings from")
-    optimize.add_argument(
-        "--retain-hours",
-        type=int,
-        default=168,
-        help="keep files that versions of the last H hours need (time travel that far back); default 168 (a week);"
-        " under 1 needs --force",
-    )
-    optimize.add_argument(
-        "--force",
-        action="store_true",
-        help="allow --retain-hours under 1: only when no run can be writing to this output",
-    )
+    add_query_commands(commands)
 
-    serve = commands.add_parser("serve", help="answer questions about uploaded PDFs over HTTP (Ray Serve)")
+    serve = commands.add_parser(
+        "serve", help="answer questions about uploaded documents (PDF or image) over HTTP (Ray Serve)"
+    )
     serve.add_argument("--config", required=True, help="job config: model, render, limits, actors and serve")
     serve.add_argument("--model", help="override model.id: hub id or local checkpoint directory")
     serve.add_argument("--host", help="override serve.host")
@@ -218,10 +160,6 @@ def describe_prompts(config) -> str:
     return "\n\n".join(blocks)
 
 
-def _parse_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def _parse_date(text: str) -> str:
     try:
         return date.fromisoformat(text).isoformat()
@@ -254,62 +192,6 @@ def _today() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
-def _query(args: argparse.Namespace) -> int:
-    from jobs.query import AnswerStore
-
-    if args.output is None and args.config is None:
-        raise ConfigError("name the output to read: --output URI, or --config JOB.yaml")
-    overrides = {"output": args.output} if args.output else None
-    config = load_config(args.config, overrides, require=("output",)) if args.config else None
-    output = args.output or config.output
-    if args.format == "parquet" and sys.stdout.isatty():
-        raise ConfigError("--format parquet writes binary to stdout; redirect it to a file")
-    as_of = parse_as_of(args.as_of) if args.as_of else None
-    store = AnswerStore(output, getattr(args, "run", None), config.storage if config else None, args.version, as_of)
-    layout = _layout(args, store)  # before the result: the store's connection serves one statement at a time
-    if args.command == "query":
-        reader = store.reader(args.sql)
-    elif args.command == "answers":
-        reader = store.answers_of(args.document)
-    elif args.command == "table":
-        reader = store.items_of(args.items) if args.items else store.table(args.questions, args.all_pages)
-    elif args.command == "failures":
-        reader = store.failures()
-    else:
-        reader = store.runs(args.all)
-    write_result(reader, args.format, sys.stdout, sys.stdout.buffer, layout)
-    return 0
-
-
-def _layout(args: argparse.Namespace, store) -> TableLayout:
-    """The text table's layout: the terminal's width (stdout's, or COLUMNS) unless --wide; documents shown
-    relative to the input their run read, where that is shorter."""
-    if args.wide or args.format != "table":
-        return TableLayout(wide=True)
-    width = shutil.get_terminal_size().columns if sys.stdout.isatty() or "COLUMNS" in os.environ else None
-    roots = store.input_roots()
-
-    def relative(document: str) -> str:
-        if document in roots:  # the input was this one file
-            return document.rsplit("/", 1)[-1]
-        root = next((root for root in roots if document.startswith(root + "/")), None)
-        return document[len(root) + 1 :] if root else document
-
-    return TableLayout(width=width, shorten={"document": relative})
-
-
-def _optimize(args: argparse.Namespace) -> int:
-    from pipeline.tables import optimize_output
-
-    storage = load_config(args.config, {"output": args.output}, require=()).storage if args.config else None
-    for name, report in optimize_output(args.output, storage, args.retain_hours, args.force).items():
-        print(
-            f"{name}: {report['files_before']} → {report['files_after']} files"
-            f" ({report['files_removed']} compacted), {report['vacuumed']} unreferenced files deleted"
-        )
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     import time
 
@@ -335,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in QUERY_COMMANDS:
-        return _query(args)
+        return run_query_command(args)
     if args.command == "run":
         from jobs.run import run_job
 
@@ -351,8 +233,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return summary.exit_code if summary else 0
     if args.command == "serve":
         return _serve(args)
-    if args.command == "optimize":
-        return _optimize(args)
     if args.command in REVIEW_COMMANDS:
         return run_review_command(args)
     if args.command == "prompts":
@@ -402,10 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     console.configure_logging()
     args = build_parser().parse_args(argv)
     try:
-        code = _dispatch(args)
-        if args.command in RAY_COMMANDS:
-            console.shutdown_ray()
-        return code
+        return _dispatch(args)
     except (ConfigError, QueryError) as error:
         print(f"docqa: {error}", file=sys.stderr)
         return EXIT_INVALID
@@ -422,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`docqa answers ... | head`): nothing more to say, and nowhere to say it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    finally:
+        # Whatever the exit code: Ray is shut down here, where a Ctrl-C is caught, never by Ray's atexit
+        # handler, where it printed a traceback.
+        if args.command in RAY_COMMANDS:
+            console.shutdown_ray()
 
 
 if __name__ == "__main__":

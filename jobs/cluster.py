@@ -76,14 +76,18 @@ def check_cpus(config: JobConfig, cluster_cpus: float) -> None:
 
 
 def check_render_helper(config: JobConfig) -> None:
-    """Before any work, that this machine can run the render helper as configured: confined, with
-    ``render.isolation: strict``; with its OCR's language data, with ``ocr.engine: tesseract`` (the workers of
-    other nodes check again when they start one, and fail the pages they cannot read with the reason)."""
-    from pipeline.confinement import IsolationUnavailable, OcrUnavailable, confinement, tessdata_directory
+    """Before any work, that this machine can run the render helper as configured: one helper is started the
+    way a run starts them, and with ``render.isolation: strict`` it must be confined (bubblewrap's namespaces
+    and its own seccomp filter loaded; ``best_effort`` logs what is missing); with ``ocr.engine: tesseract``,
+    its OCR's language data must be there (the workers of other nodes check again when they start one, and
+    fail the pages they cannot read with the reason)."""
+    from pipeline.confinement import OcrUnavailable, tessdata_directory
+    from pipeline.records import DocumentError
+    from pipeline.sandbox import check_helper
 
     try:
-        confinement(config.render.isolation, {})
+        check_helper(config.render, config.limits)
         if config.ocr.engine == "tesseract":
             tessdata_directory(config.ocr.languages)
-    except (IsolationUnavailable, OcrUnavailable) as error:
+    except (DocumentError, OcrUnavailable) as error:  # IsolationUnavailable is a DocumentError
         raise ConfigError(str(error)) from None

@@ -3,7 +3,8 @@
 - Logging: one format on stderr; a library logger with a handler of its own (huggingface_hub) stops
   propagating to the root logger, which printed each of its lines twice.
 - Ray's messages that a user cannot act on are dropped: the token-authentication notice (docqa keeps token
-  authentication on by design), Ray Data's "Progress bars disabled" (docqa draws its own progress), and the
+  authentication on by design), Ray Data's "Progress bars disabled" (docqa draws its own progress) and its
+  INFO lines on every run (its log folder, its operator plan, "execution finished"), and the
   core worker's "constructor arguments in the object store" error that every Ray Data actor pool triggers
   (ray-project/ray#57733). The last one is written by Ray's C++ logger straight to file descriptor 2, so
   that descriptor goes through a pipe whose pump thread forwards everything else as it comes.
@@ -28,6 +29,9 @@ RAY_NOISE = (
     "has constructor arguments in the object store and max_restarts > 0",
     "Task ServeController.graceful_shutdown failed",  # Serve stopping itself: retried, and harmless
 )
+# Ray Data's INFO lines on every run: where its own logs are, its operator plan, its finish. Dropped from the
+# console only (the session's ray-data.log keeps them); its warnings and errors are printed.
+RAY_DATA_INFO = ("Full logs are in", "Execution plan of Dataset", "execution finished in")
 OWN_HANDLER_LOGGERS = ("huggingface_hub",)  # libraries whose loggers print themselves and also propagate
 _installed: set[str] = set()
 
@@ -64,6 +68,14 @@ class DropRayNoise(logging.Filter):
         return not any(noise in message for noise in RAY_NOISE)
 
 
+class DropRayDataInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        return not any(line in message for line in RAY_DATA_INFO)
+
+
 def before_ray_init() -> None:
     """Filters on Ray's own log handlers (they do not propagate to the root logger)."""
     if "logging" in _installed:
@@ -74,6 +86,8 @@ def before_ray_init() -> None:
     for name in ("ray", "ray.data", "ray.serve"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(DropRayNoise())
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(DropRayDataInfo())  # the console's, not the session's log files
     _installed.add("logging")
 
 

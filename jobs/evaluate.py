@@ -1,6 +1,7 @@
 """``docqa evaluate``: how accurate an output's answers are, per question, against ground truth from the
-reviews (accepted: the answer was right; corrected: the correction is the truth; rejected: it was wrong)
-or from a file (CSV or JSON lines: ``document``, optional ``page_number``, ``question_id``, ``answer``).
+reviews (accepted: the answer was right; corrected: the correction is the truth; rejected: it was wrong;
+list and object answers from their reviewed fields) or from a file (CSV or JSON lines: ``document``,
+optional ``page_number``, ``question_id``, ``answer``).
 
 Per question: answers scored, ANLS (DocVQA's metric, threshold 0.5), exact match after normalization,
 typed-value match (number, money with its currency, date, boolean, choice: the truth read by the question's
@@ -23,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.query import LATEST_REVIEWS_SQL, AnswerStore, template_question
+from jobs.query import AnswerStore, template_question
+from jobs.views import LATEST_REVIEWS_SQL
 from pipeline.config import StorageConfig
 from pipeline.questions import QuestionTemplate
 from pipeline.values import ValueParser
@@ -119,7 +121,8 @@ class Evaluation:
         return template_question(self.templates, question_id)
 
     def from_reviews(self) -> list[Scored]:
-        """Each reviewed answer (the latest decision per answer) scored against what the reviewer decided."""
+        """Each reviewed answer (the latest decision per answer) scored against what the reviewer decided;
+        list and object answers from their reviewed fields (``_from_field_reviews``)."""
         rows = self.store.reader(
             "SELECT r.document, r.page_number, r.question_id, r.decision, r.answer AS decided,"
             " r.reviewed_answer, r.reviewed_confidence FROM (" + LATEST_REVIEWS_SQL + ") r WHERE r.item IS NULL"
@@ -137,6 +140,37 @@ class Evaluation:
                     row["reviewed_confidence"],
                     rejected=row["decision"] == "rejected",
                 )
+            )
+        return scored + self._from_field_reviews()
+
+    def _from_field_reviews(self) -> list[Scored]:
+        """Each list or object answer with a reviewed field, scored (ANLS*) against its records as reviewed:
+        accepted fields as they are, corrected ones corrected, rejected ones null, and the fields nobody
+        reviewed as the model wrote them (taken to be right)."""
+        rows = self.store.reader(
+            "SELECT i.document, i.page_number, i.question_id, i.item, i.field, i.answer AS model,"
+            " r.answer AS decided, a.confidence FROM items i"
+            " JOIN reviewed_items r USING (document, page_number, question_id, item, field)"
+            " JOIN answers a USING (document, page_number, question_id)"
+            " JOIN (SELECT DISTINCT document, page_number, question_id FROM reviewed_items"
+            " WHERE review IS NOT NULL) USING (document, page_number, question_id)"
+            " ORDER BY document, page_number, question_id, item, field"
+        ).read_all()
+        answers: dict[tuple[str, int, str], dict[str, Any]] = {}
+        for row in rows.to_pylist():
+            key = (row["document"], row["page_number"], row["question_id"])
+            answer = answers.setdefault(key, {"model": {}, "truth": {}, "confidence": row["confidence"]})
+            answer["model"].setdefault(row["item"], {})[row["field"]] = row["model"]
+            answer["truth"].setdefault(row["item"], {})[row["field"]] = row["decided"]
+        scored = []
+        for (document, page, question_id), answer in answers.items():
+            many = self.question(question_id).type == "list"
+            model, truth = (
+                [records[item] for item in sorted(records)] if many else records[min(records)]
+                for records in (answer["model"], answer["truth"])
+            )
+            scored.append(
+                self.score(document, page, question_id, json.dumps(model), json.dumps(truth), answer["confidence"])
             )
         return scored
 

@@ -29,6 +29,17 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.views import (
+    LAST_HEARTBEAT_SQL,
+    LEASE_END_SQL,
+    LOST_SQL,
+    REVIEWED_ITEMS_SQL,
+    REVIEWED_SQL,
+    SHOWN_STATE_SQL,
+    VALUE_COLUMN,
+    reduced_columns,
+    sql_identifier,
+)
 from pipeline.config import StorageConfig, ValuesConfig
 from pipeline.questions import RECORD_TYPES, QuestionTemplate
 from pipeline.storage import check_bucket, is_s3
@@ -53,25 +64,10 @@ RUN_COLUMNS = [name for name in RUN_SCHEMA.names if name != "record"]
 # What `docqa runs` shows unless --all: id, state, date, documents, pages, failures, duration.
 RUN_SUMMARY_COLUMNS = ["run_id", "state", "run_date", "documents", "pages", "failed_documents", "duration_s"]
 # What `docqa answers` shows of each answer: the answer, its typed value and where it is on the page.
-ANSWER_COLUMNS = [
-    "page_number",
-    "question_id",
-    "question",
-    "answer",
-    "confidence",
-    "value_number",
-    "value_currency",
-    "value_date",
-    "value_boolean",
-    "value_status",
-    "answer_source",
-    "evidence",
-    "evidence_text",
-    "evidence_bbox",
-    "status",
-    "error",
-    "run_id",
-]
+ANSWER_COLUMNS = (
+    "page_number question_id question answer confidence value_number value_currency value_date value_boolean"
+    " value_status answer_source evidence evidence_text evidence_bbox status error run_id"
+).split()
 QUERYABLE_COLUMNS = {
     "answers": ANSWER_SCHEMA.names,
     "current": ANSWER_SCHEMA.names,
@@ -167,6 +163,7 @@ class AnswerStore:
             self._select_run(output, run_id)
         self.connection.execute(f"CREATE VIEW reviewed AS {REVIEWED_SQL}")
         self.connection.execute(f"CREATE VIEW reviewed_items AS {REVIEWED_ITEMS_SQL}")
+        self.moment = as_of or datetime.now(UTC)  # the moment this snapshot shows: a run's lease is judged at it
 
     def _select_run(self, output: str, run_id: str) -> None:
         """``answers`` as the rows of run ``run_id``."""
@@ -308,11 +305,30 @@ class AnswerStore:
             " GROUP BY document, page_number, status ORDER BY document, page_number NULLS FIRST"
         )
 
-    def runs(self, all_columns: bool = False) -> pa.RecordBatchReader:
+    def runs(self, all_columns: bool = False, show_lost: bool = False) -> pa.RecordBatchReader:
         """One row per run, oldest first: the summary columns (id, state, date, documents, pages, failures,
-        duration), or with ``all_columns`` every column but the record."""
+        duration), or with ``all_columns`` every column but the record. With ``show_lost`` (`docqa runs`) a
+        ``running`` run whose lease has passed shows as ``lost (no heartbeat since HH:MM UTC)``
+        (``lost_runs``); without it ``state`` is the table's (what scripts filter on)."""
         columns = RUN_COLUMNS if all_columns else RUN_SUMMARY_COLUMNS
-        return self.reader(f"SELECT {', '.join(columns)} FROM runs ORDER BY started_at, run_id")
+        if not show_lost:
+            return self.reader(f"SELECT {', '.join(columns)} FROM runs ORDER BY started_at, run_id")
+        shown = [SHOWN_STATE_SQL if column == "state" else column for column in columns]
+        return self.reader(f"SELECT {', '.join(shown)} FROM runs ORDER BY started_at, run_id", [self.moment])
+
+    def lost_runs(self) -> list[tuple[str, datetime, datetime]]:
+        """The ``running`` runs whose driver stopped renewing their lease (killed from outside, or its machine
+        lost) before this snapshot's moment: (run id, last heartbeat, lease end), oldest first. Their row
+        stays ``running`` until the next run on the output marks it ``abandoned`` (pipeline/commits.py)."""
+        lost = self.reader(
+            f"SELECT run_id, {LAST_HEARTBEAT_SQL}, {LEASE_END_SQL} FROM runs WHERE {LOST_SQL}"
+            " ORDER BY started_at, run_id",
+            [self.moment],
+        ).read_all()
+        return [
+            (run_id, heartbeat.astimezone(UTC), lease_end.astimezone(UTC))
+            for run_id, heartbeat, lease_end in zip(*(column.to_pylist() for column in lost.columns), strict=True)
+        ]
 
     def input_roots(self) -> list[str]:
         """The folders or prefixes the runs read (their ``input`` up to its first glob character; list files
@@ -370,82 +386,3 @@ def runs(output: str, storage: StorageConfig | None = None, all_columns: bool = 
 
 # Reviews that speak for an answer (or a record's field): the latest decision per key, of the document's
 # version and answer it was made on (a document reprocessed into a different answer is not covered by it).
-REVIEW_KEY = ("document", "source_version", "page_number", "question_id", "item", "field")
-LATEST_REVIEWS_SQL = (
-    "SELECT * FROM reviews QUALIFY row_number() OVER"
-    f" (PARTITION BY {', '.join(REVIEW_KEY)}, reviewed_answer ORDER BY reviewed_at DESC, review_id DESC) = 1"
-)
-REVIEWED_VALUE_COLUMNS = ("answer", "value_number", "value_currency", "value_date", "value_boolean", "value_status")
-# ``answers`` with a person's decision over the model's answer: accepted (kept), corrected (the correction
-# and its typed value), rejected (answer and value null); ``review`` says which, null where none.
-REVIEWED_SQL = (
-    "SELECT a.* REPLACE ("
-    + ", ".join(
-        f"CASE r.decision WHEN 'corrected' THEN r.{column} WHEN 'rejected' THEN NULL ELSE a.{column} END AS {column}"
-        for column in REVIEWED_VALUE_COLUMNS
-    )
-    + ", CASE r.decision WHEN 'corrected' THEN 'ok' ELSE a.status END AS status"
-    + f"), r.decision AS review FROM answers a LEFT JOIN ({LATEST_REVIEWS_SQL}) r"
-    " ON r.item IS NULL AND r.document = a.document AND r.source_version IS NOT DISTINCT FROM a.source_version"
-    " AND r.page_number = a.page_number AND r.question_id = a.question_id"
-    " AND r.reviewed_answer IS NOT DISTINCT FROM a.answer"
-)
-
-# ``items`` likewise, field by field (a review of a field names its item and field).
-REVIEWED_ITEMS_SQL = (
-    "SELECT i.* REPLACE ("
-    + ", ".join(
-        f"CASE r.decision WHEN 'corrected' THEN r.{column} WHEN 'rejected' THEN NULL ELSE i.{column} END AS {column}"
-        for column in REVIEWED_VALUE_COLUMNS
-    )
-    + f"), r.decision AS review FROM items i JOIN answers a USING (document, page_number, question_id)"
-    f" LEFT JOIN ({LATEST_REVIEWS_SQL}) r ON r.document = i.document AND r.page_number = i.page_number"
-    " AND r.question_id = i.question_id AND r.item = i.item AND r.field = i.field"
-    " AND r.source_version IS NOT DISTINCT FROM a.source_version AND r.reviewed_answer IS NOT DISTINCT FROM i.answer"
-)
-
-
-# The typed-value column of each question type, and how a document's answers are reduced to one.
-VALUE_COLUMN = {"number": "value_number", "money": "value_number", "date": "value_date", "boolean": "value_boolean"}
-
-
-def reduced_columns(question_id: str, question_type: str, reduce: str, reviewed: bool = False) -> list[str]:
-    """SQL aggregates of one question's document-level answer (over the ``reviewed`` view: a person's
-    decision over the model's): ``ID`` (the answer), ``ID_value`` and, for money, ``ID_currency`` (typed
-    questions), ``ID_page`` (the page it came from), and with ``reviewed`` ``ID_review`` (accepted or
-    corrected, null where nobody reviewed it). Only the question's answered rows (status ok; for typed
-    questions, value parsed; not rejected by a reviewer) take part; ``all`` gives every page's as text
-    ("p1: … | p2: …", pages "1, 2, 3"), so that every output format and engine takes it."""
-    answered = (
-        f"FILTER (WHERE status = 'ok' AND question_id = {sql_string(question_id)}"
-        " AND coalesce(value_status, 'parsed') = 'parsed' AND review IS DISTINCT FROM 'rejected')"
-    )
-    fields = {question_id: "answer"}
-    if question_type in VALUE_COLUMN:
-        fields[f"{question_id}_value"] = VALUE_COLUMN[question_type]
-    if question_type == "money":
-        fields[f"{question_id}_currency"] = "value_currency"
-    fields[f"{question_id}_page"] = "page_number"
-    if reviewed:
-        fields[f"{question_id}_review"] = "review"
-    # The row each field comes from: the same for all of a question's fields (``*_null``: a null value is
-    # a value, not a reason to look at another row); the most confident model answer, then the first page.
-    function, key = {
-        "first": ("arg_min_null", "page_number"),
-        "last": ("arg_max_null", "page_number"),
-        "max_confidence": ("arg_max_null", "[coalesce(confidence, -1.0), -page_number]"),
-    }.get(reduce, (None, None))
-    columns = []
-    for name, column in fields.items():
-        if function is None:  # all: every page's, as text ("p1: … | p2: …"; pages "1, 2"), for any engine or format
-            shown = "page_number" if column == "page_number" else f"'p' || page_number || ': ' || {column}"
-            separator = "', '" if column == "page_number" else "' | '"
-            aggregate = f"string_agg({shown}, {separator} ORDER BY page_number)"
-        else:
-            aggregate = f"{function}({column}, {key})"
-        columns.append(f"{aggregate} {answered} AS {sql_identifier(name)}")
-    return columns
-
-
-def sql_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

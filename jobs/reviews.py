@@ -3,7 +3,8 @@ its ``reviews`` table (by ``docqa review``'s page and API, and by Label Studio i
 
 The queue holds, per question, the answers of ``current`` that nobody has reviewed yet (for this version
 of the document and this answer) and that are doubtful: a model error, a typed value that did not parse, a
-typed value with no evidence on the page, or a confidence below the question's threshold. List and object
+number, money or date with no evidence on the page, a list cut by max_new_tokens, or a confidence below the
+question's threshold. List and object
 answers are reviewed field by field (the ``items`` table). A review appends one row (``ReviewRow``); the
 ``reviewed`` view of docqa query (jobs/query.py) puts the latest decision over the model's answer.
 """
@@ -19,10 +20,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.query import LATEST_REVIEWS_SQL, AnswerStore, template_question
+from jobs.query import AnswerStore, template_question
+from jobs.views import LATEST_REVIEWS_SQL
 from pipeline.config import StorageConfig
 from pipeline.questions import QuestionTemplate
-from pipeline.records import ReviewRow, to_table
+from pipeline.record_schema import to_table
+from pipeline.records import ReviewRow
 from pipeline.structured import RecordField
 from pipeline.tables import REVIEWS, OutputTables
 from pipeline.values import ValueParser
@@ -69,8 +72,9 @@ def _literal(text: str) -> str:
 
 def _threshold_sql(below: float, thresholds: dict[str, float], question_id: str) -> str:
     """The confidence threshold of the row's question: its own (from ``docqa evaluate``), else ``below``."""
-    cases = " ".join(f"WHEN {_literal(qid)} THEN {float(value)!r}" for qid, value in thresholds.items())
-    return f"(CASE {question_id} {cases} ELSE {float(below)!r} END)" if cases else repr(float(below))
+    cases = " ".join(f"WHEN {_literal(qid)} THEN {float(value)!r}::DOUBLE" for qid, value in thresholds.items())
+    # DOUBLE, not DECIMAL: the reason reads "below 0.5", not "below 0.50"
+    return f"(CASE {question_id} {cases} ELSE {float(below)!r}::DOUBLE END)" if cases else repr(float(below))
 
 
 def _value_text(value: str) -> str:
@@ -83,12 +87,15 @@ def _value_text(value: str) -> str:
 
 def _reason_sql(threshold: str, row: str, value: str) -> str:
     """SQL: why an answer waits for review, or null; ``row`` prefixes the answer row's columns (status,
-    error, confidence), ``value`` those of the value under review (the answer's, or a record field's)."""
+    error, confidence, and whether a list was cut by max_new_tokens: each field of its complete records
+    waits), ``value`` those of the value under review (the answer's, or a record field's). Only a number,
+    money or date lacks evidence: a boolean's or a choice's label is never looked for on the page."""
     return (
         f"CASE WHEN {row}status = 'model_error' THEN 'model error: ' || coalesce({row}error, '')"
         f" WHEN {value}value_status = 'unparsed' THEN 'typed value did not parse'"
-        f" WHEN {value}value_status = 'truncated' THEN 'answer cut by max_new_tokens'"
-        f" WHEN {value}value_status = 'parsed' AND {value}evidence = 'none' THEN 'typed value without evidence'"
+        f" WHEN {row}value_status = 'truncated' THEN 'answer cut by max_new_tokens'"
+        f" WHEN {value}value_status = 'parsed' AND {value}evidence = 'none'"
+        f" AND ({value}value_number IS NOT NULL OR {value}value_date IS NOT NULL) THEN 'typed value without evidence'"
         f" WHEN {row}confidence < {threshold}"
         f" THEN 'confidence ' || round({row}confidence, 2) || ' below ' || {threshold} END"
     )

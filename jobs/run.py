@@ -12,6 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from actors.checkpoint import CheckpointInfo
+from jobs.checkpoint_aside import inspect_checkpoint_aside
 from jobs.cluster import check_cpus, check_gpus, check_render_helper, ensure_ray
 from jobs.incremental import resumed_documents, skip_decision
 from jobs.plan import build_dataset
@@ -57,15 +58,13 @@ def run_job(
     started_at = datetime.now(UTC)
     stats = RunStats()
     run_id = config.run_id or new_run_id(started_at)
-    from actors.families import inspect_checkpoint
-
-    checkpoint = inspect_checkpoint(config.model, config.render)
+    checkpoint = inspect_checkpoint_aside(config)
     check_input(config.input, config.storage)
     if is_s3(config.output):
         check_writable_output(config.output, config.storage)
+    check_render_helper(config)  # this machine's: no Ray needed to refuse
     ensure_ray(ray_address)
     check_gpus(config)
-    check_render_helper(config)
     import ray
 
     check_cpus(config, ray.cluster_resources().get("CPU", 0))

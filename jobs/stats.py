@@ -136,5 +136,5 @@ class RunSummary:
             f" run: {self.ledger['left_documents'] + self.ledger['deferred_documents']}\n"
             f"  wall time: {self.wall_s:.1f}s (this attempt, start to commit; `docqa runs` duration_s)"
             f" · {pages / max(self.wall_s, 1e-9):.2f} pages/s\n"
-            f"  output: {self.output} (tables answers, current, runs)"
+            f"  output: {self.output} (tables answers, current, items, runs)"
         )

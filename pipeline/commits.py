@@ -9,27 +9,36 @@ the state it commits against.
 1. **Claim.** The run's row in ``runs`` is written with state ``running``, a new attempt number and a lease
    (``lease_expires_at``), in a commit carrying (RUN_ID, attempt). A run id whose row says ``committed`` is
    refused; of two processes claiming the same attempt at once, one fails.
-2. **Fence.** An attempt after the first writes a commit carrying (attempt, p) into ``answers`` and then into
-   ``current``, where p is the last part an earlier attempt applied there: it adopts parts 1..p (their
-   documents are done, numbering goes on after them) and, if an earlier attempt died between a part's two
-   commits, the same commit brings those documents into ``current``. From then on an earlier attempt's
-   commits are refused, whatever the order: it reads a newer attempt and stops.
+2. **Fence.** An attempt after the first writes a commit carrying (attempt, p) into ``answers``, then into
+   ``current``, then into ``items``, where p is the last part an earlier attempt applied to ``answers``: it
+   adopts parts 1..p (their documents are done, numbering goes on after them) and, if an earlier attempt
+   died between a part's commits, the same commits bring those documents into ``current`` and their records
+   into ``items``. From then on an earlier attempt's commits are refused, whatever the order: it reads a
+   newer attempt and stops.
 3. **Parts.** Rows wait until their documents are complete: every (page, question) of the document present,
    counted by key, not by rows (a duplicated row, a retried task's, is dropped and never hides a missing
-   one). Every ``commit_rows`` rows or ``commit_interval_s`` seconds, one part: an append to ``answers``,
-   then a replace of its documents' rows in ``current``. A part counts as applied in a table only where this
-   attempt applied it (a retried commit after a lost response is recognised); never because of another
-   attempt's commit.
+   one; so is any row of a document that completed already). Every ``commit_rows`` rows or
+   ``commit_interval_s`` seconds, one part, three commits in this order: an append to ``answers``, a
+   replace of its documents' rows in ``current``, a replace of their records in ``items``. A part counts as
+   applied in a table only where this attempt applied it (a retried commit after a lost response is
+   recognised); never because of another attempt's commit.
 4. **Heartbeat.** While the run lives its driver moves its lease forward (every ``lease_s / 5``) in a commit
    carrying (RUN_ID, attempt). The next run on the output (any run id) takes over a ``running`` run whose
    lease has passed: it marks it ``abandoned`` under a new attempt number, which fences the dead attempt's
-   writer out if it was only frozen, and repairs ``current`` from the parts it committed (step 2).
+   writer out if it was only frozen, and repairs ``current`` and ``items`` from the parts it committed
+   (step 2). It also repairs a run that ended (``failed``, or ``abandoned`` by a run that died before its
+   repair) whose last commit in ``answers`` is newer than its last in ``current`` or ``items``
+   (``repair_ended``); a run whose lease lives is left to its own writer.
 5. **Record.** At the end the run's row becomes ``committed`` with its record (or ``failed``).
 
 The invariant, which tests/test_integrity.py checks over every interleaving of two attempts' commits: after
 the last attempt commits, every document of the run is in ``answers`` exactly once per (page, question),
-all from one attempt, and ``current`` holds, for each document, the rows of the latest run that processed
-it. Every visible row belongs to a document whose rows are all visible.
+all from one attempt, ``current`` holds, for each document, the rows of the latest run that processed it,
+and ``items`` the records of exactly those rows. Every visible row belongs to a document whose rows are all
+visible. A part is three commits (``answers``, ``current``, ``items``); a writer that stops between two of
+them leaves the later tables behind ``answers`` only until the next attempt of its run id, or the next run
+on the output under any run id (once the dead writer's lease has passed, or at once when it ended ``failed``),
+repairs them (steps 2 and 4).
 """
 
 from __future__ import annotations
@@ -298,6 +307,46 @@ def take_over_abandoned(tables: OutputTables, but: str | None = None, now: datet
         )
         taken.append(row["run_id"])
     return taken
+
+
+ENDED = ("failed", "abandoned")  # the states a run can end in with a part's `current` or `items` commit missing
+
+
+def repair_ended(tables: OutputTables, but: str | None = None) -> list[str]:
+    """Bring ``current`` and ``items`` up to date for each run (but ``but``) that ended ``failed`` or
+    ``abandoned`` with a part missing from them: its last commit in ``answers`` is newer than its last in
+    ``current`` or ``items`` (a driver that failed, or died, between a part's commits; an abandoning run that
+    died before its repair). Returns the run ids repaired.
+
+    A ``committed`` run never lags (its row is written after its last part's three commits). A ``running`` run
+    is not touched here: while its lease lives its own writer is between a part's commits at any moment, and
+    only fencing it out could repair it, which would stop a live run (``take_over_abandoned`` does that once
+    its lease has passed). A run that ended has no writer left, so its repair fences nobody out: it commits
+    under the run's last attempt number, and a rerun of its id that starts meanwhile (a later attempt) wins."""
+    rows = tables.read(RUNS, filter=ds.field("state").isin(ENDED)).to_pylist()
+    if not rows:
+        return []
+    versions = {name: tables.open(name) for name in (ANSWERS, CURRENT, ITEMS)}
+    repaired = []
+    for row in rows:
+        run = app_id(row["run_id"])
+        written = versions[ANSWERS].transaction_version(run) or 0
+        if row["run_id"] == but or not written:
+            continue
+        if min(versions[name].transaction_version(run) or 0 for name in (CURRENT, ITEMS)) >= written:
+            continue
+        fence = RunFence(tables, row["run_id"], row["run_date"], row["attempt"], row["started_at"].isoformat())
+        try:
+            fence.adopt()
+        except RunExistsError:
+            continue  # a rerun of its id has started meanwhile: it repairs
+        log.warning(
+            "run %s (%s) had committed a part to answers that current or items lacked; they are repaired",
+            row["run_id"],
+            row["state"],
+        )
+        repaired.append(row["run_id"])
+    return repaired
 
 
 def _abandon(tables: OutputTables, run_id: str, now: datetime) -> int | None:

@@ -10,7 +10,8 @@ size-capped tmpfs, and kills the sandbox when its parent dies. Done by hand with
 pivot_root(2), each step would be ours to get right.
 
 ``render.isolation``: ``strict`` (the default) refuses to render where the helper cannot be confined this
-way; ``best_effort`` renders with what this machine allows and records it.
+way, or where its seccomp filter cannot be loaded (pipeline/sandbox.py reads the helper's own report);
+``best_effort`` renders with what this machine allows, logs it once and records it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.records import DocumentError, Status
+
 PACKAGE = Path(__file__).resolve().parent  # docqa's pipeline package: all the helper imports of ours
 TMPFS_BYTES = 512 * 1024 * 1024  # the helper's private /tmp (pdf2image spools the document there)
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # /usr-merged roots: links, or directories
@@ -36,11 +39,26 @@ ENABLE_HINT = (
     "AppArmor nodes, appArmorProfile: {type: Unconfined}. Or set render.isolation: best_effort to render with "
     "what this machine allows (recorded in each run)"
 )
+SECCOMP_HINT = (
+    "install libseccomp (Debian: apt-get install libseccomp2) beside docqa's pyseccomp dependency, on a kernel "
+    "with seccomp filters (CONFIG_SECCOMP_FILTER). On a KubeRay pod the pod's securityContext must let a process "
+    "add its own filter: seccompProfile: {type: RuntimeDefault} or {type: Unconfined} does (a Localhost profile "
+    "must allow the seccomp and prctl system calls). Or set render.isolation: best_effort to render with what "
+    "this machine allows (recorded in each run)"
+)
 
 
-class IsolationUnavailable(RuntimeError):
+class IsolationUnavailable(DocumentError):
     """``render.isolation: strict`` and the helper cannot be confined here; the message names what is
-    missing and how to enable it."""
+    missing, the setting and how to enable it. A document that meets it is ``render_error``; before a run,
+    jobs/cluster.py makes it the refusal to start (exit 2)."""
+
+    def __init__(self, missing: str, how: str = ENABLE_HINT) -> None:
+        super().__init__(
+            Status.RENDER_ERROR,
+            f"render.isolation=strict: the render helper cannot be confined on this machine: {missing}. To enable "
+            f"it, {how}",
+        )
 
 
 @dataclass(frozen=True)
@@ -163,8 +181,5 @@ def confinement(isolation: str, environment: dict[str, str]) -> Confinement:
         namespaces = "bubblewrap: own user, pid, network, ipc, uts namespaces; read-only root; private /tmp"
         return Confinement(bwrap_prefix(environment), namespaces)
     if isolation == "strict":
-        raise IsolationUnavailable(
-            f"render.isolation=strict: the render helper cannot be confined on this machine: {missing}. To enable "
-            f"it, {ENABLE_HINT}"
-        )
+        raise IsolationUnavailable(missing)
     return Confinement((), f"none: {missing} (render.isolation=best_effort)")

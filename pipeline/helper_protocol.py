@@ -8,7 +8,9 @@ buffer and names their shape.
 The helper is where hostile bytes are parsed, so everything it sends is untrusted: ``read_frame`` reads with
 a deadline on every read and refuses a frame over its limit without reading it; ``checked_answer`` takes an
 answer only when every field has the type and the bounds its operation allows, and turns anything else into
-``render_error`` (the worker then replaces the helper). Requests from the worker are checked the same way by
+``render_error`` (the worker then replaces the helper), as is a message cut short (a frame begun and not
+complete by the deadline, or ended by the helper's death). A helper that sends nothing by the deadline is
+``timeout``: a slow page, not a broken message. Requests from the worker are checked the same way by
 the helper (``checked_request``), though the worker is trusted.
 """
 
@@ -28,7 +30,7 @@ from pipeline.records import DocumentError, Status
 LENGTH = struct.Struct(">I")
 MAX_REQUEST_BYTES = 512 * 1024 * 1024  # a document (limits.max_file_bytes is at most this), passwords, a page number
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a text layer at its caps fits with room to spare
-# A page's text layer, capped in the helper (what is past the caps is dropped, and the page says so).
+# A page's text layer, capped in the helper (what is past the caps is dropped; the page is kept).
 MAX_TEXT_CHARS = 1_000_000
 MAX_WORDS = 100_000
 MAX_WORD_CHARS = 1_000
@@ -61,16 +63,17 @@ def write_frame(fd: int, message: dict[str, Any]) -> None:
         view = view[written:]
 
 
-def _read_exactly(fd: int, count: int, deadline: float) -> bytes:
-    """``count`` bytes from a non-blocking ``fd`` by ``deadline``: TimeoutError past it, EOFError if the other
-    side closed first."""
+def _read_exactly(fd: int, count: int, deadline: float, frame_begun: bool = False) -> bytes:
+    """``count`` bytes from a non-blocking ``fd`` by ``deadline``: past it, TimeoutError if no byte of the frame
+    had come (the other side is busy or silent), ProtocolError if the frame had begun (a truncated message);
+    EOFError if the other side closed first."""
     chunks, left = [], count
     while left:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        ready, _, _ = select.select([fd], [], [], remaining)
+        ready = select.select([fd], [], [], remaining)[0] if remaining > 0 else []
         if not ready:
+            if frame_begun or chunks:
+                raise ProtocolError(f"a truncated message: {count - left} of {count} bytes came by the deadline")
             raise TimeoutError
         try:
             chunk = os.read(fd, min(left, 1 << 20))
@@ -85,11 +88,12 @@ def _read_exactly(fd: int, count: int, deadline: float) -> bytes:
 
 def read_frame(fd: int, deadline: float, limit: int) -> dict[str, Any]:
     """One frame's message, read with ``deadline`` for the whole frame; a frame longer than ``limit`` is refused
-    before its body is read (ProtocolError), as is a body that is not one msgpack map."""
+    before its body is read (ProtocolError), as is a body that is not one msgpack map, and a frame that began
+    but was not complete by the deadline."""
     (length,) = LENGTH.unpack(_read_exactly(fd, LENGTH.size, deadline))
     if length > limit:
         raise ProtocolError(f"a frame of {length} bytes, over the {limit} allowed")
-    body = _read_exactly(fd, length, deadline)
+    body = _read_exactly(fd, length, deadline, frame_begun=True)
     try:
         message = msgpack.unpackb(
             body,

@@ -2,10 +2,13 @@
 JPEG-in-TIFF, CCITT G3/G4), PNG, JPEG, WebP, BMP, GIF, JPEG 2000, HEIF and AVIF, decoded by Pillow.
 
 Pillow opens a file lazily: ``Image.open`` reads the header (size, mode, resolution, EXIF orientation) and
-no pixel. So a page's size and pixel count are known before anything is decoded, and the rendering stage
-refuses a page over ``limits.max_pixels_per_page`` from them (a PNG whose header claims 50,000 x 50,000 never
-allocates); Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on behind it. Each file
-is opened only by the plugin of the format it was detected as (pipeline/formats.py). EXIF orientation is
+no pixel. Two guards refuse a page too large from that header, before any pixel is decoded, both as
+``page_too_large``: Pillow's own decompression-bomb guard, left on, raises ``DecompressionBombError`` in
+``Image.open`` when the first frame claims more than twice ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpx: a PNG
+whose header claims 50,000 x 50,000 is refused there, with Pillow's message); below that, the rendering
+stage refuses a page over ``limits.max_pixels_per_page`` from ``page_info`` (a 10,000 x 9,000 PNG at the
+default 80 Mpx; also any TIFF frame after the first, which Pillow does not check at open). Each file is
+opened only by the plugin of the format it was detected as (pipeline/formats.py). EXIF orientation is
 applied: a phone photo taken sideways is an upright page, and its size is the upright one.
 
 A page's size in points is its pixels at the resolution its header states (72 dpi where it states none or

@@ -23,7 +23,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import StorageConfig
 from pipeline.locations import ListingShard, first_time, iter_shard, listing_shards, never
-from pipeline.records import REF_SCHEMA, DocumentRef, to_table
+from pipeline.record_schema import to_table
+from pipeline.records import REF_SCHEMA, DocumentRef
 from pipeline.skipping import SKIP_BATCH_DOCUMENTS, KnownVersions, SkipDecision
 
 # Listing tasks that run at once: a shard's task waits on directory or object-store pages, and holds no CPU

@@ -6,7 +6,6 @@ parallel (pipeline/listing.py)."""
 from __future__ import annotations
 
 import fnmatch
-import glob
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -154,8 +153,7 @@ def _list_s3(
 
 def _list_local(uri: str, claim: Callable[[Path], bool]) -> Iterator[DocumentRef]:
     if any(char in uri for char in GLOB_CHARS):
-        paths = [Path(p) for p in glob.glob(os.path.expanduser(uri), recursive=True)]
-        for path in sorted(p.resolve() for p in paths if p.is_file()):
+        for path in sorted(set(_glob(os.path.expanduser(uri), claim))):
             yield _local_ref(path)
         return
     root = Path(uri).expanduser()
@@ -165,6 +163,63 @@ def _list_local(uri: str, claim: Callable[[Path], bool]) -> Iterator[DocumentRef
         yield _local_ref(root.resolve())
         return
     yield from _walk(root.resolve(), root.resolve(), claim)
+
+
+def _glob(pattern: str, claim: Callable[[Path], bool]) -> Iterator[Path]:
+    """The files ``pattern`` matches (``glob.glob``'s rules, ``**`` any number of folders), resolved. The
+    input is the folder above the first part with a wildcard; a link that leaves it is followed only where
+    ``claim`` grants it, as in ``_walk`` (``glob.glob`` followed every link, a link to ``/`` taking the
+    whole filesystem, and a link to a folder above the input, round and round until the path got too long).
+    Each folder is entered once per place in the pattern, so a link loop inside the input ends too."""
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if any(char in part for char in GLOB_CHARS))
+    root, rest = Path(*parts[:fixed]).resolve() if fixed else Path.cwd(), parts[fixed:]
+
+    def closure(places: set[int]) -> set[int]:  # a ``**`` may match no folder at all
+        reached = set(places)
+        for place in sorted(places):
+            while place < len(rest) and rest[place] == "**":
+                place += 1
+                reached.add(place)
+        return reached
+
+    def step(places: set[int], name: str) -> set[int]:
+        after = set()
+        for place in places:
+            if place == len(rest) or (name.startswith(".") and not rest[place].startswith(".")):
+                continue  # past the pattern, or a hidden name the part does not name
+            if rest[place] == "**":
+                after.add(place)
+            elif fnmatch.fnmatchcase(name, rest[place]):
+                after.add(place + 1)
+        return closure(after)
+
+    entered: set[tuple[Path, frozenset[int]]] = set()
+
+    def visit(folder: Path, places: set[int]) -> Iterator[Path]:
+        if (folder, frozenset(places)) in entered:
+            return
+        entered.add((folder, frozenset(places)))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            return
+        for entry in entries:
+            after = step(places, entry.name)
+            if not after:
+                continue
+            try:
+                path = Path(entry.path).resolve()
+            except OSError:  # a link that cannot be read
+                continue
+            if not path.is_relative_to(root) and not claim(path):
+                continue
+            if path.is_dir() and any(place < len(rest) for place in after):
+                yield from visit(path, after)
+            elif path.is_file() and len(rest) in after:
+                yield path
+
+    yield from visit(root, closure({0}))
 
 
 def never(target: Path) -> bool:

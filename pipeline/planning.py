@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig, LimitsConfig, StorageConfig
 from pipeline.ledger import report_isolation
+from pipeline.record_schema import from_table, to_table
 from pipeline.records import (
     IDENTITY,
     Document,
@@ -30,8 +31,6 @@ from pipeline.records import (
     RenderBatch,
     Status,
     WorkUnit,
-    from_table,
-    to_table,
 )
 from pipeline.sandbox import open_document
 from pipeline.storage import describe_client_error, read_object

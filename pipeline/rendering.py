@@ -33,6 +33,7 @@ from pipeline.ledger import report_isolation
 from pipeline.pdf import rendered_size
 from pipeline.planning import Planner, ReadDocument
 from pipeline.questions import QuestionTemplate
+from pipeline.record_schema import from_table, to_table
 from pipeline.records import (
     DOCUMENT,
     IDENTITY,
@@ -44,8 +45,6 @@ from pipeline.records import (
     RenderBatch,
     Status,
     WorkUnit,
-    from_table,
-    to_table,
 )
 from pipeline.sandbox import SandboxedDocument, open_document
 from pipeline.text_layer import OCR, TEXT_LAYER, is_usable
@@ -187,31 +186,36 @@ class Renderer:
         usable = is_usable(layer.text, config.text_layer)
         text_source = TEXT_LAYER if layer.words else None
         ocr = not usable and needs_words(questions, config.ocr)
-        asks_model = [question.answered_by_model(usable) for question in questions]
         image: np.ndarray | None = None
-        if ocr or any(asks_model):
-            info = document.page_info(page_number)
-            page.page_dpi = info["dpi"]
-            too_large = page_limit_violation(info, self.geometry.render_longest_edge, config.limits)
-            if too_large:
-                raise DocumentError(Status.PAGE_TOO_LARGE, too_large)
-            if ocr:
-                self.tessdata = self.tessdata or tessdata_directory(config.ocr.languages)
-                dpi = ocr_resolution(info, config.ocr, config.limits)
-                document.start_ocr(page_number, config.ocr.language, dpi, self.tessdata)
-            if any(question.source == "model" for question in questions):  # whatever the OCR reads
+        if ocr:  # the OCR reads the page while it renders for the questions the model answers whatever it reads
+            info = self._checked_info(document, page)
+            self.tessdata = self.tessdata or tessdata_directory(config.ocr.languages)
+            dpi = ocr_resolution(info, config.ocr, config.limits)
+            document.start_ocr(page_number, config.ocr.language, dpi, self.tessdata)
+            if any(question.source == "model" for question in questions):
                 image = self._render(document, page_number)
-            if ocr:
-                layer = document.finish_ocr()
-                usable, text_source = is_usable(layer.text, config.text_layer), OCR
+            layer = document.finish_ocr()
+            usable, text_source = is_usable(layer.text, config.text_layer), OCR
         page.by_model = [question.answered_by_model(usable) for question in questions]
         if any(page.by_model) and image is None:
+            if not ocr:
+                self._checked_info(document, page)
             image = self._render(document, page_number)
         page.text = layer.text if any(question.source != "model" for question in questions) else None
         page.words, page.word_boxes, page.text_layer_chars = layer.words, layer.boxes, layer.chars
         page.text_usable, page.text_source = usable, text_source
         if image is not None:
             page.sub_images, page.sub_image_shapes = pack_images(split_page(image, self.geometry))
+
+    def _checked_info(self, document: SandboxedDocument, page: Page) -> dict[str, Any]:
+        """The page's size and resolution from the helper (``page.page_dpi`` set), refused as
+        ``page_too_large`` before any pixel is decoded when it is over the limits."""
+        info = document.page_info(page.page_number)
+        page.page_dpi = info["dpi"]
+        too_large = page_limit_violation(info, self.geometry.render_longest_edge, self.config.limits)
+        if too_large:
+            raise DocumentError(Status.PAGE_TOO_LARGE, too_large)
+        return info
 
     def _render(self, document: SandboxedDocument, page_number: int) -> np.ndarray:
         try:

@@ -4,15 +4,17 @@ helper process that can be killed, and that can reach nothing worth having.
 MuPDF and poppler have no timeouts and can loop or allocate without bound on crafted files. Each worker
 thread keeps one helper per memory limit and backend (started once, reused across documents) under an
 address-space limit; every call carries the document's wall-clock deadline, and so does every read of the
-helper's answer. A helper that misses the deadline is killed and replaced (the document gets ``timeout``);
-one that dies, runs out of memory or answers anything the protocol does not allow (pipeline/helper_protocol.py)
-is replaced too (``render_error`` or ``memory_limit``). The rest of the run never notices.
+helper's answer. A helper that sends nothing by the deadline is killed and replaced (the document gets
+``timeout``); one that dies, runs out of memory, stops mid-message or answers anything the protocol does not
+allow (pipeline/helper_protocol.py) is replaced too (``render_error`` or ``memory_limit``). The rest of the
+run never notices.
 
 The helper is the one process that parses hostile bytes, so it holds nothing worth stealing and reaches
 nothing: it starts under bubblewrap (pipeline/confinement.py: its own user, PID, network, IPC and UTS
 namespaces, a read-only root of what the interpreter needs, a private /tmp, killed with its parent) with a
 minimal environment (no credentials, tokens or proxy settings), and confines itself further before it reads
-a byte (seccomp, resource limits). Its answers are msgpack frames, checked field by field: nothing it sends
+a byte (seccomp, resource limits); under ``render.isolation: strict`` a helper whose seccomp filter did not
+load is refused. Its answers are msgpack frames, checked field by field: nothing it sends
 is executed. Every helper reports what was in force, and the run record lists it.
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import LimitsConfig, RenderConfig
-from pipeline.confinement import IsolationUnavailable, confinement
+from pipeline.confinement import SECCOMP_HINT, IsolationUnavailable, confinement
 from pipeline.helper_protocol import (
     MAX_ANSWER_BYTES,
     HelperException,
@@ -84,11 +86,10 @@ class RenderSandbox:
 
     def _start(self) -> None:
         """A fresh interpreter (never a fork of a multi-threaded Ray worker, nor a re-import of its main
-        module) under bubblewrap, in its own session; waits for its isolation report."""
-        try:
-            confined = confinement(self.isolation_setting, helper_environment())
-        except IsolationUnavailable as error:
-            raise DocumentError(Status.RENDER_ERROR, str(error)) from None
+        module) under bubblewrap, in its own session; waits for its isolation report. Under
+        ``render.isolation: strict`` a helper that could not load its seccomp filter is killed and refused
+        (IsolationUnavailable, a ``render_error``); under ``best_effort`` what is missing is logged once."""
+        confined = confinement(self.isolation_setting, helper_environment())
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
         pixels_fd = os.memfd_create("docqa-render-pixels")
@@ -113,11 +114,15 @@ class RenderSandbox:
             os.close(fd)
         os.set_blocking(parent_reads, False)
         self._requests, self._answers = parent_writes, parent_reads
-        report = self._receive("start", time.monotonic() + START_TIMEOUT_S)
+        report = self._receive("start", time.monotonic() + START_TIMEOUT_S)  # sent before any hostile byte
         self.started_at = time.monotonic()
         self.isolation = {**report, "namespaces": confined.namespaces}
-        if not str(report.get("network", "")).startswith("closed"):
-            _log_reduced_isolation(str(report.get("network")))
+        seccomp = str(report.get("seccomp", "none: not reported"))
+        if seccomp.startswith("none") and self.isolation_setting == "strict":
+            self._kill()
+            raise IsolationUnavailable(f"the helper's seccomp filter: {seccomp}", SECCOMP_HINT)
+        if seccomp.startswith("none") or not confined.prefix:  # best_effort: logged once, recorded in the run
+            _log_reduced_isolation(self.summary)
 
     def helper_code(self, read_fd: int, write_fd: int, pixels_fd: int) -> str:
         """What the helper's interpreter runs: the serve loop on these descriptors."""
@@ -237,9 +242,18 @@ class RenderSandbox:
 
 
 @functools.cache
-def _log_reduced_isolation(network: str) -> None:
-    """Once per process and reason."""
-    log.warning("render isolation reduced: the helper's network is %s", network)
+def _log_reduced_isolation(summary: str) -> None:
+    """Once per process and confinement (``render.isolation: best_effort`` where something is missing)."""
+    log.warning("render isolation reduced (render.isolation=best_effort): %s", summary)
+
+
+def check_helper(render: RenderConfig, limits: LimitsConfig) -> str:
+    """Start one helper exactly as a run would (its bubblewrap, its seccomp filter, its limits) and stop it;
+    returns how it was confined. Raises IsolationUnavailable where ``render.isolation: strict`` cannot be
+    met, DocumentError where no helper starts at all."""
+    helper = RenderSandbox(limits.render_memory_mb, render.backend, render.isolation)
+    helper._kill()
+    return helper.summary
 
 
 _SANDBOXES = threading.local()  # each thread its own helpers: two threads never share one's pipes

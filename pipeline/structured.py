@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.grammars import BOOLEAN_ANSWERS, CONSTRAINED_FORMS, check_choices
 from pipeline.records import ITEM_SCHEMA
 
-TRUNCATED = "truncated"  # value_status of a list answer cut by max_new_tokens: its complete records are kept
+TRUNCATED = "truncated"  # value_status of an answer cut by max_new_tokens: a list keeps its complete records
 # The JSON the model writes: no whitespace between tokens, keys in the fields' order (xgrammar's
 # ``any_whitespace=False`` and these separators), so that no token is spent on layout.
 SEPARATORS = (",", ":")
@@ -73,7 +73,9 @@ def field_schema(field: RecordField) -> dict[str, Any]:
     if field.type == "text":
         value: dict[str, Any] = {"type": "string"}
     elif field.type in CONSTRAINED_FORMS:
-        value = {"type": "string", "pattern": CONSTRAINED_FORMS[field.type]}
+        # Anchored: a standard validator reads a pattern as a search ("x1" would pass as a number); xgrammar
+        # reads it as the whole string either way, so the anchors leave the decoding as it was.
+        value = {"type": "string", "pattern": f"^(?:{CONSTRAINED_FORMS[field.type]})$"}
     else:
         allowed = BOOLEAN_ANSWERS if field.type == "boolean" else list(field.choices or [])
         value = {"type": "string", "enum": allowed}
@@ -139,6 +141,12 @@ def read_records(answer: str | None, many: bool) -> tuple[list[dict[str, Any]], 
             return records, TRUNCATED
         if isinstance(record, dict):
             records.append(record)
+
+
+def closed_list(records: list[dict[str, Any]]) -> str:
+    """The answer of a list cut by max_new_tokens, closed as far as it parsed: its complete records as the
+    JSON list the model would have written had it stopped after them (compact, characters as written)."""
+    return json.dumps(records, separators=SEPARATORS, ensure_ascii=False)
 
 
 def _normalized(text: str) -> str:

@@ -34,7 +34,7 @@ from pyarrow import fs as pafs
 
 from pipeline.config import StorageConfig
 from pipeline.records import ITEM_SCHEMA, OUTPUT_SCHEMA, REVIEW_SCHEMA
-from pipeline.storage import check_writable_output, endpoint_of, filesystem_for, is_s3
+from pipeline.storage import endpoint_of, filesystem_for, is_s3
 
 ANSWERS = "answers"
 CURRENT = "current"
@@ -67,7 +67,7 @@ RUN_SCHEMA = pa.schema(
         pa.field("degraded", pa.bool_()),  # committed, but over limits.max_failed_page_share (exit code 3)
         pa.field("error", pa.string()),  # why a failed run failed
         pa.field("record", pa.string()),  # the whole run record, JSON (config, versions, counts, isolation)
-        # While the run lives its driver moves this forward (pipeline/sink.py, the heartbeat); a `running` run
+        # While the run lives its driver moves this forward (pipeline/writing.py, the heartbeat); a `running` run
         # past it is abandoned by the next run on the output.
         pa.field("lease_expires_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -78,17 +78,12 @@ COMMIT_ATTEMPTS = 20
 SALT_FILE = "_docqa/digest_salt"
 SALT_BYTES = 16
 DEFAULT_LEASE_S = 300.0  # a `running` row without a lease (written by an older docqa): this long after its start
-MIN_RETAIN_HOURS = 1  # vacuum keeps at least this much unless forced: a writer's new files wait minutes, not hours
 T = TypeVar("T")
 log = logging.getLogger("docqa")
 
 
 class TableError(RuntimeError):
     """The output tables cannot be read or written; the message says why and what to do."""
-
-
-class VacuumRefused(TableError):
-    """`docqa optimize` would put a running writer's files at risk; the message says why and what to do."""
 
 
 def table_uri(output: str, name: str) -> str:
@@ -367,66 +362,3 @@ def lease_expired(row: dict[str, Any], now: datetime) -> bool:
     older docqa, counts DEFAULT_LEASE_S from its start)."""
     expires = row.get("lease_expires_at") or row["started_at"] + timedelta(seconds=DEFAULT_LEASE_S)
     return expires < now
-
-
-def live_runs(tables: OutputTables, now: datetime | None = None) -> list[dict[str, Any]]:
-    """The ``runs`` rows of runs whose driver holds a lease now (writing, or about to)."""
-    now = now or datetime.now(UTC)
-    rows = tables.read(RUNS, filter=ds.field("state") == "running").to_pylist()
-    return [row for row in rows if not lease_expired(row, now)]
-
-
-def optimize_output(
-    output: str, storage: StorageConfig | None, retain_hours: int, force: bool = False
-) -> dict[str, dict[str, int]]:
-    """Compact each table's small files (``current`` is also clustered by document, Z-order, so that a
-    commit's ``document IN (...)`` replace reads few files), then vacuum the files no version of the last
-    ``retain_hours`` needs. Readers see the same rows before and after; time travel reaches back
-    ``retain_hours``.
-
-    Vacuum deletes files no version in the window references, including files a writer has written and not
-    yet committed: so it refuses a window under MIN_RETAIN_HOURS (unless ``force``), and refuses to run at
-    all while a run holds a lease on the output (``runs``: ``running`` and its lease not passed)."""
-    from deltalake.exceptions import DeltaError
-
-    if retain_hours < MIN_RETAIN_HOURS and not force:
-        raise VacuumRefused(
-            f"--retain-hours {retain_hours} is under {MIN_RETAIN_HOURS}: vacuum could delete the files a running "
-            "writer has written but not committed yet. Use --force only when no run can be writing to this output"
-        )
-    tables = OutputTables(output, storage or StorageConfig())
-    if is_s3(output):
-        check_writable_output(output, tables.storage)
-    for name in TABLES_OF_EVERY_OUTPUT:
-        if tables.open(name) is None:
-            raise TableError(f"no docqa output under {output} (no Delta table at {tables.uri(name)})")
-    writing = live_runs(tables)
-    if writing:
-        named = ", ".join(f"{row['run_id']} (lease until {row['lease_expires_at']:%H:%M:%S} UTC)" for row in writing)
-        raise VacuumRefused(
-            f"a run is writing to {output}: {named}. Vacuum could delete files it is about to commit; run "
-            "`docqa optimize` again once it has ended (`docqa runs` shows its state)"
-        )
-    report = {}
-    for name in TABLES:
-        table = tables.open(name)
-        if table is None:  # items or reviews, of an output no run has written to since they came
-            continue
-        before = len(table.file_uris())
-
-        def compact(table, name: str = name) -> dict[str, Any]:
-            return table.optimize.z_order(["document"]) if name == CURRENT else table.optimize.compact()
-
-        metrics = tables.retry_commit(name, compact)
-        table = tables.open(name)
-        try:
-            vacuumed = table.vacuum(retention_hours=retain_hours, dry_run=False, enforce_retention_duration=False)
-        except (DeltaError, OSError) as error:
-            raise TableError(describe_delta_error(error, f"vacuum of {tables.uri(name)} failed")) from None
-        report[name] = {
-            "files_before": before,
-            "files_after": len(table.file_uris()),
-            "files_removed": int(metrics.get("numFilesRemoved", 0)),
-            "vacuumed": len(vacuumed),
-        }
-    return report

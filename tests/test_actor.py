@@ -170,7 +170,8 @@ def test_a_page_the_model_fails_on_gets_model_error_and_its_neighbours_their_ans
     from actors.checkpoint import CheckpointInfo
     from pipeline.config_loading import load_config
     from pipeline.images import pack_images
-    from pipeline.records import Page, to_table
+    from pipeline.record_schema import to_table
+    from pipeline.records import Page
 
     config = load_config(
         None,

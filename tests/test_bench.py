@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,15 @@ def test_stage_times_are_read_from_ray_data_stats(ray_session) -> None:
     times = operator_wall_times(dataset.stats())
     assert times and all(seconds > 0 for seconds in times.values())
     assert any("MapBatches" in name for name in times)
+
+
+def test_scans_benchmark_renders_every_format_and_ocrs(capsys) -> None:
+    """bench.scans, one small page a set: every set renders its page, and the OCR lines are measured."""
+    from bench import scans
+
+    scans.main(["--pages", "1", "--dpi", "100"])
+    report = capsys.readouterr().out
+    rendered = re.findall(r"^render (\S+) +(\d+) pages", report, re.MULTILINE)
+    assert rendered == [(name, "1") for name in ("pdf", "tiff-lzw", "tiff-g4", *scans.PILLOW_SETS)], report
+    for line in ("OCR only (source: text_layer)", "render + OCR (typed)", "render only"):
+        assert re.search(rf"^png {re.escape(line)} +\d+ ms/page", report, re.MULTILINE), (line, report)

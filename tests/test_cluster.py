@@ -263,7 +263,6 @@ def test_a_client_without_the_clusters_token_is_told_how_to_give_it(
     assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text() not in result.stderr
 
 
-@pytest.mark.slow
 def test_an_encrypted_pdf_job_submitted_to_the_cluster_gets_its_password_from_the_clusters_secret(
     ray_cluster: str, tiny_model: Path, tmp_path: Path, capsys
 ) -> None:

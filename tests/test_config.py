@@ -150,11 +150,11 @@ def test_the_docs_document_every_config_field_status_and_column() -> None:
 def test_every_config_field_says_what_it_is() -> None:
     import inspect
 
-    from pipeline import config, questions
+    from pipeline import config, config_sections, questions
 
     models = [
         model
-        for module in (config, questions)
+        for module in (config, config_sections, questions)
         for _, model in inspect.getmembers(module, inspect.isclass)
         if issubclass(model, BaseModel) and model.__module__ == module.__name__
     ]

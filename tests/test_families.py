@@ -2,6 +2,9 @@
 Idefics2 base (raw prompt, newline stop rule), a PEFT LoRA adapter on Idefics2, Idefics1. The instruct
 checkpoint is covered by test_pipeline; long answers (chatty) by the 96-token question here."""
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,30 @@ def test_configs_a_family_cannot_run_are_rejected_before_any_work(
     code, err = run(str(tiny_model), f"model.adapter={tmp_path / 'no-adapter'}")
     assert code == 1 and "cannot load model.adapter" in err and "adapter_config.json" in err
     assert not output.exists()
+
+
+@pytest.mark.slow  # a command line run in a subprocess: make test-slow
+def test_the_driver_inspects_the_checkpoint_in_a_child_and_never_loads_torch(tiny_model: Path, tmp_path: Path) -> None:
+    """A driver process (no transformers loaded yet) learns what an in-process inspection would, errors
+    included, and never imports torch itself (jobs/checkpoint_aside.py)."""
+    other = tmp_path / "gpt2"
+    GPT2Config().save_pretrained(other)
+    script = (
+        "import sys\n"
+        "from jobs.checkpoint_aside import inspect_checkpoint_aside\n"
+        "from pipeline.config import JobConfig\n"
+        "def inspected(model):\n"
+        "    try:\n"
+        "        config = JobConfig(questions=[{'id': 'q', 'text': 'q?'}], model={'id': model})\n"
+        "        info = inspect_checkpoint_aside(config)\n"
+        "        return [info.family, info.commit, info.geometry.__dict__]\n"
+        "    except Exception as error:\n"
+        "        return [type(error).__name__, str(error)]\n"
+        f"print(repr([inspected({str(tiny_model)!r}), inspected({str(other)!r}), 'torch' in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    tiny, gpt2, torch_loaded = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    expected = inspect_checkpoint(ModelConfig(id=str(tiny_model)), RenderConfig())
+    assert tiny == [expected.family, expected.commit, expected.geometry.__dict__]
+    assert gpt2[0] == "ConfigError" and "is a 'gpt2' checkpoint; supported families" in gpt2[1]
+    assert not torch_loaded

@@ -15,7 +15,8 @@ from actors.checkpoint import ModelLoadError
 from actors.families import inspect_checkpoint
 from pipeline.config import ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry, pack_images, split_page, unpack_images
-from pipeline.records import PAGE_SCHEMA, Page, to_table
+from pipeline.record_schema import to_table
+from pipeline.records import PAGE_SCHEMA, Page
 
 PAGE_SHAPES = [(896, 693), (693, 896), (895, 341), (70, 896), (1960, 1386), (200, 150), (981, 979)]
 

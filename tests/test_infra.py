@@ -170,3 +170,12 @@ def test_submit_ships_exactly_our_packages_and_the_config(tmp_path: Path) -> Non
         assert done.stdout.strip() == "[]"
     finally:
         shutil.rmtree(staging)
+
+
+def test_each_decision_is_taken_in_one_place_and_only_the_decoder_and_the_adapter_are_long() -> None:
+    """The structure's rules (docs/development.md), as bench.structure measures them: a decision the code
+    takes again elsewhere, or a module grown past 400 lines that is not one long thing, fails here."""
+    from bench.structure import decisions, long_files
+
+    assert {decision: places for decision, places in decisions().items() if len(places) > 1} == {}
+    assert {name.split(" ")[0] for name in long_files()} <= {"actors/adapters.py", "actors/decoding.py"}

@@ -83,7 +83,7 @@ def test_bucket_of_pdfs_is_processed_exactly_once(
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "  output: s3://bulk/out/ (tables answers, current, runs)" in captured.out
+    assert "  output: s3://bulk/out/ (tables answers, current, items, runs)" in captured.out
     storage = StorageConfig(endpoint_url=s3_endpoint)
     rows = read_answers("s3://bulk/out/", storage=storage).to_pylist()
     documents = [row["document"] for row in rows]

@@ -63,24 +63,61 @@ def invoice_pages() -> list[Image.Image]:
     return page_images(invoice_pdf(41, 3, (612, 792)), 150)
 
 
+def _animated(frames: list[Image.Image], format: str) -> bytes:
+    """An animated GIF or WebP of ``frames``, a tenth of a second each."""
+    return _encoded(frames[0], format, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _rendered_like(data: bytes, expected: Image.Image, wrong: Image.Image) -> None:
+    """``data``'s one page, rendered in the render helper, is ``expected`` and not ``wrong``."""
+    document = SandboxedDocument(data, RenderConfig(), LimitsConfig())
+    try:
+        assert document.num_pages == 1
+        rendered = document.render(1, 800).astype(np.float32)
+    finally:
+        document.close()
+    size = (rendered.shape[1], rendered.shape[0])
+
+    def error(image: Image.Image) -> float:
+        resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        return float(np.abs(rendered - np.asarray(resized, dtype=np.float32)).mean())
+
+    assert error(expected) < 6 and error(wrong) > 10 * error(expected), (error(expected), error(wrong))
+
+
 def test_every_image_format_is_a_document_of_pages(ray_session, tiny_model: Path, tmp_path: Path, invoice_pages):
-    """One run over a mixed folder: a 3-page TIFF (G4, LZW and JPEG pages) is 3 answered pages, each single
-    image format one, a DOCX is unsupported_format naming what it is, the PDF is as before; every document
-    once, with its source format and, for images, its resolution."""
+    """One run over a mixed folder: a 3-page TIFF (G4, LZW and JPEG pages) and another (G3, uncompressed and
+    Deflate) are 3 answered pages each, each single image format one, an animated GIF or WebP one page (its
+    first frame), a DOCX is unsupported_format naming what it is, the PDFs are as before; every document
+    once, each page of it once, with its source format and, for images, its resolution."""
     first = invoice_pages[0]
+    black = Image.new("RGB", first.size, "black")
     inputs = tmp_path / "in"
     inputs.mkdir()
+    scan = multipage_tiff([(invoice_pages[0], "group4"), (invoice_pages[1], "tiff_lzw"), (first, "jpeg")])
+    fax = multipage_tiff([(invoice_pages[2], "group3"), (invoice_pages[1], "raw"), (first, "tiff_adobe_deflate")])
+    for tiff, compressions in ((scan, ["group4", "tiff_lzw", "jpeg"]), (fax, ["group3", "raw", "tiff_adobe_deflate"])):
+        with Image.open(io.BytesIO(tiff)) as written:  # each page really is compressed its own way
+            read = []
+            for frame in range(written.n_frames):
+                written.seek(frame)
+                read.append(written.info["compression"])
+        assert read == compressions
     files = {
-        "scan.tif": multipage_tiff([(invoice_pages[0], "group4"), (invoice_pages[1], "tiff_lzw"), (first, "jpeg")]),
+        "scan.tif": scan,
+        "fax.tif": fax,
         "page.png": _encoded(first, "PNG", dpi=(150, 150)),
         "photo.jpg": _encoded(first, "JPEG", dpi=(150, 150)),
         "page.webp": _encoded(first, "WEBP"),
         "page.bmp": _encoded(first, "BMP"),
         "page.gif": _encoded(first.convert("P"), "GIF"),
+        "animated.gif": _animated([first.convert("P"), black.convert("P")], "GIF"),
+        "animated.webp": _animated([first, black], "WEBP"),
         "page.jp2": _encoded(first, "JPEG2000"),
         "page.heic": _heif(first),
         "letter.docx": _docx(),
         "invoice.pdf": invoice_pdf(41, 2, (612, 792)),
+        "receipt.pdf": invoice_pdf(42, 3, (595, 842)),
     }
     for name, data in files.items():
         (inputs / name).write_bytes(data)
@@ -91,27 +128,74 @@ def test_every_image_format_is_a_document_of_pages(ray_session, tiny_model: Path
     for row in rows:
         by_document.setdefault(Path(row["document"]).name, []).append(row)
     assert set(by_document) == set(files)
-    expected_formats = {
-        "scan.tif": "tiff",
-        "page.png": "png",
-        "photo.jpg": "jpeg",
-        "page.webp": "webp",
-        "page.bmp": "bmp",
-        "page.gif": "gif",
-        "page.jp2": "jp2",
-        "page.heic": "heif",
-        "invoice.pdf": "pdf",
+    expected = {  # name -> (source format, pages)
+        "scan.tif": ("tiff", 3),
+        "fax.tif": ("tiff", 3),
+        "page.png": ("png", 1),
+        "photo.jpg": ("jpeg", 1),
+        "page.webp": ("webp", 1),
+        "page.bmp": ("bmp", 1),
+        "page.gif": ("gif", 1),
+        "animated.gif": ("gif", 1),
+        "animated.webp": ("webp", 1),
+        "page.jp2": ("jp2", 1),
+        "page.heic": ("heif", 1),
+        "invoice.pdf": ("pdf", 2),
+        "receipt.pdf": ("pdf", 3),
     }
-    for name, source_format in expected_formats.items():
+    for name, (source_format, pages) in expected.items():
         document_rows = by_document[name]
         assert {row["status"] for row in document_rows} == {"ok"}, (name, document_rows[0]["error"])
         assert {row["source_format"] for row in document_rows} == {source_format}, name
-    assert sorted(row["page_number"] for row in by_document["scan.tif"]) == [1, 2, 3]
-    assert {row["num_pages"] for row in by_document["scan.tif"]} == {3}
-    assert {row["page_dpi"] for row in by_document["scan.tif"]} == {150.0}
+        # One row per page and question (one question here): every page once, none twice.
+        assert sorted(row["page_number"] for row in document_rows) == list(range(1, pages + 1)), name
+        assert {row["num_pages"] for row in document_rows} == {pages}, name
+    assert {row["page_dpi"] for row in by_document["scan.tif"] + by_document["fax.tif"]} == {150.0}
     assert {row["page_dpi"] for row in by_document["invoice.pdf"]} == {None}
     [docx] = by_document["letter.docx"]
     assert docx["status"] == "unsupported_format" and "docx" in docx["error"], docx["error"]
+    # An animated image's page is its first frame, not the last one nor the frames laid over each other.
+    for name in ("animated.gif", "animated.webp"):
+        _rendered_like(files[name], first, black)
+
+
+def test_page_selections_and_the_page_limit_apply_to_tiff_pages(
+    ray_session, tiny_model: Path, tmp_path: Path, invoice_pages
+) -> None:
+    """A TIFF's frames are pages as a PDF's are: `pages: last` and `pages: first` answer only the last and
+    the first frame of a 5-page TIFF, and a 6-page TIFF over limits.max_pages_per_document=5 is
+    too_many_pages, as the 6-page PDF beside it is, with the same reason."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    frames = [*invoice_pages, *invoice_pages]
+    (inputs / "five.tif").write_bytes(multipage_tiff([(frame, "tiff_lzw") for frame in frames[:5]]))
+    (inputs / "six.tif").write_bytes(multipage_tiff([(frame, "tiff_lzw") for frame in frames[:6]]))
+    (inputs / "six.pdf").write_bytes(invoice_pdf(43, 6, (612, 792)))
+    questions = [{**TOTAL_QUESTION, "id": "last", "pages": "last"}, {**TOTAL_QUESTION, "id": "first", "pages": "first"}]
+    job = write_job(
+        tmp_path,
+        inputs,
+        tiny_model,
+        questions,
+        render={"image_splitting": False},
+        limits={"max_pages_per_document": 5},
+    )
+    assert main(["run", "--config", str(job)]) == 0
+    by_document: dict[str, list[dict]] = {}
+    for row in read_answers(str(tmp_path / "out")).to_pylist():
+        by_document.setdefault(Path(row["document"]).name, []).append(row)
+    five = by_document["five.tif"]
+    assert sorted((row["question_id"], row["page_number"]) for row in five) == [("first", 1), ("last", 5)]
+    assert {(row["status"], row["num_pages"]) for row in five} == {("ok", 5)}
+
+    def outcome(name: str) -> list[tuple]:
+        return [(row["status"], row["num_pages"], row["error"]) for row in by_document[name]]
+
+    assert (
+        outcome("six.tif")
+        == outcome("six.pdf")
+        == [("too_many_pages", 6, "6 pages, over limits.max_pages_per_document=5")]
+    )
 
 
 def _heif(image: Image.Image) -> bytes:
@@ -148,22 +232,31 @@ def test_an_exif_rotated_photo_is_rendered_upright(invoice_pages) -> None:
 
 
 def test_a_png_header_claiming_50000_squared_pixels_is_refused_before_decoding() -> None:
-    """page_too_large from the header's size, before any pixel is decoded: by Pillow's bomb guard when it
-    opens a 50,000 x 50,000 header, by our limit (lowered here to 10 Mpx) for a 5,000 x 5,000 one that Pillow
-    would decode. The helper never allocates the pixels (its peak memory stays far below the 7.5 GB and 75 MB
-    they would take) and serves the next document."""
-    limits = LimitsConfig(max_pixels_per_page=10_000_000)
-    config = JobConfig(questions=[TOTAL_QUESTION], limits=limits, render={"image_splitting": False})
+    """page_too_large from the header's size, before any pixel is decoded, by two guards: Pillow's own
+    decompression-bomb guard refuses to open a 50,000 x 50,000 header (over twice ``Image.MAX_IMAGE_PIXELS``,
+    Pillow's message); ``limits.max_pixels_per_page`` refuses a header Pillow opens: 10,000 x 9,000 at the
+    default 80 Mpx, 5,000 x 5,000 at a limit lowered to 10 Mpx. The helper never allocates the pixels (its
+    peak memory stays far below the 7.5 GB, 270 MB and 75 MB they would take) and serves the next document."""
+    lowered = LimitsConfig(max_pixels_per_page=10_000_000)
+    render = {"image_splitting": False}
+    default = JobConfig(questions=[TOTAL_QUESTION], render=render)
+    low = JobConfig(questions=[TOTAL_QUESTION], limits=lowered, render=render)
+    assert default.limits.render_memory_mb == lowered.render_memory_mb  # so one helper serves both
+    cases = [  # (width, height, config, what the error says)
+        (50_000, 50_000, default, "could be decompression bomb DOS attack"),
+        (10_000, 9_000, default, "over limits.max_pixels_per_page=80000000"),
+        (5_000, 5_000, low, "over limits.max_pixels_per_page=10000000"),
+    ]
     peaks: list[int] = []
 
     def refuse_then_render() -> None:
         """In a thread of its own: a helper of its own (one per thread), whose peak is only this test's."""
-        for side in (50_000, 5_000):
-            document = document_of_bytes("huge.png", _png_header_only(side, side))
+        for width, height, config, says in cases:
+            document = document_of_bytes("huge.png", _png_header_only(width, height))
             [page] = document_pages(config, GEOMETRY, document)
             assert page.status == "page_too_large", page.error
-            assert str(side * side) in page.error
-        document = SandboxedDocument(_encoded(Image.new("RGB", (100, 80), "white"), "PNG"), config.render, limits)
+            assert str(width * height) in page.error and says in page.error, page.error
+        document = SandboxedDocument(_encoded(Image.new("RGB", (100, 80), "white"), "PNG"), low.render, lowered)
         try:
             status = Path(f"/proc/{document.sandbox.helper_pid}/status").read_text()
             peaks.append(int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]))
@@ -173,7 +266,7 @@ def test_a_png_header_claiming_50000_squared_pixels_is_refused_before_decoding()
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(refuse_then_render).result()
-    assert peaks[0] * 1024 < 70 * 1024 * 1024 < limits.render_memory_mb * 1024 * 1024
+    assert peaks[0] * 1024 < 70 * 1024 * 1024 < lowered.render_memory_mb * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +319,15 @@ def _blind_tiny_model(tiny_model: Path, path: Path) -> Path:
 def test_answers_on_a_scan_come_from_ocr_with_their_evidence(
     ray_session, tiny_model: Path, tmp_path: Path, scanned_invoice
 ) -> None:
-    """Through `docqa run`: `source: auto` transcribes the scan with the OCR's text (answer_source ocr), equal
-    to MuPDF's own OCR of the same pixels; a number the model answers, printed on the scan, has its evidence
-    from the OCR (evidence ocr) boxed where it is printed; a text question asked of the model alone does not
-    pay for OCR (unless ocr.evidence is all)."""
+    """Through `docqa run`: on the scanned invoice and on a scanned delivery note, `source: auto` and
+    `source: text_layer` transcribe the scan with the OCR's text (answer_source ocr), equal to MuPDF's own
+    OCR of the same pixels; a number the model answers, printed on the scan, has its evidence from the OCR
+    (evidence ocr) boxed where it is printed; a text question asked of the model alone does not pay for OCR
+    (unless ocr.evidence is all)."""
     blind = _blind_tiny_model(tiny_model, tmp_path / "blind")
     number = {"id": "n", "text": "A number?", "type": "number", "constrained": True, "max_new_tokens": 4}
-    questions = [{"id": "auto", "text": "Transcribe.", "source": "auto"}, number]
+    from_text = {"id": "layer", "text": "Transcribe.", "source": "text_layer"}
+    questions = [{"id": "auto", "text": "Transcribe.", "source": "auto"}, from_text, number]
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "blank.png").write_bytes(_encoded(Image.new("RGB", (1275, 1650), "white"), "PNG", dpi=(150, 150)))
@@ -250,24 +345,37 @@ def test_answers_on_a_scan_come_from_ocr_with_their_evidence(
     [scan] = page_images(document.tobytes(), 300)
     (inputs / "blank.png").unlink()
     (inputs / "scan.tif").write_bytes(multipage_tiff([(scan, "tiff_lzw")]))
+    (inputs / "invoice.tif").write_bytes(scanned_invoice[1])
     assert main(["run", "--config", str(job), "--output", str(tmp_path / "scan-out")]) == 0
-    rows = {row["question_id"]: row for row in read_answers(str(tmp_path / "scan-out")).to_pylist()}
+    answers = read_answers(str(tmp_path / "scan-out")).to_pylist()
+    by_document = {
+        name: {row["question_id"]: row for row in answers if Path(row["document"]).name == name}
+        for name in ("scan.tif", "invoice.tif")
+    }
+    rows = by_document["scan.tif"]
     assert rows["n"]["answer"] == answer["answer"]
     assert (rows["n"]["answer_source"], rows["n"]["evidence"]) == ("model", "ocr"), (
         rows["n"]["answer"],
         rows["auto"]["answer"],
     )
     box = rows["n"]["evidence_bbox"]
-    assert box["x0"] == pytest.approx(printed.x0 / 612, abs=0.02)
-    assert box["y1"] == pytest.approx(printed.y1 / 792, abs=0.02)
+    edges = {"x0": printed.x0 / 612, "y0": printed.y0 / 792, "x1": printed.x1 / 612, "y1": printed.y1 / 792}
+    for edge, printed_edge in edges.items():  # all four edges of the box
+        assert box[edge] == pytest.approx(printed_edge, abs=0.02), (edge, box)
 
-    scanned_page = pymupdf.open(stream=(inputs / "scan.tif").read_bytes())[0]
-    textpage = scanned_page.get_textpage_ocr(dpi=300, full=True, tessdata=tessdata_directory(["eng"]))
-    mupdf_text = scanned_page.get_text(sort=True, textpage=textpage)
-    assert rows["auto"]["answer_source"] == "ocr" and rows["auto"]["answer"] == mupdf_text
-    assert rows["auto"]["text_layer_chars"] == sum(not c.isspace() for c in mupdf_text)
+    for name, document_rows in by_document.items():
+        scanned_page = pymupdf.open(stream=(inputs / name).read_bytes())[0]
+        textpage = scanned_page.get_textpage_ocr(dpi=300, full=True, tessdata=tessdata_directory(["eng"]))
+        mupdf_text = scanned_page.get_text(sort=True, textpage=textpage)
+        for question in ("auto", "layer"):
+            row = document_rows[question]
+            assert (row["status"], row["answer_source"], row["text_source"]) == ("ok", "ocr", "ocr"), (name, row)
+            assert row["answer"] == mupdf_text, (name, question)
+            assert row["text_layer_chars"] == sum(not c.isspace() for c in mupdf_text), (name, question)
+    assert "TOTAL DUE" in by_document["invoice.tif"]["auto"]["answer"]
 
     # A text question for the model alone: no OCR on the scan unless asked for.
+    (inputs / "invoice.tif").unlink()
     text_only = write_job(tmp_path, inputs, blind, [{"id": "t", "text": "What is it?", "max_new_tokens": 2}])
     assert main(["run", "--config", str(text_only), "--output", str(tmp_path / "no-ocr")]) == 0
     [row] = read_answers(str(tmp_path / "no-ocr")).to_pylist()

@@ -281,3 +281,27 @@ def test_the_linear_evidence_lookup_finds_what_the_word_by_word_one_did(words: l
         first, last = expected
         assert found["evidence_text"] == " ".join(words[first : last + 1])
         assert found["evidence_bbox"]["x0"] == pytest.approx(first / 40)
+
+
+@pytest.mark.parametrize(
+    ("words", "answer"),
+    [
+        (["aa"] * 100_000 + ["a"], "a" * 3001),  # it occurs everywhere, words end it only at the page's end
+        (["a"] + ["ba"] * 99_999, "ab" * 1500),  # everywhere, but never at a word's start
+    ],
+    ids=["found-last", "never-at-a-word-start"],
+)
+def test_the_evidence_lookup_stays_linear_on_adversarial_pages(words: list[str], answer: str) -> None:
+    """A page at the text layer's cap of 100,000 words and a 3,000-character answer: the lookup reading the
+    page once (a fraction of a second), where retrying after each occurrence took seconds."""
+    import time
+
+    boxes = [0.0, 0.0, 1.0, 1.0] * len(words)
+    started = time.perf_counter()
+    found = find_evidence(answer, words, boxes)
+    elapsed = time.perf_counter() - started
+    if words[-1] == "a" and words[0] == "aa":
+        assert found["evidence_text"] == " ".join(words[98_500:])
+    else:
+        assert found["evidence"] == "none"
+    assert elapsed < 0.5, f"{elapsed:.2f} s"

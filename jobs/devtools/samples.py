@@ -11,18 +11,30 @@ import pymupdf
 PAGE_SIZES = {"letter": (612, 792), "a4": (595, 842), "a4-landscape": (842, 595)}
 
 
-def invoice_pdf(number: int, pages: int, page_size: tuple[float, float]) -> bytes:
-    """A small text invoice; deterministic for a given number."""
+INVOICE_HEADER = "Description   Quantity   Unit price   Amount"  # the table's header row (``header=True``)
+
+
+def invoice_pdf(number: int, pages: int, page_size: tuple[float, float], header: bool = False) -> bytes:
+    """A small text invoice; deterministic for a given number. With ``header``, its items are a table of
+    description, quantity, unit price and amount whose header row (``INVOICE_HEADER``) is printed again on
+    every page, as a table continued over pages is; without, the invoice is as it always was."""
     rng = random.Random(number)
     document = pymupdf.open()
     total = 0.0
     for page_number in range(1, pages + 1):
         page = document.new_page(width=page_size[0], height=page_size[1])
         lines = [f"ACME Supplies Ltd. - Invoice INV-{number:04d}", f"Page {page_number} of {pages}", ""]
+        if header:
+            lines.append(INVOICE_HEADER)
         for item in range(rng.randint(4, 9)):
             amount = round(rng.uniform(5, 500), 2)
+            description = f"Item {page_number}.{item + 1}  widget type {rng.choice('ABCDEFG')}"
+            if header:  # the drawn amount is the unit price of a quantity of them
+                quantity, unit_price = rng.randint(2, 9), amount
+                amount = round(quantity * unit_price, 2)
+                description += f"   {quantity}   ${unit_price:,.2f}"
             total += amount
-            lines.append(f"Item {page_number}.{item + 1}  widget type {rng.choice('ABCDEFG')}   ${amount:,.2f}")
+            lines.append(f"{description}   ${amount:,.2f}")
         if page_number == pages:
             lines += ["", f"Date: 2026-11-{rng.randint(1, 28):02d}", f"TOTAL DUE: ${total:,.2f}"]
         page.insert_text((50, 72), "\n".join(lines), fontsize=13, fontname="helv")
