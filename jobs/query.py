@@ -382,7 +382,3 @@ def failures(output: str, run: str | None = None, storage: StorageConfig | None 
 
 def runs(output: str, storage: StorageConfig | None = None, all_columns: bool = True, **snapshot) -> pa.Table:
     return AnswerStore(output, None, storage, **snapshot).runs(all_columns).read_all()
-
-
-# Reviews that speak for an answer (or a record's field): the latest decision per key, of the document's
-# version and answer it was made on (a document reprocessed into a different answer is not covered by it).

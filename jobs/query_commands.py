@@ -118,7 +118,7 @@ def _query(args: argparse.Namespace) -> int:
                 f"docqa: run {run_id} is lost: its driver stopped renewing its lease (last heartbeat "
                 f"{heartbeat:%Y-%m-%d %H:%M:%S} UTC, lease ran out {lease_end:%H:%M:%S} UTC), killed or its machine "
                 "gone. What it committed is kept; the next run on this output marks it `abandoned` and repairs "
-                f"`current`; the same command with --run-id {run_id} finishes it",
+                f"`current` and `items`; the same command with --run-id {run_id} finishes it",
                 file=sys.stderr,
             )
     return 0

@@ -359,9 +359,9 @@ def start_server(config: JobConfig) -> str:
     from jobs.cluster import check_gpus, check_render_helper, ensure_ray
 
     application = build_app(config, inspect_checkpoint(config.model, config.render))
+    check_render_helper(config)  # this machine's: no Ray needed to refuse
     ensure_ray()
     check_gpus(config)
-    check_render_helper(config)
     address = f"{config.serve.host}:{config.serve.port}"
     try:
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port})

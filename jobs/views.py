@@ -21,6 +21,8 @@ SHOWN_STATE_SQL = (
     f"CASE WHEN {LOST_SQL} THEN 'lost (no heartbeat since '"
     f" || strftime(timezone('UTC', {LAST_HEARTBEAT_SQL}), '%H:%M') || ' UTC)' ELSE state END AS state"
 )
+# Reviews that speak for an answer (or a record's field): the latest decision per key, of the document's
+# version and answer it was made on (a document reprocessed into a different answer is not covered by it).
 REVIEW_KEY = ("document", "source_version", "page_number", "question_id", "item", "field")
 LATEST_REVIEWS_SQL = (
     "SELECT * FROM reviews QUALIFY row_number() OVER"

@@ -54,7 +54,17 @@ import pyarrow.dataset as ds
 
 from pipeline.records import OUTPUT_SCHEMA, Status
 from pipeline.structured import document_items
-from pipeline.tables import ANSWERS, CURRENT, ITEMS, RUN_SCHEMA, RUNS, OutputTables, lease_expired, sql_string
+from pipeline.tables import (
+    ANSWERS,
+    CURRENT,
+    ITEMS,
+    RUN_SCHEMA,
+    RUNS,
+    OutputTables,
+    TableError,
+    lease_expired,
+    sql_string,
+)
 
 log = logging.getLogger("docqa")
 PART_BITS = 32  # a commit's transaction version: attempt << PART_BITS | part
@@ -340,6 +350,9 @@ def repair_ended(tables: OutputTables, but: str | None = None) -> list[str]:
             fence.adopt()
         except RunExistsError:
             continue  # a rerun of its id has started meanwhile: it repairs
+        except (TableError, OSError) as error:  # an old run's repair never stops this one: the next run tries again
+            log.warning("run %s lags in current or items and could not be repaired now: %s", row["run_id"], error)
+            continue
         log.warning(
             "run %s (%s) had committed a part to answers that current or items lacked; they are repaired",
             row["run_id"],

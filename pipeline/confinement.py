@@ -59,6 +59,10 @@ class IsolationUnavailable(DocumentError):
             f"render.isolation=strict: the render helper cannot be confined on this machine: {missing}. To enable "
             f"it, {how}",
         )
+        self.missing, self.how = missing, how
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # a Ray task raising it hands it on whole
+        return IsolationUnavailable, (self.missing, self.how)
 
 
 @dataclass(frozen=True)

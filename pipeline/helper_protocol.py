@@ -70,7 +70,7 @@ def _read_exactly(fd: int, count: int, deadline: float, frame_begun: bool = Fals
     chunks, left = [], count
     while left:
         remaining = deadline - time.monotonic()
-        ready = select.select([fd], [], [], remaining)[0] if remaining > 0 else []
+        ready = select.select([fd], [], [], max(remaining, 0))[0]  # past the deadline: only what has come
         if not ready:
             if frame_begun or chunks:
                 raise ProtocolError(f"a truncated message: {count - left} of {count} bytes came by the deadline")

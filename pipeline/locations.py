@@ -195,6 +195,7 @@ def _glob(pattern: str, claim: Callable[[Path], bool]) -> Iterator[Path]:
         return closure(after)
 
     entered: set[tuple[Path, frozenset[int]]] = set()
+    claimed: set[Path] = set()  # outside paths this listing was granted: entered again at other places of a `**`
 
     def visit(folder: Path, places: set[int]) -> Iterator[Path]:
         if (folder, frozenset(places)) in entered:
@@ -212,8 +213,12 @@ def _glob(pattern: str, claim: Callable[[Path], bool]) -> Iterator[Path]:
                 path = Path(entry.path).resolve()
             except OSError:  # a link that cannot be read
                 continue
-            if not path.is_relative_to(root) and not claim(path):
-                continue
+            # Outside the input, as the walk does: a link's target and each folder are claimed (once per
+            # listing), the files of a claimed folder are its own.
+            if not path.is_relative_to(root) and path not in claimed and (entry.is_symlink() or path.is_dir()):
+                if not claim(path):
+                    continue
+                claimed.add(path)
             if path.is_dir() and any(place < len(rest) for place in after):
                 yield from visit(path, after)
             elif path.is_file() and len(rest) in after:

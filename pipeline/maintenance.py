@@ -18,6 +18,7 @@ from pipeline.tables import (
     OutputTables,
     TableError,
     describe_delta_error,
+    lease_end,
     lease_expired,
 )
 
@@ -39,7 +40,7 @@ def _refuse_while_writing(tables: OutputTables) -> None:
     """Raise VacuumRefused, naming them, when runs hold a lease on the output."""
     writing = live_runs(tables)
     if writing:
-        named = ", ".join(f"{row['run_id']} (lease until {row['lease_expires_at']:%H:%M:%S} UTC)" for row in writing)
+        named = ", ".join(f"{row['run_id']} (lease until {lease_end(row):%H:%M:%S} UTC)" for row in writing)
         raise VacuumRefused(
             f"a run is writing to {tables.output}: {named}. Vacuum could delete files it is about to commit; run "
             "`docqa optimize` again once it has ended (`docqa runs` shows its state)"

@@ -357,8 +357,12 @@ def read_current(output: str, storage: StorageConfig | None = None, columns: lis
     return OutputTables(output, storage or StorageConfig()).read(CURRENT, columns)
 
 
+def lease_end(row: dict[str, Any]) -> datetime:
+    """When a ``running`` row's lease ends (a row without a lease, written by an older docqa, counts
+    DEFAULT_LEASE_S from its start)."""
+    return row.get("lease_expires_at") or row["started_at"] + timedelta(seconds=DEFAULT_LEASE_S)
+
+
 def lease_expired(row: dict[str, Any], now: datetime) -> bool:
-    """Whether a ``running`` row's driver is gone: its lease has passed (a row without a lease, written by an
-    older docqa, counts DEFAULT_LEASE_S from its start)."""
-    expires = row.get("lease_expires_at") or row["started_at"] + timedelta(seconds=DEFAULT_LEASE_S)
-    return expires < now
+    """Whether a ``running`` row's driver is gone: its lease has passed."""
+    return lease_end(row) < now

@@ -95,7 +95,7 @@ class DocumentBuffer:
         self.documents_in: dict[int, set[str]] = {}
         self.completed: set[str] = set()  # documents whose rows all went out: any later row of theirs is dropped
         self._next_chunk = 0
-        self.duplicates = 0  # rows dropped because their key had arrived already
+        self.duplicates = 0  # rows dropped: their key had arrived already, or their document had completed
 
     @property
     def rows(self) -> int:
@@ -227,7 +227,7 @@ class RunWriter:
         if self.attempt > 1:  # a resumed run: what its earlier attempts committed is adopted, and they are fenced off
             self.part, self.recovered = self.fence.adopt()
         self.abandoned = take_over_abandoned(self.tables, but=run_id)
-        self.repaired = repair_ended(self.tables, but=run_id)  # ended runs whose `current` lagged their parts
+        self.repaired_runs = repair_ended(self.tables, but=run_id)  # ended runs whose `current` lagged their parts
         self._recovered_keys = self._keys_by_document(self.recovered)
         # Documents whose rows are all here (committed or buffered), those of earlier attempts included.
         self.documents_complete = len(self._recovered_keys)
@@ -329,7 +329,8 @@ class RunWriter:
 
     @property
     def duplicates(self) -> int:
-        """Rows dropped because their (document, page, question) had arrived already."""
+        """Rows dropped because their (document, page, question) had arrived already, or their document had
+        completed (a task that Ray ran again)."""
         return self._buffer.duplicates
 
     def _commit_part(self) -> None:

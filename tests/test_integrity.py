@@ -428,10 +428,10 @@ def test_a_run_that_failed_between_its_commits_is_repaired_by_a_run_with_another
     owners = {row["document"]: row["run_id"] for row in read_current(output).to_pylist()}
     assert owners == {f"s3://in/doc-{n}.pdf": "broken" for n in range(6)}
     _check_items(output, storage)
-    assert (writer.abandoned, writer.repaired) == ([], ["broken"])
+    assert (writer.abandoned, writer.repaired_runs) == ([], ["broken"])
     writer.write(_rows("next", 1, [6]))
     writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
-    assert RunWriter(output, "later", "2026-12-06", storage, {**start, "run_id": "later"}).repaired == []
+    assert RunWriter(output, "later", "2026-12-06", storage, {**start, "run_id": "later"}).repaired_runs == []
     assert {row["run_id"]: row["state"] for row in query.runs(output).to_pylist()} == {
         "broken": "failed",
         "next": "committed",

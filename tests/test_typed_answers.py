@@ -297,9 +297,11 @@ def test_the_evidence_lookup_stays_linear_on_adversarial_pages(words: list[str],
     import time
 
     boxes = [0.0, 0.0, 1.0, 1.0] * len(words)
-    started = time.perf_counter()
-    found = find_evidence(answer, words, boxes)
-    elapsed = time.perf_counter() - started
+    elapsed = float("inf")
+    for _ in range(3):  # the fastest of three: a busy machine slows one run, never all the work it does
+        started = time.perf_counter()
+        found = find_evidence(answer, words, boxes)
+        elapsed = min(elapsed, time.perf_counter() - started)
     if words[-1] == "a" and words[0] == "aa":
         assert found["evidence_text"] == " ".join(words[98_500:])
     else:
