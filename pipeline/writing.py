@@ -329,8 +329,7 @@ class RunWriter:
 
     @property
     def duplicates(self) -> int:
-        """Rows dropped because their (document, page, question) had arrived already, or their document had
-        completed (a task that Ray ran again)."""
+        """Rows dropped: their (document, page, question) had arrived already, or their document completed."""
         return self._buffer.duplicates
 
     def _commit_part(self) -> None:
