@@ -122,6 +122,16 @@ def _play(output: str, storage: StorageConfig, order: list[tuple[int, str]], att
     _check_items(output, storage)
 
 
+def _committed_run(output: str, run_id: str, documents: int) -> dict[str, str]:
+    """A committed run of ``documents`` documents, each committed in a part of its own; its start record."""
+    start = {"run_id": run_id, "started_at": datetime.now(UTC).isoformat()}
+    writer = RunWriter(output, run_id, "2026-12-06", StorageConfig(), start, commit_rows=1)
+    for number in range(documents):
+        writer.write(_rows(run_id, 1, [number]))
+    writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+    return start
+
+
 def _check_items(output: str, storage: StorageConfig) -> None:
     """`items` holds the records of `current`'s rows, each once: those of exactly the processing in `current`."""
     items = OutputTables(output, storage).read(ITEMS).to_pylist()
@@ -483,11 +493,7 @@ def test_optimize_stops_before_vacuuming_when_a_run_starts_during_the_compaction
     """No run holds a lease when `docqa optimize` starts; one claims its lease while `answers` is being
     compacted: the check made again before each vacuum refuses, and nothing is vacuumed."""
     output = str(tmp_path / "out")
-    start = {"run_id": "done", "started_at": datetime.now(UTC).isoformat()}
-    writer = RunWriter(output, "done", "2026-12-06", StorageConfig(), start, commit_rows=1)
-    for number in range(3):
-        writer.write(_rows("done", 1, [number]))
-    writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+    start = _committed_run(output, "done", 3)
     compact, late = TableOptimizer.compact, []
 
     def compact_while_a_run_starts(optimizer: TableOptimizer, *args, **kwargs):
@@ -510,11 +516,7 @@ def test_reading_the_answers_in_a_fresh_interpreter_never_aborts_at_exit(tmp_pat
     """delta-rs's own file handler under pyarrow aborts the interpreter at exit about one time in three;
     our readers go through pyarrow's filesystems (pipeline/tables.py OutputTables.files_of)."""
     output = str(tmp_path / "out")
-    start = {"run_id": "read", "started_at": datetime.now(UTC).isoformat()}
-    writer = RunWriter(output, "read", "2026-12-06", StorageConfig(), start, commit_rows=1)
-    for number in range(5):
-        writer.write(_rows("read", 1, [number]))
-    writer.commit({**start, "finished_at": datetime.now(UTC).isoformat(), "counts": {}})
+    _committed_run(output, "read", 5)
     script = (
         "import sys; from pipeline.tables import read_answers, read_current;"
         "assert read_answers(sys.argv[1]).num_rows == 10 and read_current(sys.argv[1]).num_rows == 10"
