@@ -1,13 +1,15 @@
 """The driver's look at the checkpoint (actors/families.py ``inspect_checkpoint``), taken in a child process:
 transformers imports torch (about 0.4 GiB resident and seconds of start-up), which the driver needs for nothing
-else and would keep for the whole run. This module imports neither, so the child starts light."""
+else and would keep for the whole run. This module imports neither, so the child starts light; it starts
+first, and the driver checks the input and starts Ray meanwhile (``CheckpointInspection``).
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from typing import Any
 
 from actors.checkpoint import CheckpointInfo, ModelLoadError
 from pipeline.config import JobConfig, ModelConfig, RenderConfig
@@ -19,14 +21,48 @@ def _inspect(model: ModelConfig, render: RenderConfig) -> CheckpointInfo:
     return inspect_checkpoint(model, render)
 
 
-def inspect_checkpoint_aside(config: JobConfig) -> CheckpointInfo:
-    """What the driver learns of the checkpoint, from a child process unless this one has transformers loaded
-    already (nothing to spare then); the child's errors (ConfigError, ModelLoadError) come back as they
-    were raised."""
-    if "transformers" in sys.modules:
-        return _inspect(config.model, config.render)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+def _inspect_into(connection: Connection, model: ModelConfig, render: RenderConfig) -> None:
+    """The child's work: what it learnt, or the error it raised, sent back whole."""
+    try:
+        outcome: tuple[bool, Any] = (True, _inspect(model, render))
+    except BaseException as error:  # noqa: BLE001 - the parent raises it as it was raised
+        outcome = (False, error)
+    connection.send(outcome)
+
+
+class CheckpointInspection:
+    """What the driver learns of the checkpoint, started at once in a child process (in this one if it has
+    transformers loaded already: nothing to spare then) and waited for by ``result``; the child's errors
+    (ConfigError, ModelLoadError) come back as they were raised. ``cancel`` stops a child no one waits for."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.process: Any = None
+        if "transformers" in sys.modules:
+            return
+        context = multiprocessing.get_context("spawn")
+        self.answers, child_end = context.Pipe(duplex=False)
+        self.process = context.Process(target=_inspect_into, args=(child_end, config.model, config.render))
+        self.process.start()
+        child_end.close()
+
+    def result(self) -> CheckpointInfo:
+        if self.process is None:
+            return _inspect(self.config.model, self.config.render)
         try:
-            return pool.submit(_inspect, config.model, config.render).result()
-        except BrokenProcessPool as error:
-            raise ModelLoadError(f"inspecting the checkpoint {config.model.id} killed its process: {error}") from None
+            ok, value = self.answers.recv()
+        except EOFError:
+            self.process.join()
+            model, code = self.config.model.id, self.process.exitcode
+            raise ModelLoadError(f"inspecting the checkpoint {model} killed its process (exit code {code})") from None
+        finally:
+            self.answers.close()
+        self.process.join()
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()

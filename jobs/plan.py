@@ -17,21 +17,20 @@ from pipeline.config import JobConfig
 from pipeline.images import ImageGeometry
 from pipeline.listing import DocumentListing
 from pipeline.planning import PlanDocuments
-from pipeline.rendering import RenderPages
+from pipeline.rendering import PAGE_ROW_ALLOWANCE, RenderPages
 from pipeline.skipping import KnownVersions, SkipDecision
 
-# Beside its sub-images, a page record's other columns (identity, question ids, shapes, its text layer's text,
-# words and boxes) take at most this for any ordinary page (a dense page of 10,000 words takes ~300 KiB).
-PAGE_ROW_ALLOWANCE = 1024 * 1024
 # Listed documents a planning task reads and plans per batch: a Ray task costs tens of milliseconds on a
 # small node, planning a one-page document a few (bench/small_documents.py).
 PLAN_BATCH_DOCUMENTS = 32
 
 
-def block_threshold(config: JobConfig, geometry: ImageGeometry) -> int:
+def block_threshold(config: JobConfig, geometry: ImageGeometry | None) -> int:
     """The size past which Ray closes a block (``DataContext.target_max_block_size``): the budget less the
-    largest page, since a block is closed only once a page takes it past the threshold."""
-    largest_page = geometry.max_split_page_bytes + PAGE_ROW_ALLOWANCE
+    largest table a render task hands on (a page with images, or text pages up to ``PAGE_ROW_ALLOWANCE``),
+    since a block is closed only once a table takes it past the threshold (without a model, ``geometry``
+    None, no page carries an image)."""
+    largest_page = (geometry.max_split_page_bytes if geometry else 0) + PAGE_ROW_ALLOWANCE
     return max(1, config.render.block_mb * 1024 * 1024 - largest_page)
 
 
@@ -43,14 +42,15 @@ def render_task_resources(config: JobConfig) -> dict[str, float]:
 
 def build_page_dataset(
     config: JobConfig,
-    geometry: ImageGeometry,
+    geometry: ImageGeometry | None,
     skip: SkipDecision | None = None,
     ledger=None,
     resumed: KnownVersions | None = None,
 ):
     """The CPU part of the plan: list (one task per listing shard, or per group of them); read and plan the
     documents in batches (one task per batch); render and split each render batch's units (one task per
-    batch, its pages handed on in blocks within ``render.block_mb``)."""
+    batch, its pages handed on in blocks within ``render.block_mb``). ``geometry`` is the model's, None when
+    no question can ask it."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -88,21 +88,22 @@ def build_page_dataset(
 
 def build_dataset(
     config: JobConfig,
-    checkpoint: CheckpointInfo,
+    checkpoint: CheckpointInfo | None,
     run_id: str,
     skip: SkipDecision,
     ledger,
     resumed: KnownVersions,
 ):
     """The Ray Data plan: the CPU stages, then the model actor pool, streamed. The actors get what the driver
-    learnt of the checkpoint (its family and image geometry), not the checkpoint to inspect again."""
+    learnt of the checkpoint (its family and image geometry), not the checkpoint to inspect again. Without a
+    question the model may answer there is no checkpoint (None) and no actor."""
     from ray.data import ActorPoolStrategy
 
     from actors.answering import AnswerPages, answer_from_text
 
     pool = config.actors
-    pages = build_page_dataset(config, checkpoint.geometry, skip, ledger, resumed)
-    if not config.model_answers:  # no model to load: the answers are made in the task that read the pages
+    pages = build_page_dataset(config, checkpoint.geometry if checkpoint else None, skip, ledger, resumed)
+    if checkpoint is None:  # no model to load: the answers are made in the task that read the pages
         return pages.map_batches(
             answer_from_text,
             fn_kwargs={"config": config, "run_id": run_id},

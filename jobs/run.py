@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from actors.checkpoint import CheckpointInfo
-from jobs.checkpoint_aside import inspect_checkpoint_aside
+from jobs.checkpoint_aside import CheckpointInspection
 from jobs.cluster import check_cpus, check_gpus, check_render_helper, ensure_ray
 from jobs.incremental import resumed_documents, skip_decision
 from jobs.plan import build_dataset
@@ -58,12 +58,19 @@ def run_job(
     started_at = datetime.now(UTC)
     stats = RunStats()
     run_id = config.run_id or new_run_id(started_at)
-    checkpoint = inspect_checkpoint_aside(config)
-    check_input(config.input, config.storage)
-    if is_s3(config.output):
-        check_writable_output(config.output, config.storage)
-    check_render_helper(config)  # this machine's: no Ray needed to refuse
-    ensure_ray(ray_address)
+    # No question the model may answer: no checkpoint to look at (it need not even exist), no model loaded.
+    # Else it is looked at in a child process while the input is checked and Ray starts.
+    inspection = CheckpointInspection(config) if config.model_answers else None
+    try:
+        check_input(config.input, config.storage)
+        if is_s3(config.output):
+            check_writable_output(config.output, config.storage)
+        check_render_helper(config)  # this machine's: no Ray needed to refuse
+        ensure_ray(ray_address)
+        checkpoint = inspection.result() if inspection else None
+    finally:
+        if inspection:
+            inspection.cancel()
     check_gpus(config)
     import ray
 
@@ -77,11 +84,12 @@ def run_job(
         "model": {
             "id": config.model.id,
             "revision": config.model.revision,
-            "commit": checkpoint.commit,
-            "family": checkpoint.family,
+            "commit": checkpoint.commit if checkpoint else None,
+            "family": checkpoint.family if checkpoint else None,
             "adapter": config.model.adapter,
+            "loaded": checkpoint is not None,
         },
-        "image_geometry": checkpoint.geometry.__dict__,
+        "image_geometry": checkpoint.geometry.__dict__ if checkpoint else None,
         "versions": package_versions(),
         "incremental": {
             "config_fingerprint": config_fingerprint(config),
@@ -121,7 +129,7 @@ def run_job(
 
 def _stream(
     config: JobConfig,
-    checkpoint: CheckpointInfo,
+    checkpoint: CheckpointInfo | None,
     writer: RunWriter,
     record: dict[str, Any],
     stats: RunStats,

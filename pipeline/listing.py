@@ -62,6 +62,7 @@ class ListingTask:
         while batch := list(itertools.islice(listed, SKIP_BATCH_DOCUMENTS)):
             versioned = [ref.document for ref in batch if ref.source_version is not None]
             completed = self.skip.completed(versioned) if self.skip is not None else KnownVersions()
+            taken: list[DocumentRef] = []
             for ref in batch:
                 known = ref.source_version is not None
                 if known and (ref.document, ref.source_version) in resumed:
@@ -72,7 +73,9 @@ class ListingTask:
                     counts["left"] += 1
                 else:
                     counts["taken"] += 1
-                    yield to_table([ref], DocumentRef)
+                    taken.append(ref)
+            if taken:  # one table a batch: a table a document cost more than the listing itself
+                yield to_table(taken, DocumentRef)
             if self.ledger is not None and time.monotonic() - reported >= 1.0:
                 self.ledger.record_listing.remote(self.number, self.tasks, counts, complete=False)
                 reported = time.monotonic()

@@ -1,6 +1,7 @@
 """The rendering stage: work units → their pages (``RenderPages``, one task per render batch: a range of a
-long document, or several small documents), one page handed on at a time, so that Ray closes a block at the
-run's byte budget (``render.block_mb``) and a task's memory does not grow with the document.
+long document, or several small documents), handed on in tables of at most ``PAGE_ROW_ALLOWANCE`` or of one
+page that is larger (a page with images goes on as soon as it is rendered), so that Ray closes a block at
+the run's byte budget (``render.block_mb``) and a task's memory does not grow with the document.
 
 For each page of its unit the helper reads the page's text layer (a PDF's own; an image has none). Where it
 is not usable and a question needs the page's words (to answer from text, or to find a typed answer's
@@ -51,11 +52,16 @@ from pipeline.text_layer import OCR, TEXT_LAYER, is_usable
 from pipeline.words import NO_TEXT_LAYER
 
 TYPED_EVIDENCE = ("number", "money", "date")  # types whose answers OCR is run for, to find their evidence
+# Beside its sub-images, a page record's other columns (identity, question ids, shapes, its text layer's text,
+# words and boxes) take at most this for any ordinary page (a dense page of 10,000 words takes ~300 KiB); pages
+# are handed on together up to this much (a table a page cost more than reading a small page's text).
+PAGE_ROW_ALLOWANCE = 1024 * 1024
 
 
-def page_limit_violation(page: dict[str, Any], longest_edge: int, limits: LimitsConfig) -> str | None:
+def page_limit_violation(page: dict[str, Any], longest_edge: int | None, limits: LimitsConfig) -> str | None:
     """Why a page must not be rendered (checked from its size and, for an image, the pixel count its header
-    states, before any pixel exists), or None."""
+    states, before any pixel exists), or None. ``longest_edge``: the model's rendering, None for a run
+    without a model (an OCR's resolution is held within the limits by ``ocr_resolution``)."""
     width, height = page["width"], page["height"]
     if min(width, height) <= 0:
         return f"page has no area ({width}x{height} pt)"
@@ -63,6 +69,8 @@ def page_limit_violation(page: dict[str, Any], longest_edge: int, limits: Limits
         return f"page is {width:.0f}x{height:.0f} pt, over limits.max_aspect_ratio={limits.max_aspect_ratio}"
     if page["pixels"] is not None and page["pixels"] > limits.max_pixels_per_page:
         return f"the image has {page['pixels']} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
+    if longest_edge is None:
+        return None
     rows, columns = rendered_size((width, height), longest_edge)
     if rows * columns > limits.max_pixels_per_page:
         return f"page renders to {columns}x{rows} px, over limits.max_pixels_per_page={limits.max_pixels_per_page}"
@@ -88,6 +96,13 @@ def ocr_resolution(page: dict[str, Any], ocr: OcrConfig, limits: LimitsConfig) -
     return max(1, min(ocr.dpi, math.floor(math.sqrt(limits.max_pixels_per_page / square_inches))))
 
 
+def estimated_bytes(page: Page) -> int:
+    """An upper bound on what ``page`` takes in a table: its images; its text, words and error at 4 bytes a
+    character (UTF-8's most); the words' offsets and boxes; and 1 KiB for its other columns."""
+    characters = len(page.text or "") + sum(map(len, page.words)) + len(page.error or "")
+    return page.sub_images.nbytes + 4 * characters + 24 * len(page.words) + 1024
+
+
 def whole_document(unit: WorkUnit, **fields) -> Page:
     """The record of ``unit``'s document as a whole: its status (a failure) and no page."""
     identity = {name: getattr(unit, name) for name in IDENTITY}
@@ -103,12 +118,12 @@ class Renderer:
     def __init__(
         self,
         config: JobConfig,
-        geometry: ImageGeometry,
+        geometry: ImageGeometry | None,
         ledger=None,
         reread: Callable[[DocumentRef], Document] | None = None,
     ) -> None:
         self.config = config
-        self.geometry = geometry
+        self.geometry = geometry  # the model's; None when no question can ask it (nothing is rendered for it)
         self.templates = {question.id: question for question in config.questions}
         self.report_isolation = report_isolation(ledger)
         self.reread = reread  # reads a unit's document again when the unit comes without its bytes
@@ -212,12 +227,14 @@ class Renderer:
         ``page_too_large`` before any pixel is decoded when it is over the limits."""
         info = document.page_info(page.page_number)
         page.page_dpi = info["dpi"]
-        too_large = page_limit_violation(info, self.geometry.render_longest_edge, self.config.limits)
+        longest_edge = self.geometry.render_longest_edge if self.geometry else None
+        too_large = page_limit_violation(info, longest_edge, self.config.limits)
         if too_large:
             raise DocumentError(Status.PAGE_TOO_LARGE, too_large)
         return info
 
     def _render(self, document: SandboxedDocument, page_number: int) -> np.ndarray:
+        assert self.geometry is not None  # a page is rendered only for a question the model may answer
         try:
             return document.render(page_number, self.geometry.render_longest_edge)
         except HelperException as error:
@@ -230,10 +247,10 @@ def _failed(page: Page, status: Status, reason: str) -> Page:
 
 
 class RenderPages:
-    """The rendering stage: a block of render batches (one, after the repartition) → their units' pages,
-    one page per table handed on."""
+    """The rendering stage: a block of render batches (one, after the repartition) → their units' pages, in
+    tables of at most ``PAGE_ROW_ALLOWANCE`` (``estimated_bytes``) or of one page that is larger."""
 
-    def __init__(self, config: JobConfig, geometry: ImageGeometry, ledger=None) -> None:
+    def __init__(self, config: JobConfig, geometry: ImageGeometry | None, ledger=None) -> None:
         self.renderer = Renderer(config, geometry, ledger, reread=ReadDocument(config.limits, config.storage))
         self.ledger = ledger
         self.start_reported = False
@@ -242,10 +259,22 @@ class RenderPages:
         if self.ledger is not None and not self.start_reported:  # the run's "time to start rendering"
             self.ledger.record_render_start.remote(time.time())
             self.start_reported = True
+        pending: list[Page] = []
+        pending_bytes = 0
         for batch in from_table(batches, RenderBatch):
             for unit in batch.units:
                 for page in self.renderer.render(unit):
-                    yield to_table([page], Page)
+                    size = estimated_bytes(page)
+                    if pending and pending_bytes + size > PAGE_ROW_ALLOWANCE:
+                        yield to_table(pending, Page)
+                        pending, pending_bytes = [], 0
+                    pending.append(page)
+                    pending_bytes += size
+                    if page.sub_images.nbytes or pending_bytes >= PAGE_ROW_ALLOWANCE:  # the model's pages: at once
+                        yield to_table(pending, Page)
+                        pending, pending_bytes = [], 0
+        if pending:
+            yield to_table(pending, Page)
 
 
 def document_pages(config: JobConfig, geometry: ImageGeometry, document: Document) -> list[Page]:

@@ -3,6 +3,7 @@ Idefics2 base (raw prompt, newline stop rule), a PEFT LoRA adapter on Idefics2, 
 checkpoint is covered by test_pipeline; long answers (chatty) by the 96-token question here."""
 
 import ast
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -198,20 +199,23 @@ def test_the_driver_inspects_the_checkpoint_in_a_child_and_never_loads_torch(tin
     GPT2Config().save_pretrained(other)
     script = (
         "import sys\n"
-        "from jobs.checkpoint_aside import inspect_checkpoint_aside\n"
+        "from jobs.checkpoint_aside import CheckpointInspection\n"
         "from pipeline.config import JobConfig\n"
         "def inspected(model):\n"
         "    try:\n"
         "        config = JobConfig(questions=[{'id': 'q', 'text': 'q?'}], model={'id': model})\n"
-        "        info = inspect_checkpoint_aside(config)\n"
+        "        info = CheckpointInspection(config).result()\n"
         "        return [info.family, info.commit, info.geometry.__dict__]\n"
         "    except Exception as error:\n"
         "        return [type(error).__name__, str(error)]\n"
-        f"print(repr([inspected({str(tiny_model)!r}), inspected({str(other)!r}), 'torch' in sys.modules]))\n"
+        "started = CheckpointInspection(JobConfig(questions=[{'id': 'q', 'text': 'q?'}]))\n"
+        "started.cancel()  # a run that fails before it needs the checkpoint leaves no child behind\n"
+        "cancelled = started.process.exitcode\n"
+        f"print(repr([inspected({str(tiny_model)!r}), inspected({str(other)!r}), 'torch' in sys.modules, cancelled]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    tiny, gpt2, torch_loaded = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    tiny, gpt2, torch_loaded, cancelled = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     expected = inspect_checkpoint(ModelConfig(id=str(tiny_model)), RenderConfig())
     assert tiny == [expected.family, expected.commit, expected.geometry.__dict__]
     assert gpt2[0] == "ConfigError" and "is a 'gpt2' checkpoint; supported families" in gpt2[1]
-    assert not torch_loaded
+    assert not torch_loaded and cancelled == -signal.SIGKILL

@@ -180,3 +180,46 @@ def test_small_documents_share_render_tasks(ray_session, tiny_model: Path, tmp_p
     assert sum(pages_of_task.values()) == 12
     assert max(pages_of_task.values()) <= SPLIT["range_pages"]
     assert len(pages_of_task) < 12 / 2  # not a task per document: at least ceil(12 / 7) = 2
+
+
+def _dense_pdf(pages: int) -> bytes:
+    """Pages of ~4,000 words each: their text layers take hundreds of KiB in a table."""
+    import pymupdf
+
+    document = pymupdf.open()
+    for page_number in range(pages):
+        page = document.new_page(width=1200, height=1600)
+        lines = [" ".join(f"w{page_number}x{line}y{word}" for word in range(40)) for line in range(100)]
+        page.insert_text((20, 20), "\n".join(lines), fontsize=5, fontname="helv")
+    return document.tobytes()
+
+
+def test_a_render_task_hands_text_pages_on_together_within_the_allowance_and_a_page_with_images_alone() -> None:
+    """Small documents' text pages go on in tables of at most PAGE_ROW_ALLOWANCE, not a table a page (a
+    table cost more than reading a small page's text); a page the model reads goes on alone, as soon as it
+    is rendered."""
+    from jobs.devtools.samples import PAGE_SIZES
+    from pipeline.config import JobConfig
+    from pipeline.images import ImageGeometry
+    from pipeline.planning import Planner, document_of_bytes, render_batches
+    from pipeline.record_schema import to_table
+    from pipeline.records import RenderBatch
+    from pipeline.rendering import PAGE_ROW_ALLOWANCE, RenderPages
+
+    documents = [document_of_bytes(f"i{n}.pdf", invoice_pdf(n, 1, PAGE_SIZES["letter"])) for n in range(12)]
+    documents.append(document_of_bytes("dense.pdf", _dense_pdf(6)))
+
+    def tables(config: JobConfig, geometry: ImageGeometry | None) -> list[pa.Table]:
+        planned = [Planner(config).plan(document) for document in documents]
+        batches = to_table(render_batches(planned, config.render.range_pages), RenderBatch)
+        return list(RenderPages(config, geometry)(batches))
+
+    from_text = tables(JobConfig(questions=[{"id": "t", "text": "Transcribe.", "source": "text_layer"}]), None)
+    assert sum(table.num_rows for table in from_text) == 18
+    assert from_text[0].num_rows >= 12  # the invoices together
+    assert all(table.nbytes <= PAGE_ROW_ALLOWANCE for table in from_text)
+    assert 1 < len(from_text) < 6  # the dense pages a few a table, within the allowance
+
+    geometry = ImageGeometry(980, 378, False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    by_model = tables(JobConfig(questions=[{"id": "q", "text": "Total?"}]), geometry)
+    assert [table.num_rows for table in by_model] == [1] * 18

@@ -216,3 +216,33 @@ def test_bad_config_and_unloadable_model_fail_before_any_work(
     assert _run(job_file, tmp_path / "missing", output, tiny_model) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_a_run_that_only_reads_text_layers_needs_no_checkpoint(
+    ray_session, sample_pdfs: Path, tmp_path: Path, capsys
+) -> None:
+    """Every question `source: text_layer`: the model named (the default Hub id, which this machine cannot
+    reach) is never looked at, and the run answers every page from its text; the run record says no model
+    was loaded. The same run with a question the model may answer fails before any work, as it must."""
+    job = tmp_path / "job.yaml"
+    job.write_text('questions:\n  - {id: text, text: "Transcribe this page.", source: text_layer}\n')
+    output = tmp_path / "out"
+    arguments = ["run", "--config", str(job), "--input", str(sample_pdfs), "--output", str(output)]
+    assert main(arguments) == 0, capsys.readouterr().err
+    rows = read_answers(str(output)).to_pylist()
+    ok = [row for row in rows if row["status"] == Status.OK]
+    sources = {Path(row["document"]).name: row["answer_source"] for row in ok}
+    assert sources.pop("truncated.pdf") == "ocr"  # its repaired pages lost their text: OCR'd, with no model
+    assert len(sources) == 4 and set(sources.values()) == {"text_layer"}
+    for row in ok:
+        if row["answer_source"] == "text_layer":
+            page = pymupdf.open(row["document"])[row["page_number"] - 1]
+            assert row["answer"] == page.get_text(sort=True)
+    [record] = committed_runs(str(output))
+    assert record["model"]["loaded"] is False and record["model"]["family"] is None
+    assert record["image_geometry"] is None
+
+    auto = tmp_path / "auto.yaml"
+    auto.write_text('questions:\n  - {id: text, text: "Transcribe this page.", source: auto}\n')
+    assert main(["run", "--config", str(auto), "--input", str(sample_pdfs), "--output", str(tmp_path / "o2")]) == 1
+    assert "cannot load model 'HuggingFaceM4/idefics2-8b'" in capsys.readouterr().err
