@@ -42,7 +42,8 @@ class CheckpointInspection:
             return
         context = multiprocessing.get_context("spawn")
         self.answers, child_end = context.Pipe(duplex=False)
-        self.process = context.Process(target=_inspect_into, args=(child_end, config.model, config.render))
+        # A daemon: a driver that exits (an error, Ctrl-C) before it waits for the answer never waits for the child.
+        self.process = context.Process(target=_inspect_into, args=(child_end, config.model, config.render), daemon=True)
         self.process.start()
         child_end.close()
 
@@ -63,6 +64,9 @@ class CheckpointInspection:
         return value
 
     def cancel(self) -> None:
-        if self.process is not None and self.process.is_alive():
+        if self.process is None:
+            return
+        if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        self.answers.close()

@@ -87,7 +87,7 @@ def run_job(
             "commit": checkpoint.commit if checkpoint else None,
             "family": checkpoint.family if checkpoint else None,
             "adapter": config.model.adapter,
-            "loaded": checkpoint is not None,
+            "inspected": checkpoint is not None,
         },
         "image_geometry": checkpoint.geometry.__dict__ if checkpoint else None,
         "versions": package_versions(),

@@ -141,7 +141,8 @@ class RenderConfig(StrictModel):
         32,
         ge=1,
         description="Byte budget of a block of rendered pages handed from the CPU stages to the model: pages move on "
-        "as they are rendered, in blocks of at most this size (a page larger than the budget is a block alone).",
+        "as they are rendered (text pages without images a megabyte at a time), in blocks of at most this size (a "
+        "page larger than the budget is a block alone).",
     )
 
 

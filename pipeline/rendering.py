@@ -97,10 +97,12 @@ def ocr_resolution(page: dict[str, Any], ocr: OcrConfig, limits: LimitsConfig) -
 
 
 def estimated_bytes(page: Page) -> int:
-    """An upper bound on what ``page`` takes in a table: its images; its text, words and error at 4 bytes a
-    character (UTF-8's most); the words' offsets and boxes; and 1 KiB for its other columns."""
-    characters = len(page.text or "") + sum(map(len, page.words)) + len(page.error or "")
-    return page.sub_images.nbytes + 4 * characters + 24 * len(page.words) + 1024
+    """An upper bound on what ``page`` takes in a table: its images; its strings (document, text, words,
+    question ids, error) at 4 bytes a character (UTF-8's most); the words' and question ids' offsets and
+    boxes; and 1 KiB for its other columns."""
+    strings = [page.document, page.text or "", page.error or "", *page.words, *page.question_ids]
+    characters = sum(map(len, strings))
+    return page.sub_images.nbytes + 4 * characters + 24 * len(page.words) + 8 * len(page.question_ids) + 1024
 
 
 def whole_document(unit: WorkUnit, **fields) -> Page:

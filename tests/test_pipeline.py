@@ -222,8 +222,9 @@ def test_a_run_that_only_reads_text_layers_needs_no_checkpoint(
     ray_session, sample_pdfs: Path, tmp_path: Path, capsys
 ) -> None:
     """Every question `source: text_layer`: the model named (the default Hub id, which this machine cannot
-    reach) is never looked at, and the run answers every page from its text; the run record says no model
-    was loaded. The same run with a question the model may answer fails before any work, as it must."""
+    reach) is never looked at, and the run answers every page from its text; the run record says the
+    checkpoint was not inspected. The same run with a question the model may answer fails before any work,
+    as it must."""
     job = tmp_path / "job.yaml"
     job.write_text('questions:\n  - {id: text, text: "Transcribe this page.", source: text_layer}\n')
     output = tmp_path / "out"
@@ -239,7 +240,7 @@ def test_a_run_that_only_reads_text_layers_needs_no_checkpoint(
             page = pymupdf.open(row["document"])[row["page_number"] - 1]
             assert row["answer"] == page.get_text(sort=True)
     [record] = committed_runs(str(output))
-    assert record["model"]["loaded"] is False and record["model"]["family"] is None
+    assert record["model"]["inspected"] is False and record["model"]["family"] is None
     assert record["image_geometry"] is None
 
     auto = tmp_path / "auto.yaml"
