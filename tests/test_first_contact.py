@@ -212,6 +212,7 @@ INTERRUPT_RAY_SHUTDOWN = """
 import os, signal, sys
 import ray
 from jobs.cli import main
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the caller ignores
 shutdown = ray.shutdown
 def shutdown_under_ctrl_c(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as a Ctrl-C lands while Ray shuts down
