@@ -1,7 +1,9 @@
 """The driver's look at the checkpoint (actors/families.py ``inspect_checkpoint``), taken in a child process:
 transformers imports torch (about 0.4 GiB resident and seconds of start-up), which the driver needs for nothing
 else and would keep for the whole run. This module imports neither, so the child starts light; it starts
-first, and the driver checks the input and starts Ray meanwhile (``CheckpointInspection``).
+first, and the driver checks the input and starts Ray meanwhile (``CheckpointInspection``). A process and a
+pipe rather than concurrent.futures' ProcessPoolExecutor (used before): a run that fails before it needs the
+answer must stop the child, and a pool cannot stop a task that has started.
 """
 
 from __future__ import annotations

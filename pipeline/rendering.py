@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -250,7 +250,7 @@ def _failed(page: Page, status: Status, reason: str) -> Page:
 
 class RenderPages:
     """The rendering stage: a block of render batches (one, after the repartition) → their units' pages, in
-    tables of at most ``PAGE_ROW_ALLOWANCE`` (``estimated_bytes``) or of one page that is larger."""
+    tables (``page_tables``)."""
 
     def __init__(self, config: JobConfig, geometry: ImageGeometry | None, ledger=None) -> None:
         self.renderer = Renderer(config, geometry, ledger, reread=ReadDocument(config.limits, config.storage))
@@ -261,22 +261,27 @@ class RenderPages:
         if self.ledger is not None and not self.start_reported:  # the run's "time to start rendering"
             self.ledger.record_render_start.remote(time.time())
             self.start_reported = True
-        pending: list[Page] = []
-        pending_bytes = 0
-        for batch in from_table(batches, RenderBatch):
-            for unit in batch.units:
-                for page in self.renderer.render(unit):
-                    size = estimated_bytes(page)
-                    if pending and pending_bytes + size > PAGE_ROW_ALLOWANCE:
-                        yield to_table(pending, Page)
-                        pending, pending_bytes = [], 0
-                    pending.append(page)
-                    pending_bytes += size
-                    if page.sub_images.nbytes or pending_bytes >= PAGE_ROW_ALLOWANCE:  # the model's pages: at once
-                        yield to_table(pending, Page)
-                        pending, pending_bytes = [], 0
-        if pending:
+        units = (unit for batch in from_table(batches, RenderBatch) for unit in batch.units)
+        yield from page_tables(page for unit in units for page in self.renderer.render(unit))
+
+
+def page_tables(pages: Iterable[Page]) -> Iterator[pa.Table]:
+    """``pages`` as tables of at most ``PAGE_ROW_ALLOWANCE`` (``estimated_bytes``) or of one page that is
+    larger, each handed on once the next page would not fit; a page with images (the model's) at once."""
+    pending: list[Page] = []
+    pending_bytes = 0
+    for page in pages:
+        size = estimated_bytes(page)
+        if pending and pending_bytes + size > PAGE_ROW_ALLOWANCE:
             yield to_table(pending, Page)
+            pending, pending_bytes = [], 0
+        pending.append(page)
+        pending_bytes += size
+        if page.sub_images.nbytes:
+            yield to_table(pending, Page)
+            pending, pending_bytes = [], 0
+    if pending:
+        yield to_table(pending, Page)
 
 
 def document_pages(config: JobConfig, geometry: ImageGeometry, document: Document) -> list[Page]:
