@@ -19,7 +19,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from actors.checkpoint import ModelLoadError, model_load_hint
+from actors.catalog import FamilyInfo
+from actors.checkpoint import ModelLoadError, image_geometry, model_load_hint
 from actors.constraints import Constraint, Grammars
 from actors.decoding import DecodeRequest, Prefilled, SlotDecoder
 from pipeline.config import ModelConfig
@@ -27,11 +28,6 @@ from pipeline.images import ImageGeometry
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 ENCODER_IMAGES = 40  # sub-images per vision-encoder call (8 split pages): bounds its activations
-# Both families are prompted alike: the instruct turn, or the base models' Question/Answer frame.
-PROMPT_FORMATS = {
-    "chat": "User:<image>{question}<end_of_utterance>\nAssistant:",
-    "raw": "<image>Question: {question} Answer:",
-}
 Item = TypeVar("Item")
 Output = TypeVar("Output")
 
@@ -50,27 +46,6 @@ class Prompt:
     text: str
     max_new_tokens: int
     constraint: Constraint | None = None  # the grammar the answer is decoded under (QuestionTemplate.constraint)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    id: str
-    prompt_format: str  # "chat" or "raw"
-    note: str
-
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    """What `docqa models` shows of a family, and what the config checks rely on."""
-
-    name: str
-    model_type: str  # config.json's model_type
-    classes: str
-    prompt_formats: dict[str, str]  # format → prompt, with {question}
-    unknown_prompt_format: str  # the format of a checkpoint that is not listed and has no chat template
-    image_splitting: bool
-    quantization: tuple[str, ...]
-    checkpoints: tuple[Checkpoint, ...]
 
 
 def resolve_device(num_gpus: float) -> torch.device:
@@ -265,6 +240,14 @@ class ModelAdapter(ABC):
         import transformers
 
         loaded, processor = load_pretrained(model, getattr(transformers, cls.model_class), device)
+        # The run's pages were sized by what the driver read of the checkpoint (actors/checkpoint.py); a
+        # processor that would prepare them otherwise must stop the run, not answer from other pixels.
+        loaded_geometry = image_geometry(processor.image_processor, geometry.splitting, model.id)
+        if loaded_geometry != geometry:
+            raise ModelLoadError(
+                f"{model.id}: its image processor, as loaded, does not match what the run read of the checkpoint: "
+                f"{loaded_geometry} against {geometry}"
+            )
         return cls(loaded, processor, geometry, model)
 
     @classmethod

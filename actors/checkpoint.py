@@ -1,16 +1,36 @@
 """What the driver learns from a checkpoint before any work starts (``CheckpointInfo``: its family, its
-commit and its image processor's geometry; actors/families.py ``inspect_checkpoint`` reads it once), or a
-clear error (``ModelLoadError``) saying how to fix the model setting. The actors get the result, and load
-the weights without inspecting the checkpoint again."""
+commit and its image processor's geometry; actors/families.py ``inspect_checkpoint`` reads it once through
+transformers, ``read_checkpoint`` from the checkpoint's own files when they say it all), or a clear error
+(``ModelLoadError``) saying how to fix the model setting. The actors get the result, load the weights without
+inspecting the checkpoint again, and check that their image processor agrees with it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from PIL.Image import Resampling
+
+from actors.catalog import FAMILIES
 from pipeline.config import ConfigError, ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry
+
+# The image processor settings the geometry is made of (``image_geometry``). A checkpoint whose processor file
+# leaves one of them to the processor class's defaults is read by transformers, which knows those defaults.
+GEOMETRY_SETTINGS = (
+    "size",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+    "resample",
+    "rescale_factor",
+    "image_mean",
+    "image_std",
+    "do_image_splitting",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,38 @@ def check_model_directory(model_id: str) -> None:
         raise ModelLoadError(f"cannot load model {model_id!r}: no such directory: {model_id}")
 
 
+def checkpoint_json(directory: Path, filename: str) -> dict[str, Any] | None:
+    """One JSON file of a checkpoint's directory, None if it has none."""
+    path = directory / filename
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointInfo | None:
+    """What ``inspect_checkpoint`` would learn of a checkpoint in a local directory, read from its config.json
+    and its image processor's settings (processor_config.json's, else preprocessor_config.json, the order
+    transformers reads them in) without importing transformers: its processor classes import torch, ~4 CPU-s
+    before a run's first task. None whenever the files leave anything to transformers: a Hub id (resolving
+    its revision asks the Hub, which can take a minute to fail), a setting left to the class's defaults,
+    another processor class, a quantization or an adapter to check, a file that cannot be read. The caller
+    then asks transformers, which also words the errors."""
+    directory = Path(model.id)
+    if not directory.is_dir() or model.quantization != "none" or model.adapter:
+        return None
+    try:
+        config = checkpoint_json(directory, "config.json")
+        processor = checkpoint_json(directory, "processor_config.json")
+        settings = (processor or {}).get("image_processor") or checkpoint_json(directory, "preprocessor_config.json")
+        family = FAMILIES.get((config or {}).get("model_type"))
+        if family is None or not settings or any(name not in settings for name in GEOMETRY_SETTINGS):
+            return None
+        if settings.get("image_processor_type") not in (family.image_processor, f"{family.image_processor}Fast"):
+            return None
+        geometry = image_geometry(SimpleNamespace(**settings), render.image_splitting, model.id)
+    except Exception:  # noqa: BLE001 - transformers reads the checkpoint again and says what is wrong
+        return None
+    return CheckpointInfo(family.model_type, family.name, None, geometry)  # transformers knows no commit of a directory
+
+
 def processor_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
     """The geometry of the checkpoint's image processor (its directory checked by the caller)."""
     from transformers import AutoImageProcessor
@@ -57,13 +109,11 @@ def processor_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometr
 def image_geometry(processor: Any, image_splitting: bool | None, model_id: str = "model") -> ImageGeometry:
     """The geometry of a loaded Idefics2 or Idefics1 image processor; ``image_splitting`` None keeps its
     setting (Idefics1 has none: asking for it is an error)."""
-    from transformers.image_utils import PILImageResampling
-
     size = dict(processor.size) if isinstance(processor.size, dict) else processor.size.__dict__
     square = bool(size.get("height")) and size.get("height") == size.get("width")
     longest = size.get("height") if square else size.get("longest_edge")
     shortest = size.get("height") if square else size.get("shortest_edge")
-    resample = PILImageResampling.BICUBIC if square else PILImageResampling.BILINEAR
+    resample = Resampling.BICUBIC if square else Resampling.BILINEAR  # transformers' PILImageResampling
     unsupported = [
         name
         for name, ok in [

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from actors.adapters import FamilyInfo, ModelAdapter
+from actors.adapters import ModelAdapter
+from actors.catalog import family_of
 from actors.checkpoint import CheckpointInfo, ModelLoadError, check_model_directory, model_load_hint, processor_geometry
 from actors.idefics1 import IdeficsAdapter
 from actors.idefics2 import Idefics2Adapter
@@ -15,14 +16,10 @@ from pipeline.config import ConfigError, ModelConfig, RenderConfig
 from pipeline.images import ImageGeometry
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.info.model_type: a for a in [Idefics2Adapter, IdeficsAdapter]}
-FAMILIES: list[FamilyInfo] = [adapter.info for adapter in ADAPTERS.values()]
 
 
 def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
-    if model_type not in ADAPTERS:
-        supported = ", ".join(f"{info.name} ({info.model_type})" for info in FAMILIES)
-        raise ConfigError(f"{model_id} is a {model_type!r} checkpoint; supported families: {supported}")
-    return ADAPTERS[model_type]
+    return ADAPTERS[family_of(model_type, model_id).model_type]
 
 
 def checkpoint_config(model: ModelConfig) -> Any:

@@ -15,26 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.adapters import PROMPT_FORMATS, Checkpoint, FamilyInfo, ModelAdapter
+from actors.adapters import ModelAdapter
+from actors.catalog import IDEFICS
 
 IMAGE_IN_PROMPT = "<fake_token_around_image><image><fake_token_around_image>"
 
 
 class IdeficsAdapter(ModelAdapter):
-    info = FamilyInfo(
-        name="idefics",
-        model_type="idefics",
-        classes="IdeficsForVisionText2Text + IdeficsProcessor",
-        prompt_formats=PROMPT_FORMATS,
-        unknown_prompt_format="chat",  # Idefics1 processors ship no chat template; most checkpoints are instruct
-        image_splitting=False,
-        quantization=("bnb-4bit",),
-        checkpoints=(
-            Checkpoint("HuggingFaceM4/idefics-9b-instruct", "chat", "Idefics1 instruct"),
-            Checkpoint("HuggingFaceM4/idefics-9b", "raw", "Idefics1 base: answers end at the first newline"),
-            Checkpoint("HuggingFaceM4/idefics-80b-instruct", "chat", "Idefics1 80B instruct"),
-        ),
-    )
+    info = IDEFICS
     model_class = "IdeficsForVisionText2Text"
 
     @classmethod

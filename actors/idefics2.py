@@ -13,27 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.adapters import PROMPT_FORMATS, Checkpoint, FamilyInfo, ModelAdapter
+from actors.adapters import ModelAdapter
+from actors.catalog import IDEFICS2
 from pipeline.config import ModelConfig
 from pipeline.images import ImageGeometry
 
 
 class Idefics2Adapter(ModelAdapter):
-    info = FamilyInfo(
-        name="idefics2",
-        model_type="idefics2",
-        classes="Idefics2ForConditionalGeneration + Idefics2Processor",
-        prompt_formats=PROMPT_FORMATS,
-        unknown_prompt_format="raw",  # Idefics2 instruct checkpoints ship a chat template, base ones do not
-        image_splitting=True,
-        quantization=("bnb-4bit", "awq"),
-        checkpoints=(
-            Checkpoint("HuggingFaceM4/idefics2-8b", "chat", "instruct, the default"),
-            Checkpoint("HuggingFaceM4/idefics2-8b-base", "raw", "base: answers end at the first newline"),
-            Checkpoint("HuggingFaceM4/idefics2-8b-chatty", "chat", "long answers: transcription, summaries"),
-            Checkpoint("HuggingFaceM4/idefics2-8b-AWQ", "chat", "AWQ 4-bit language model: quantization awq"),
-        ),
-    )
+    info = IDEFICS2
     model_class = "AutoModelForImageTextToText"
 
     def __init__(self, model: Any, processor: Any, geometry: ImageGeometry, model_config: ModelConfig) -> None:

@@ -1,9 +1,11 @@
-"""The driver's look at the checkpoint (actors/families.py ``inspect_checkpoint``), taken in a child process:
-transformers imports torch (about 0.4 GiB resident and seconds of start-up), which the driver needs for nothing
-else and would keep for the whole run. This module imports neither, so the child starts light; it starts
-first, and the driver checks the input and starts Ray meanwhile (``CheckpointInspection``). A process and a
-pipe rather than concurrent.futures' ProcessPoolExecutor (used before): a run that fails before it needs the
-answer must stop the child, and a pool cannot stop a task that has started.
+"""The driver's look at the checkpoint. When the checkpoint's own files say all it needs (its config.json and
+its image processor's every setting: actors/checkpoint.py ``read_checkpoint``), the driver reads them, in
+milliseconds. Otherwise transformers inspects it (actors/families.py ``inspect_checkpoint``) in a child
+process: transformers imports torch (about 0.4 GiB resident and ~4 CPU-s of start-up), which the driver needs
+for nothing else and would keep for the whole run. This module imports neither, so the child starts light; it
+starts first, and the driver checks the input and starts Ray meanwhile (``CheckpointInspection``). A process
+and a pipe rather than concurrent.futures' ProcessPoolExecutor (used before): a run that fails before it needs
+the answer must stop the child, and a pool cannot stop a task that has started.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from actors.checkpoint import CheckpointInfo, ModelLoadError
+from actors.checkpoint import CheckpointInfo, ModelLoadError, read_checkpoint
 from pipeline.config import JobConfig, ModelConfig, RenderConfig
 
 
@@ -33,14 +35,16 @@ def _inspect_into(connection: Connection, model: ModelConfig, render: RenderConf
 
 
 class CheckpointInspection:
-    """What the driver learns of the checkpoint, started at once in a child process (in this one if it has
-    transformers loaded already: nothing to spare then) and waited for by ``result``; the child's errors
-    (ConfigError, ModelLoadError) come back as they were raised. ``cancel`` stops a child no one waits for."""
+    """What the driver learns of the checkpoint: read from its files at once, or else started at once in a
+    child process (in this one if it has transformers loaded already: nothing to spare then) and waited for
+    by ``result``; the child's errors (ConfigError, ModelLoadError) come back as they were raised. ``cancel``
+    stops a child no one waits for."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
         self.process: Any = None
-        if "transformers" in sys.modules:
+        self.read = read_checkpoint(config.model, config.render)
+        if self.read is not None or "transformers" in sys.modules:
             return
         context = multiprocessing.get_context("spawn")
         self.answers, child_end = context.Pipe(duplex=False)
@@ -50,6 +54,8 @@ class CheckpointInspection:
         child_end.close()
 
     def result(self) -> CheckpointInfo:
+        if self.read is not None:
+            return self.read
         if self.process is None:
             return _inspect(self.config.model, self.config.render)
         try:

@@ -1,5 +1,6 @@
 """§5(a) answers equal the naive single-sample generate; §5(c) the vision encoder runs once per page."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.adapters import Prompt, split_on_out_of_memory
+from actors.checkpoint import ModelLoadError
 from actors.families import inspect_checkpoint, load_adapter
 from bench.naive import chat_prompt, reference_answer
 from jobs.devtools.samples import PAGE_SIZES, invoice_pdf
@@ -266,3 +268,14 @@ def test_encoder_and_decoder_out_of_memory_are_answered_in_halves(tiny_model: Pa
             handle.remove()
     assert halved == expected
     assert refused["vision_model"] >= 1 and refused["text_model"] >= 1, refused  # both were refused, then halved
+
+
+def test_an_actor_whose_image_processor_disagrees_with_the_runs_geometry_refuses_to_load(tiny_model: Path) -> None:
+    """The run sizes its pages by what the driver read of the checkpoint (actors/checkpoint.py); an actor whose
+    processor would prepare them otherwise stops with the two geometries rather than answer."""
+    model_config = ModelConfig(id=str(tiny_model), dtype="float32")
+    geometry = inspect_checkpoint(model_config, RenderConfig()).geometry
+    for other in (replace(geometry, longest_edge=geometry.longest_edge * 2), replace(geometry, mean=(0.0, 0.0, 0.0))):
+        with pytest.raises(ModelLoadError, match="does not match what the run read of the checkpoint"):
+            load_adapter(model_config, "idefics2", other, torch.device("cpu"))
+    assert load_adapter(model_config, "idefics2", geometry, torch.device("cpu")).geometry == geometry

@@ -3,6 +3,8 @@ Idefics2 base (raw prompt, newline stop rule), a PEFT LoRA adapter on Idefics2, 
 checkpoint is covered by test_pipeline; long answers (chatty) by the 96-token question here."""
 
 import ast
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,9 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, GPT2Config, IdeficsForVisionText2Text
 
-from actors.families import inspect_checkpoint
+from actors.catalog import FAMILIES
+from actors.checkpoint import read_checkpoint
+from actors.families import ADAPTERS, inspect_checkpoint
 from bench.naive import chat_prompt, idefics1_reference_answer, raw_prompt, reference_answer
 from jobs.cli import main
 from jobs.devtools.samples import write_job, write_samples
@@ -191,12 +195,72 @@ def test_configs_a_family_cannot_run_are_rejected_before_any_work(
     assert not output.exists()
 
 
+def test_the_driver_reads_a_local_checkpoint_as_transformers_inspects_it_or_leaves_it_to_transformers(
+    models: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    """``read_checkpoint`` (no transformers, no torch) learns what ``inspect_checkpoint`` learns through
+    transformers, wherever the settings are written and inside huggingface_hub's cache; where the files leave
+    a setting to the processor class's defaults, or the family's processor is another, it says nothing."""
+    settings = json.loads((tiny_model / "processor_config.json").read_text())["image_processor"]
+
+    def checkpoint(name: str, processor: dict | None = None, preprocessor: dict | None = None) -> Path:
+        directory = tmp_path / name
+        shutil.copytree(tiny_model, directory)
+        (directory / "processor_config.json").unlink()
+        for filename, written in [("processor_config.json", processor), ("preprocessor_config.json", preprocessor)]:
+            if written is not None:
+                (directory / filename).write_text(json.dumps(written))
+        return directory
+
+    snapshot = tmp_path / "hub" / "models--docqa--tiny" / "snapshots" / ("0123456789abcdef" * 3)[:40]
+    shutil.copytree(tiny_model, snapshot)
+    read_alike = {
+        "as saved": tiny_model,
+        "legacy file": checkpoint("legacy", preprocessor=settings),
+        # processor_config.json's settings come first, as in transformers
+        "nested first": checkpoint("nested", {"image_processor": settings}, settings | {"do_image_splitting": False}),
+        "larger": checkpoint(
+            "larger", {"image_processor": settings | {"size": {"longest_edge": 980, "shortest_edge": 378}}}
+        ),
+        "hub cache": snapshot,
+    }
+    for name, directory in read_alike.items():
+        for splitting in (None, True, False):
+            read = read_checkpoint(ModelConfig(id=str(directory)), RenderConfig(image_splitting=splitting))
+            assert read == inspect_checkpoint(
+                ModelConfig(id=str(directory)), RenderConfig(image_splitting=splitting)
+            ), name
+    defaults = {k: v for k, v in settings.items() if k != "do_image_splitting"}  # the class default: off
+    left_to_transformers = {
+        "a default": checkpoint("default", {"image_processor": defaults}),
+        "no processor file": checkpoint("none"),
+        "another processor": checkpoint(
+            "other", {"image_processor": settings | {"image_processor_type": "CLIPImageProcessor"}}
+        ),
+        "idefics1": Path(models["idefics"]["id"]),
+    }
+    for name, directory in left_to_transformers.items():
+        assert read_checkpoint(ModelConfig(id=str(directory)), RenderConfig()) is None, name
+    assert not inspect_checkpoint(
+        ModelConfig(id=str(left_to_transformers["a default"])), RenderConfig()
+    ).geometry.splitting
+    assert read_checkpoint(ModelConfig(id=str(tiny_model), adapter=models["lora"]["adapter"]), RenderConfig()) is None
+    assert read_checkpoint(ModelConfig(), RenderConfig()) is None  # a Hub id: no request from the driver
+    assert set(ADAPTERS) == set(FAMILIES)  # every family of the catalog has its adapter
+
+
 @pytest.mark.slow  # a command line run in a subprocess: make test-slow
 def test_the_driver_inspects_the_checkpoint_in_a_child_and_never_loads_torch(tiny_model: Path, tmp_path: Path) -> None:
     """A driver process (no transformers loaded yet) learns what an in-process inspection would, errors
-    included, and never imports torch itself (jobs/checkpoint_aside.py)."""
+    included, and never imports torch itself (jobs/checkpoint_aside.py): a checkpoint whose files say it all
+    is read without a child, the others are inspected in one."""
     other = tmp_path / "gpt2"
     GPT2Config().save_pretrained(other)
+    defaulted = tmp_path / "defaulted"  # its processor file leaves image splitting to the class's default
+    shutil.copytree(tiny_model, defaulted)
+    nested = json.loads((defaulted / "processor_config.json").read_text())
+    del nested["image_processor"]["do_image_splitting"]
+    (defaulted / "processor_config.json").write_text(json.dumps(nested))
     script = (
         "import sys\n"
         "from jobs.checkpoint_aside import CheckpointInspection\n"
@@ -204,18 +268,25 @@ def test_the_driver_inspects_the_checkpoint_in_a_child_and_never_loads_torch(tin
         "def inspected(model):\n"
         "    try:\n"
         "        config = JobConfig(questions=[{'id': 'q', 'text': 'q?'}], model={'id': model})\n"
-        "        info = CheckpointInspection(config).result()\n"
-        "        return [info.family, info.commit, info.geometry.__dict__]\n"
+        "        inspection = CheckpointInspection(config)\n"
+        "        info = inspection.result()\n"
+        "        return [info.family, info.commit, info.geometry.__dict__, inspection.process is not None]\n"
         "    except Exception as error:\n"
         "        return [type(error).__name__, str(error)]\n"
         "started = CheckpointInspection(JobConfig(questions=[{'id': 'q', 'text': 'q?'}]))\n"
         "started.cancel()  # a run that fails before it needs the checkpoint leaves no child behind\n"
         "cancelled = started.process.exitcode\n"
-        f"print(repr([inspected({str(tiny_model)!r}), inspected({str(other)!r}), 'torch' in sys.modules, cancelled]))\n"
+        "cases = [inspected(model) for model in sys.argv[1:]]\n"
+        "print(repr([*cases, 'torch' in sys.modules, cancelled]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    tiny, gpt2, torch_loaded, cancelled = ast.literal_eval(done.stdout.strip().splitlines()[-1])
-    expected = inspect_checkpoint(ModelConfig(id=str(tiny_model)), RenderConfig())
-    assert tiny == [expected.family, expected.commit, expected.geometry.__dict__]
+    models = [str(tiny_model), str(defaulted), str(other)]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *models], capture_output=True, text=True, timeout=120, check=True
+    )
+    tiny, child, gpt2, torch_loaded, cancelled = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    for found, model, in_child in [(tiny, tiny_model, False), (child, defaulted, True)]:
+        expected = inspect_checkpoint(ModelConfig(id=str(model)), RenderConfig())
+        assert found == [expected.family, expected.commit, expected.geometry.__dict__, in_child]
+    assert tiny[2]["splitting"] and not child[2]["splitting"]  # the class's default, as transformers knows it
     assert gpt2[0] == "ConfigError" and "is a 'gpt2' checkpoint; supported families" in gpt2[1]
     assert not torch_loaded and cancelled == -signal.SIGKILL
