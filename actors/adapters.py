@@ -100,8 +100,12 @@ def quantization_config(quantization: str) -> Any:
     )
 
 
-def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) -> tuple[Any, Any]:
-    """(model, processor) of a checkpoint on ``device``: dtype, attention, quantization, PEFT adapter."""
+def load_pretrained(
+    model: ModelConfig, model_class: Any, device: torch.device, geometry: ImageGeometry
+) -> tuple[Any, Any]:
+    """(model, processor) of a checkpoint on ``device``: dtype, attention, quantization, PEFT adapter. The run's
+    pages were sized by what the driver read of the checkpoint (actors/checkpoint.py): a processor that would
+    prepare them otherwise stops the actor, before the weights load, rather than answer from other pixels."""
     from transformers import AutoProcessor
 
     quantized = model.quantization != "none"
@@ -113,6 +117,12 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of every actor, relayed to the driver
     try:
         processor = AutoProcessor.from_pretrained(model.id, revision=model.revision)
+        loaded_geometry = image_geometry(processor.image_processor, geometry.splitting, model.id)
+        if loaded_geometry != geometry:
+            raise ModelLoadError(
+                f"{model.id}: its image processor, as loaded, does not match what the run read of the checkpoint: "
+                f"{loaded_geometry} against {geometry}"
+            )
         loaded = model_class.from_pretrained(
             model.id,
             revision=model.revision,
@@ -127,6 +137,8 @@ def load_pretrained(model: ModelConfig, model_class: Any, device: torch.device) 
             with_adapter = PeftModel.from_pretrained(loaded, model.adapter, revision=model.adapter_revision)
             # Merged LoRA weights cost nothing per token; a 4-bit base keeps the LoRA layers beside it (QLoRA).
             loaded = with_adapter.get_base_model() if quantized else with_adapter.merge_and_unload()
+    except ModelLoadError:
+        raise
     except Exception as error:
         name = f"{model.id} with adapter {model.adapter}" if model.adapter else model.id
         raise ModelLoadError(model_load_hint(name, error)) from error
@@ -239,15 +251,7 @@ class ModelAdapter(ABC):
     def load(cls, model: ModelConfig, geometry: ImageGeometry, device: torch.device) -> ModelAdapter:
         import transformers
 
-        loaded, processor = load_pretrained(model, getattr(transformers, cls.model_class), device)
-        # The run's pages were sized by what the driver read of the checkpoint (actors/checkpoint.py); a
-        # processor that would prepare them otherwise must stop the run, not answer from other pixels.
-        loaded_geometry = image_geometry(processor.image_processor, geometry.splitting, model.id)
-        if loaded_geometry != geometry:
-            raise ModelLoadError(
-                f"{model.id}: its image processor, as loaded, does not match what the run read of the checkpoint: "
-                f"{loaded_geometry} against {geometry}"
-            )
+        loaded, processor = load_pretrained(model, getattr(transformers, cls.model_class), device, geometry)
         return cls(loaded, processor, geometry, model)
 
     @classmethod

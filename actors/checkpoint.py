@@ -7,6 +7,7 @@ inspecting the checkpoint again, and check that their image processor agrees wit
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,33 +67,39 @@ def check_model_directory(model_id: str) -> None:
 def checkpoint_json(directory: Path, filename: str) -> dict[str, Any] | None:
     """One JSON file of a checkpoint's directory, None if it has none."""
     path = directory / filename
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointInfo | None:
-    """What ``inspect_checkpoint`` would learn of a checkpoint in a local directory, read from its config.json
-    and its image processor's settings (processor_config.json's, else preprocessor_config.json, the order
-    transformers reads them in) without importing transformers: its processor classes import torch, ~4 CPU-s
-    before a run's first task. None whenever the files leave anything to transformers: a Hub id (resolving
-    its revision asks the Hub, which can take a minute to fail), a setting left to the class's defaults,
-    another processor class, a quantization or an adapter to check, a file that cannot be read. The caller
-    then asks transformers, which also words the errors."""
-    directory = Path(model.id)
-    if not directory.is_dir() or model.quantization != "none" or model.adapter:
+    """What ``inspect_checkpoint`` would learn of an image-splitting family's checkpoint in a local directory,
+    read from its config.json (its ``model_type`` only: the actors load the rest) and its image processor's
+    settings (processor_config.json's, else preprocessor_config.json, the order transformers reads them in)
+    without importing transformers: its processor classes import torch, ~4 CPU-s before a run's first task.
+    None whenever the files leave anything to transformers: a Hub id (resolving its revision asks the Hub,
+    which can take a minute to fail), a setting left to the class's defaults (absent or null), a size of
+    other keys (transformers has rules for those), another processor class, a quantization or an adapter to
+    check, a file that cannot be read. The caller then asks transformers, which also words the errors."""
+    if not os.path.isdir(model.id) or model.quantization != "none" or model.adapter:  # isdir, as transformers
         return None
+    directory = Path(model.id)
     try:
-        config = checkpoint_json(directory, "config.json")
-        processor = checkpoint_json(directory, "processor_config.json")
-        settings = (processor or {}).get("image_processor") or checkpoint_json(directory, "preprocessor_config.json")
-        family = FAMILIES.get((config or {}).get("model_type"))
-        if family is None or not settings or any(name not in settings for name in GEOMETRY_SETTINGS):
+        family = FAMILIES.get((checkpoint_json(directory, "config.json") or {}).get("model_type"))
+        processor = checkpoint_json(directory, "processor_config.json") or {}
+        settings = processor.get("image_processor")  # a nested entry first, even an empty one, as transformers
+        if settings is None:
+            settings = checkpoint_json(directory, "preprocessor_config.json") or {}
+        if family is None or not family.image_splitting:  # Idefics1's files name their size otherwise
             return None
-        if settings.get("image_processor_type") not in (family.image_processor, f"{family.image_processor}Fast"):
+        if any(settings.get(name) is None for name in GEOMETRY_SETTINGS):
+            return None
+        if settings.get("image_processor_type") != family.image_processor:
+            return None
+        if set(settings["size"]) != {"longest_edge", "shortest_edge"}:  # the image-splitting families' size
             return None
         geometry = image_geometry(SimpleNamespace(**settings), render.image_splitting, model.id)
     except Exception:  # noqa: BLE001 - transformers reads the checkpoint again and says what is wrong
         return None
-    return CheckpointInfo(family.model_type, family.name, None, geometry)  # transformers knows no commit of a directory
+    return CheckpointInfo(family.model_type, family.name, None, geometry)  # as inspect_checkpoint: no commit
 
 
 def processor_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometry:
@@ -107,8 +114,9 @@ def processor_geometry(model: ModelConfig, render: RenderConfig) -> ImageGeometr
 
 
 def image_geometry(processor: Any, image_splitting: bool | None, model_id: str = "model") -> ImageGeometry:
-    """The geometry of a loaded Idefics2 or Idefics1 image processor; ``image_splitting`` None keeps its
-    setting (Idefics1 has none: asking for it is an error)."""
+    """The geometry of an Idefics2 or Idefics1 image processor (loaded, or its settings as read from its file:
+    anything with these attributes); ``image_splitting`` None keeps its setting (Idefics1 has none: asking for
+    it is an error)."""
     size = dict(processor.size) if isinstance(processor.size, dict) else processor.size.__dict__
     square = bool(size.get("height")) and size.get("height") == size.get("width")
     longest = size.get("height") if square else size.get("longest_edge")

@@ -238,12 +238,17 @@ def test_the_driver_reads_a_local_checkpoint_as_transformers_inspects_it_or_leav
             "other", {"image_processor": settings | {"image_processor_type": "CLIPImageProcessor"}}
         ),
         "idefics1": Path(models["idefics"]["id"]),
+        # an empty nested entry is used as it is (the class's defaults): the legacy file is not read
+        "empty nested": checkpoint("empty", {"image_processor": {}}, settings),
+        "a null": checkpoint("null", {"image_processor": settings | {"do_image_splitting": None}}),
+        "other size keys": checkpoint("size", {"image_processor": settings | {"size": {"height": 9, "width": 9}}}),
     }
     for name, directory in left_to_transformers.items():
         assert read_checkpoint(ModelConfig(id=str(directory)), RenderConfig()) is None, name
-    assert not inspect_checkpoint(
-        ModelConfig(id=str(left_to_transformers["a default"])), RenderConfig()
-    ).geometry.splitting
+    for name in ("a default", "empty nested", "a null"):
+        assert not inspect_checkpoint(
+            ModelConfig(id=str(left_to_transformers[name])), RenderConfig()
+        ).geometry.splitting
     assert read_checkpoint(ModelConfig(id=str(tiny_model), adapter=models["lora"]["adapter"]), RenderConfig()) is None
     assert read_checkpoint(ModelConfig(), RenderConfig()) is None  # a Hub id: no request from the driver
     assert set(ADAPTERS) == set(FAMILIES)  # every family of the catalog has its adapter
