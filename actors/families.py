@@ -3,6 +3,7 @@ checkpoint to its adapter."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -22,12 +23,18 @@ def adapter_class(model_type: str, model_id: str) -> type[ModelAdapter]:
     return ADAPTERS[family_of(model_type, model_id).model_type]
 
 
-def checkpoint_config(model: ModelConfig) -> Any:
-    """The checkpoint's config.json (its model_type names the family); its directory checked by the caller."""
+def checkpoint_config(model: ModelConfig) -> tuple[Any, str | None]:
+    """The checkpoint's config.json (its model_type names the family) and, for a Hub id, the commit its
+    revision resolved to: the snapshot the file was read from (transformers 5 no longer sets the config's
+    ``_commit_hash``). A local directory has none. Its directory checked by the caller."""
     from transformers import AutoConfig
+    from transformers.utils.hub import cached_file, extract_commit_hash
 
     try:
-        return AutoConfig.from_pretrained(model.id, revision=model.revision)
+        config = AutoConfig.from_pretrained(model.id, revision=model.revision)
+        if os.path.isdir(model.id):
+            return config, None
+        return config, extract_commit_hash(cached_file(model.id, "config.json", revision=model.revision), None)
     except Exception as error:
         raise ModelLoadError(model_load_hint(model.id, error)) from error
 
@@ -37,7 +44,7 @@ def inspect_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointIn
     adapter and its image processor): fails if it is of no supported family or asks for what its family
     cannot do."""
     check_model_directory(model.id)
-    checkpoint = checkpoint_config(model)
+    checkpoint, commit = checkpoint_config(model)
     info = adapter_class(checkpoint.model_type, model.id).info
     if model.quantization != "none" and model.quantization not in info.quantization:
         raise ConfigError(f"model.quantization={model.quantization} is not available for {info.name} checkpoints")
@@ -55,7 +62,6 @@ def inspect_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointIn
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             raise ModelLoadError(f"cannot load model.adapter {model.adapter!r}: {reason}") from error
-    commit = getattr(checkpoint, "_commit_hash", None)
     return CheckpointInfo(info.model_type, info.name, commit, processor_geometry(model, render))
 
 

@@ -4,6 +4,7 @@ checkpoint is covered by test_pipeline; long answers (chatty) by the 96-token qu
 
 import ast
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,35 @@ def test_the_driver_reads_a_local_checkpoint_as_transformers_inspects_it_or_leav
     assert read_checkpoint(ModelConfig(id=str(tiny_model), adapter=models["lora"]["adapter"]), RenderConfig()) is None
     assert read_checkpoint(ModelConfig(), RenderConfig()) is None  # a Hub id: no request from the driver
     assert set(ADAPTERS) == set(FAMILIES)  # every family of the catalog has its adapter
+
+
+def test_a_hub_checkpoint_is_recorded_with_the_commit_its_revision_resolved_to(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A Hub id's commit comes from the snapshot huggingface_hub resolved (here its cache, offline); a local
+    directory has none, even one inside that cache."""
+    commit = "0123456789abcdef" * 2 + "01234567"
+    repository = tmp_path / "hub" / "models--docqa--tiny"
+    shutil.copytree(tiny_model, repository / "snapshots" / commit)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    script = (
+        "import sys\n"
+        "from actors.families import inspect_checkpoint\n"
+        "from pipeline.config import ModelConfig, RenderConfig\n"
+        "print(repr([inspect_checkpoint(ModelConfig(id=m), RenderConfig()).commit for m in sys.argv[1:]]))\n"
+    )
+    environment = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    models = ["docqa/tiny", str(repository / "snapshots" / commit)]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *models],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=environment,
+    )
+    assert ast.literal_eval(done.stdout.strip().splitlines()[-1]) == [commit, None]
 
 
 @pytest.mark.slow  # a command line run in a subprocess: make test-slow
