@@ -84,12 +84,12 @@ def read_checkpoint(model: ModelConfig, render: RenderConfig) -> CheckpointInfo 
     directory = Path(model.id)
     try:
         family = FAMILIES.get((checkpoint_json(directory, "config.json") or {}).get("model_type"))
+        if family is None or not family.image_splitting:  # Idefics1's files name their size otherwise
+            return None
         processor = checkpoint_json(directory, "processor_config.json") or {}
         settings = processor.get("image_processor")  # a nested entry first, even an empty one, as transformers
         if settings is None:
             settings = checkpoint_json(directory, "preprocessor_config.json") or {}
-        if family is None or not family.image_splitting:  # Idefics1's files name their size otherwise
-            return None
         if any(settings.get(name) is None for name in GEOMETRY_SETTINGS):
             return None
         if settings.get("image_processor_type") != family.image_processor:

@@ -196,6 +196,17 @@ def test_configs_a_family_cannot_run_are_rejected_before_any_work(
     assert not output.exists()
 
 
+def tiny_copy(tiny_model: Path, directory: Path, processor: dict | None, preprocessor: dict | None = None) -> Path:
+    """A copy of the tiny checkpoint in ``directory`` whose processor_config.json and preprocessor_config.json
+    are these (None: no such file)."""
+    shutil.copytree(tiny_model, directory)
+    (directory / "processor_config.json").unlink()
+    for filename, written in [("processor_config.json", processor), ("preprocessor_config.json", preprocessor)]:
+        if written is not None:
+            (directory / filename).write_text(json.dumps(written))
+    return directory
+
+
 def test_the_driver_reads_a_local_checkpoint_as_transformers_inspects_it_or_leaves_it_to_transformers(
     models: dict, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -205,13 +216,7 @@ def test_the_driver_reads_a_local_checkpoint_as_transformers_inspects_it_or_leav
     settings = json.loads((tiny_model / "processor_config.json").read_text())["image_processor"]
 
     def checkpoint(name: str, processor: dict | None = None, preprocessor: dict | None = None) -> Path:
-        directory = tmp_path / name
-        shutil.copytree(tiny_model, directory)
-        (directory / "processor_config.json").unlink()
-        for filename, written in [("processor_config.json", processor), ("preprocessor_config.json", preprocessor)]:
-            if written is not None:
-                (directory / filename).write_text(json.dumps(written))
-        return directory
+        return tiny_copy(tiny_model, tmp_path / name, processor, preprocessor)
 
     snapshot = tmp_path / "hub" / "models--docqa--tiny" / "snapshots" / ("0123456789abcdef" * 3)[:40]
     shutil.copytree(tiny_model, snapshot)
@@ -291,11 +296,9 @@ def test_the_driver_inspects_the_checkpoint_in_a_child_and_never_loads_torch(tin
     is read without a child, the others are inspected in one."""
     other = tmp_path / "gpt2"
     GPT2Config().save_pretrained(other)
-    defaulted = tmp_path / "defaulted"  # its processor file leaves image splitting to the class's default
-    shutil.copytree(tiny_model, defaulted)
-    nested = json.loads((defaulted / "processor_config.json").read_text())
-    del nested["image_processor"]["do_image_splitting"]
-    (defaulted / "processor_config.json").write_text(json.dumps(nested))
+    nested = json.loads((tiny_model / "processor_config.json").read_text())
+    del nested["image_processor"]["do_image_splitting"]  # left to the class's default
+    defaulted = tiny_copy(tiny_model, tmp_path / "defaulted", nested)
     script = (
         "import sys\n"
         "from jobs.checkpoint_aside import CheckpointInspection\n"
